@@ -1,0 +1,95 @@
+"""Causal-LM adapter: chunked prefill + greedy generation with any memory policy."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import enable_memory_attention
+from ..cache import MemoryCache
+from ..policies import MemoryPolicy
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per batch row
+    text: list[str] | None
+    cache_lengths: list[float]  # per layer, valid slots at the end (mean over rows and KV heads)
+    tokens_seen: int
+    realised_fraction: float  # mean over layers of stored / seen at the end
+    mean_fraction: float  # the same, averaged over every forward call (prefill chunks and decode steps)
+    prefill_seconds: float
+    decode_seconds: float
+    last_logits: torch.Tensor = field(repr=False, default=None)
+    step_logits: list[torch.Tensor] = field(repr=False, default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = len(self.tokens[0]) if self.tokens else 0
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def chunk_bounds(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """Split [start, end) at multiples of `chunk` of the absolute token count."""
+    bounds, s = [], start
+    while s < end:
+        e = min(end, (s // chunk + 1) * chunk)
+        bounds.append((s, e))
+        s = e
+    return bounds
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, cache: MemoryCache, chunk_size: int = 128,
+            keep_logits: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Feed `input_ids` (B, L) in chunks; returns the last position's logits (B, V), optional per-chunk logits,
+    and the realised cache fraction after each chunk."""
+    start = cache.tokens_seen
+    all_logits, fractions, logits = [], [], None
+    for s, e in chunk_bounds(start, start + input_ids.shape[1], chunk_size):
+        pos = torch.arange(s, e, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        out = model(input_ids=input_ids[:, s - start:e - start], cache=cache, use_cache=True, position_ids=pos)
+        cache.assert_captured()
+        logits = out.logits[:, -1].float()
+        if keep_logits:
+            all_logits.append(out.logits.float())
+        fractions.append(cache.realised_fraction())
+    return logits, all_logits, fractions
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, policy: MemoryPolicy, max_new_tokens: int = 32,
+             chunk_size: int = 128, eos_token_id: int | list[int] | None = None, tokenizer=None,
+             keep_logits: bool = False) -> GenerationResult:
+    """Greedy generation with `policy` managing the KV cache (eviction during prefill and decoding alike)."""
+    enable_memory_attention(model)
+    cache = MemoryCache(policy)
+    t0 = time.perf_counter()
+    logits, _, fractions = prefill(model, input_ids, cache, chunk_size)
+    t1 = time.perf_counter()
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    batch = input_ids.shape[0]
+    generated = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    step_logits = []
+    for _ in range(max_new_tokens):
+        if keep_logits:
+            step_logits.append(logits)
+        nxt = logits.argmax(-1)
+        for b in range(batch):
+            if not done[b]:
+                generated[b].append(int(nxt[b]))
+                done[b] = int(nxt[b]) in eos
+        if bool(done.all()) or len(generated[0]) >= max_new_tokens:
+            break
+        pos = torch.full((batch, 1), cache.tokens_seen, device=input_ids.device)
+        out = model(input_ids=nxt[:, None].to(input_ids.device), cache=cache, use_cache=True, position_ids=pos)
+        logits = out.logits[:, -1].float()
+        fractions.append(cache.realised_fraction())
+    t2 = time.perf_counter()
+    text = None
+    if tokenizer is not None:
+        text = [tokenizer.decode([t for t in g if t not in eos], skip_special_tokens=True) for g in generated]
+    return GenerationResult(generated, text, cache.cache_lengths(), cache.tokens_seen, cache.realised_fraction(),
+                            sum(fractions) / len(fractions), t1 - t0, t2 - t1, logits, step_logits)

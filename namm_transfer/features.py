@@ -1,0 +1,136 @@
+"""Pure tensor functions for NAMM token features.
+
+Shapes use R for "rows" (any leading batch dims flattened: batch x KV heads), N for cache tokens,
+T for the new queries since the previous eviction step, B for frequency bins (n_fft // 2 + 1).
+
+Every function here is stateless and testable alone; the policy owns the state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gqa_mean(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Average the query heads that share a KV head: (batch, H, q, N) -> (batch, H_kv, q, N)."""
+    b, h, q, n = attn.shape
+    if h % num_kv_heads:
+        raise ValueError(f"{h} query heads cannot be grouped into {num_kv_heads} KV heads")
+    return attn.view(b, num_kv_heads, h // num_kv_heads, q, n).mean(dim=2)
+
+
+def hann_window(n_fft: int, device=None) -> torch.Tensor:
+    """Periodic Hann window (as torch.hann_window(periodic=True)), fp32."""
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=device)
+
+
+def streaming_spectrogram(
+    series: torch.Tensor, overlap: torch.Tensor, n_fft: int = 32, hop: int = 16
+) -> torch.Tensor:
+    """Magnitude STFT of each token's attention time series, continuing the previous step.
+
+    series:  (..., N, T) attention each cache token received from the T new queries (T % hop == 0).
+    overlap: (..., N, n_fft - hop) the last queries of the previous step for kept tokens, zeros for new
+             tokens and at the start of a sequence.
+    Returns  (..., N, T // hop, n_fft // 2 + 1): frame f covers new queries [hop*f - (n_fft-hop), hop*f + hop).
+    """
+    t = series.shape[-1]
+    if t % hop:
+        raise ValueError(f"NAMM needs the number of new tokens per step ({t}) to be a multiple of hop={hop}")
+    padded = torch.cat([overlap.to(series.dtype), series], dim=-1).float()
+    lead = padded.shape[:-1]
+    spec = torch.stft(
+        padded.reshape(-1, padded.shape[-1]), n_fft=n_fft, hop_length=hop,
+        window=hann_window(n_fft, padded.device), center=False, onesided=True,
+        normalized=False, return_complex=True,
+    ).abs()  # (rows, bins, frames)
+    return spec.transpose(-1, -2).reshape(*lead, spec.shape[-1], spec.shape[-2])
+
+
+def new_token_frame_mask(n_tokens: int, n_new: int, n_frames: int, hop: int, device=None) -> torch.Tensor:
+    """m[j, f] = 1 for kept tokens; for new token j (local index l) it is 1 iff l // hop <= f. (N, F)."""
+    local = torch.arange(n_tokens, device=device) - (n_tokens - n_new)
+    block = torch.where(local >= 0, local // hop, torch.zeros_like(local))
+    return (torch.arange(n_frames, device=device)[None, :] >= block[:, None]).float()
+
+
+def ema_update(
+    frames: torch.Tensor, prev: torch.Tensor, kept: torch.Tensor, frame_mask: torch.Tensor,
+    coeff: float, hop: int,
+) -> torch.Tensor:
+    """Per-token EMA over spectrogram frames, continuing the previous state.
+
+    frames: (..., N, F, B) magnitudes; prev: (..., N, B) previous EMA (ignored where not kept);
+    kept: (N,) or broadcastable bool, token existed before this step; frame_mask: (N, F).
+    E = sum_f (1 - a) a^(F-1-f) m_f S_f + kept * coeff^(F*hop) * prev, with a = coeff^hop.
+    """
+    n_frames = frames.shape[-2]
+    a = coeff ** hop
+    weights = (1 - a) * a ** torch.arange(n_frames - 1, -1, -1, dtype=torch.float32, device=frames.device)
+    w = weights * frame_mask  # (N, F)
+    fresh = (frames * w[..., None]).sum(dim=-2)
+    carry = (coeff ** (n_frames * hop)) * prev * kept[..., None].to(prev.dtype)
+    return fresh + carry
+
+
+def recency_embedding(recency: torch.Tensor, dim: int = 8, max_freq: float = 50000.0) -> torch.Tensor:
+    """Sinusoidal embedding [sin(r w_0..), cos(r w_0..)], w_k = max_freq^(-k / (dim/2)). (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = max_freq ** (-torch.arange(half, dtype=torch.float32, device=recency.device) / half)
+    angles = recency.float()[..., None] * freqs
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-bin standardisation (x - mean) / max(std, eps)."""
+    return (x - mean) / torch.clamp(var.sqrt(), min=eps)
+
+
+class RunningStats:
+    """Pooled per-bin mean / population variance (Chan's parallel merge). Frozen stats never change."""
+
+    def __init__(self, num_bins: int):
+        self.count = 0
+        self.mean = torch.zeros(num_bins, dtype=torch.float64)
+        self.m2 = torch.zeros(num_bins, dtype=torch.float64)
+        self.frozen = False
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Merge samples x: (n, bins)."""
+        if self.frozen or x.numel() == 0:
+            return
+        x = x.detach().to(torch.float64).cpu()
+        self.merge(x.shape[0], x.mean(0), ((x - x.mean(0)) ** 2).sum(0))
+
+    def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.frozen or count == 0:
+            return
+        total = self.count + count
+        delta = mean.to(torch.float64) - self.mean
+        self.mean = self.mean + delta * count / total
+        self.m2 = self.m2 + m2.to(torch.float64) + delta ** 2 * self.count * count / total
+        self.count = total
+
+    def set(self, mean: torch.Tensor, var: torch.Tensor, count: int = 1, frozen: bool = True) -> None:
+        self.mean = mean.detach().to(torch.float64).cpu().reshape(-1)
+        self.m2 = var.detach().to(torch.float64).cpu().reshape(-1) * count
+        self.count = count
+        self.frozen = frozen
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.float(), "var": self.var.float(), "count": self.count, "frozen": self.frozen}
+
+
+def flop_counts(n_tokens: int, n_new: int, n_fft: int = 32, hop: int = 16, d_in: int = 25, hidden: int = 32) -> dict:
+    """Approximate FLOPs of one NAMM step for one (row = batch x KV head) of N cache tokens."""
+    frames = n_new // hop
+    stft = n_tokens * frames * (n_fft * 2 + 5 * n_fft * math.log2(n_fft))  # window + FFT
+    qkv = 2 * n_tokens * d_in * 3 * hidden
+    attn = 2 * 2 * n_tokens * n_tokens * hidden  # scores + weighted sum (full N x N, masked half)
+    out = 2 * n_tokens * hidden * 2 * d_in + 2 * n_tokens * d_in
+    return {"stft": stft, "scorer": qkv + attn + out}

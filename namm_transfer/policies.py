@@ -1,0 +1,254 @@
+"""KV-cache memory policies behind one small interface.
+
+A policy sees one layer at an eviction step (a `LayerView`) and returns which cache slots to keep, per
+batch row and KV head, plus its per-token state for every slot (the cache prunes both together).
+
+Budgets have one meaning everywhere: an int is a number of tokens kept after each eviction step; a float
+in (0, 1] is a fraction of all tokens seen so far (ceil(budget * tokens_seen)), so the realised cache
+fraction at eviction time equals the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from . import features as feat
+from .namm import NAMMConfig, bam_scores, select_tokens, token_features
+
+
+@dataclass
+class LayerView:
+    """What a policy sees for one layer at one eviction step. Token axis is dim 2 everywhere."""
+
+    layer_idx: int
+    keys: torch.Tensor  # (B, H_kv, N, D)
+    values: torch.Tensor  # (B, H_kv, N, D)
+    positions: torch.Tensor  # (B, H_kv, N) original absolute positions
+    valid: torch.Tensor  # (B, H_kv, N) False for padding slots
+    attention: torch.Tensor | None  # (B, H_kv, T, N) GQA-mean attention of the T queries since the last step
+    n_new: int  # T: tokens appended since the previous step (the last T slots)
+    tokens_seen: int  # all tokens processed so far in this sequence
+    step: int  # index of this eviction step for this layer
+    state: dict[str, torch.Tensor]  # policy state of the N - T older slots, (B, H_kv, N - T, ...)
+
+
+Decision = tuple[torch.Tensor, dict[str, torch.Tensor]]  # keep mask (B, H_kv, N), state for all N slots
+
+
+def resolve_budget(budget: int | float, tokens_seen: int) -> int:
+    """Tokens to keep: int = tokens, float in (0, 1] = fraction of tokens seen."""
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return max(1, math.ceil(budget * tokens_seen))
+    if budget >= 1 and float(budget).is_integer():
+        return int(budget)
+    raise ValueError(f"budget must be an int >= 1 (tokens) or a float in (0, 1] (fraction), got {budget!r}")
+
+
+def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the k highest-scoring valid slots per (row, head) (all valid slots if fewer)."""
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    k = min(k, s.shape[-1])
+    idx = s.topk(k, dim=-1).indices
+    return torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+
+
+def newest(view: LayerView, r: int) -> torch.Tensor:
+    """Mask of the r most recent valid slots (by original position)."""
+    pos = view.positions.float().masked_fill(~view.valid, float("-inf"))
+    return keep_top(pos, view.valid, r) if r > 0 else torch.zeros_like(view.valid)
+
+
+class MemoryPolicy:
+    """Base class. Subclasses implement `step`. `delay`: run every `delay` tokens (prefill and decoding)."""
+
+    name = "base"
+    needs_attention = False
+    attention_dtype: torch.dtype | None = None  # round attention to this dtype before features
+    evicts = True
+
+    def __init__(self, delay: int = 512):
+        if delay < 1:
+            raise ValueError("delay must be >= 1")
+        self.delay = delay
+
+    def step(self, view: LayerView) -> Decision:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "delay": self.delay}
+
+
+class FullCache(MemoryPolicy):
+    """Keep everything (the unmodified model)."""
+
+    name = "full"
+    evicts = False
+
+    def step(self, view: LayerView) -> Decision:
+        return view.valid.clone(), {}
+
+
+class BudgetPolicy(MemoryPolicy):
+    """A policy with a fixed budget (tokens or fraction)."""
+
+    def __init__(self, budget: int | float = 0.5, delay: int = 512):
+        super().__init__(delay)
+        resolve_budget(budget, 1)
+        self.budget = budget
+
+    def k(self, view: LayerView) -> int:
+        return resolve_budget(self.budget, view.tokens_seen)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "budget": self.budget}
+
+
+class Recency(BudgetPolicy):
+    """StreamingLLM: the first `sinks` tokens of the sequence (attention sinks) + the most recent ones."""
+
+    name = "recency"
+
+    def __init__(self, budget: int | float = 0.5, sinks: int = 4, delay: int = 512):
+        super().__init__(budget, delay)
+        self.sinks = sinks
+
+    def step(self, view: LayerView) -> Decision:
+        score = view.positions.float().masked_fill(view.positions < self.sinks, float("inf"))
+        return keep_top(score, view.valid, self.k(view)), {}
+
+
+class H2O(BudgetPolicy):
+    """Heavy hitters (largest accumulated attention) + a recent window; `recent_ratio` of the budget is recent."""
+
+    name = "h2o"
+    needs_attention = True
+
+    def __init__(self, budget: int | float = 0.5, recent_ratio: float = 0.5, delay: int = 512):
+        super().__init__(budget, delay)
+        self.recent_ratio = recent_ratio
+
+    def step(self, view: LayerView) -> Decision:
+        old = view.state.get("acc", view.attention.new_zeros(*view.valid.shape[:2], 0))
+        acc = torch.cat([old, old.new_zeros(*old.shape[:2], view.n_new)], dim=-1) + view.attention.sum(dim=2)
+        k = self.k(view)
+        recent = newest(view, round(k * self.recent_ratio))
+        keep = keep_top(acc.masked_fill(recent, float("inf")), view.valid, k)
+        return keep, {"acc": acc}
+
+
+class L2Norm(BudgetPolicy):
+    """Keep the keys with the lowest L2 norm (Devoto et al., 2024)."""
+
+    name = "l2"
+
+    def step(self, view: LayerView) -> Decision:
+        return keep_top(-view.keys.float().norm(dim=-1), view.valid, self.k(view)), {}
+
+
+class SnapKV(BudgetPolicy):
+    """Observation window: attention of the last `window` queries, summed and pooled; the window is kept."""
+
+    name = "snapkv"
+    needs_attention = True
+
+    def __init__(self, budget: int | float = 0.5, window: int = 32, kernel: int = 5, pooling: str = "avg",
+                 delay: int = 512):
+        super().__init__(budget, delay)
+        if pooling not in ("avg", "max"):
+            raise ValueError("pooling must be 'avg' or 'max'")
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+
+    def step(self, view: LayerView) -> Decision:
+        b, h, n = view.valid.shape
+        w = min(self.window, view.n_new)
+        votes = view.attention[:, :, -w:, :].sum(dim=2)  # (B, H, N)
+        prefix = votes[..., : n - w].reshape(b * h, 1, n - w)
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        pooled = pool(prefix, self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n - w)
+        score = torch.cat([pooled, votes.new_full((b, h, w), float("inf"))], dim=-1)
+        return keep_top(score, view.valid, self.k(view)), {}
+
+
+class RandomEviction(BudgetPolicy):
+    """Keep a uniformly random subset (seeded per sequence step and layer)."""
+
+    name = "random"
+
+    def __init__(self, budget: int | float = 0.5, seed: int = 0, delay: int = 512):
+        super().__init__(budget, delay)
+        self.seed = seed
+
+    def step(self, view: LayerView) -> Decision:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + view.layer_idx * 7919 + view.step)
+        score = torch.rand(view.valid.shape, generator=g).to(view.valid.device)
+        return keep_top(score, view.valid, self.k(view)), {}
+
+
+class NAMMPolicy(MemoryPolicy):
+    """The evolved memory. `params`: (P, num_params) population or (num_params,) single member.
+
+    Batch row b uses member `member_of_row[b]` (default: row b -> member b % P), so P members can be
+    evaluated on the same prompt in one batched forward. `stats` holds the frozen spectrogram
+    normalisation; with `collect_stats=True` it is measured on the fly (generation-0 keep-all pass).
+    """
+
+    name = "namm"
+    needs_attention = True
+
+    def __init__(self, params: torch.Tensor | None = None, config: NAMMConfig | None = None,
+                 stats: feat.RunningStats | None = None, member_of_row: torch.Tensor | None = None,
+                 collect_stats: bool = False, delay: int | None = None):
+        self.config = config or NAMMConfig()
+        if delay is not None:
+            self.config = replace(self.config, delay=delay)
+        super().__init__(self.config.delay)
+        if self.config.delay % self.config.hop:
+            raise ValueError(f"NAMM delay {self.config.delay} must be a multiple of hop {self.config.hop}")
+        if params is None:
+            params = torch.zeros(self.config.num_params)
+        params = torch.as_tensor(params, dtype=torch.float32)
+        if params.shape[-1] != self.config.num_params:
+            raise ValueError(f"NAMM with this config has {self.config.num_params} parameters, got "
+                             f"{params.shape[-1]}; check the checkpoint matches NAMMConfig")
+        self.params = params.reshape(-1, self.config.num_params)
+        self.stats = stats if stats is not None else feat.RunningStats(self.config.num_bins)
+        self.member_of_row = member_of_row
+        self.collect_stats = collect_stats
+        self.attention_dtype = getattr(torch, self.config.attention_dtype) if self.config.attention_dtype else None
+
+    def row_params(self, batch: int, heads: int, device) -> torch.Tensor:
+        members = self.member_of_row if self.member_of_row is not None else torch.arange(batch) % len(self.params)
+        return self.params.to(device)[members.to(device).repeat_interleave(heads)]
+
+    def step(self, view: LayerView) -> Decision:
+        cfg = self.config
+        b, h, n = view.valid.shape
+        r = b * h
+        n_old = n - view.n_new
+        pad = cfg.n_fft - cfg.hop
+        ema_prev = view.state.get("ema", view.keys.new_zeros(b, h, n_old, cfg.num_bins, dtype=torch.float32))
+        ovl_prev = view.state.get("overlap", view.keys.new_zeros(b, h, n_old, pad, dtype=torch.float32))
+        x, ema, overlap = token_features(
+            view.attention.reshape(r, view.n_new, n), view.positions.reshape(r, n), view.valid.reshape(r, n),
+            ema_prev.reshape(r, n_old, cfg.num_bins), ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg,
+            collect_stats=self.collect_stats)
+        scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(b, h, x.device), cfg).reshape(b, h, n)
+        keep = select_tokens(scores, view.valid, cfg.threshold)
+        return keep, {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "members": len(self.params), "config": self.config.to_dict()}
+
+
+POLICIES = {"full": FullCache, "recency": Recency, "h2o": H2O, "l2": L2Norm, "snapkv": SnapKV,
+            "random": RandomEviction, "namm": NAMMPolicy}
+
+
+def make_policy(name: str, **kwargs) -> MemoryPolicy:
+    """Build a policy by name ('full', 'recency', 'h2o', 'l2', 'snapkv', 'random', 'namm')."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)

@@ -1,0 +1,120 @@
+"""Exactness of the memory cache: keep-all == unmodified model; evict == mask; batching; bad input."""
+import pytest
+import torch
+
+from namm_transfer import (CaptureError, FullCache, H2O, L2Norm, MemoryCache, NAMMConfig, NAMMPolicy,
+                           RandomEviction, Recency, SnapKV, enable_memory_attention)
+from namm_transfer.adapters.causal_lm import chunk_bounds, generate
+
+from helpers_core import masked_reference_logits, run_with_policy, tiny_model
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+L = 700
+
+
+def kv_heads(model):
+    c = model.config
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+def namm_policy(scale=0.5, seed=0, delay=128):
+    g = torch.Generator().manual_seed(seed)
+    return NAMMPolicy(torch.randn(4172, generator=g) * scale, delay=delay)
+
+
+def policies():
+    return {"h2o": H2O(0.5, delay=128), "l2": L2Norm(0.5, delay=128), "recency": Recency(200, delay=96),
+            "snapkv": SnapKV(0.4, delay=128), "random": RandomEviction(0.3, seed=1, delay=100),
+            "namm": namm_policy()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keep_all_reproduces_unmodified_model(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    for policy in [FullCache(), NAMMPolicy(delay=128)]:
+        got, cache, _ = run_with_policy(model, ids, policy, chunk=64, decode_from=600)
+        assert torch.allclose(got, ref, atol=1e-4), (arch, policy.name, (got - ref).abs().max())
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        assert cache.cache_lengths() == [float(L)] * 2
+    # NAMM with zero parameters really ran its eviction steps
+    assert cache.log and all(r.before == r.after for r in cache.log)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["h2o", "l2", "recency", "snapkv", "random", "namm"])
+def test_evict_equals_mask(arch, name):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(1))
+    policy = policies()[name]
+    got, cache, events = run_with_policy(model, ids, policy, chunk=64, decode_from=640)
+    evicted = sum(len(h) for _, _, per_b in events for per_h in per_b for h in per_h)
+    assert evicted > 0, "the policy should evict something in this test"
+    ref = masked_reference_logits(model, ids, events, 2, kv_heads(model))
+    assert torch.allclose(got, ref, atol=1e-4), (arch, name, (got - ref).abs().max())
+
+
+def test_namm_heads_evict_differently_and_positions_are_original():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(2))
+    _, cache, events = run_with_policy(model, ids, namm_policy(scale=1.0, seed=3), chunk=64)
+    layer = cache.layers[0]
+    # kept keys carry their original absolute positions, in chronological order, ending at the newest token
+    assert torch.all(layer.positions[..., 1:] > layer.positions[..., :-1])
+    assert layer.positions[0, 0, -1].item() == L - 1
+    # decisions are per KV head: the cache keeps a different set in each head when the policy says so
+    _, _, events = run_with_policy(model, ids, RandomEviction(0.3, seed=2, delay=128), chunk=64)
+    assert any(per_b[0][0] != per_b[0][1] for _, _, per_b in events)
+
+
+def test_population_batch_equals_separate_runs():
+    """P NAMM members on the same prompt in one batched forward == P separate runs (rows keep different
+    numbers of tokens, so padding slots are exercised)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+    pop = torch.stack([torch.randn(4172, generator=torch.Generator().manual_seed(s)) * 0.5 for s in range(3)])
+    together, cache, _ = run_with_policy(model, ids.expand(3, -1), NAMMPolicy(pop, delay=128), chunk=64)
+    lengths = [cache.layers[0].valid[b, 0].sum().item() for b in range(3)]
+    assert len(set(lengths)) > 1, lengths
+    for p in range(3):
+        alone, _, _ = run_with_policy(model, ids, NAMMPolicy(pop[p], delay=128), chunk=64)
+        assert torch.allclose(together[p], alone[0], atol=1e-4)
+
+
+def test_budget_means_fraction_of_tokens_seen():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(4))
+    for budget, expect in [(0.25, 128), (100, 100)]:
+        _, cache, _ = run_with_policy(model, ids, L2Norm(budget, delay=256), chunk=64)
+        assert cache.cache_lengths() == [float(expect)] * 2
+        assert cache.realised_fraction() == pytest.approx(expect / 512)
+
+
+def test_uncapturable_attention_raises_clear_error():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")  # memory attention not enabled
+    cache = MemoryCache(H2O(0.5))
+    with pytest.raises(CaptureError, match="enable_memory_attention"):
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+
+
+def test_wrong_parameter_count_raises():
+    with pytest.raises(ValueError, match="4172"):
+        NAMMPolicy(torch.zeros(100))
+
+
+def test_generate_adapter_matches_hf_generate():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(5))
+    model.set_attn_implementation("sdpa")
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, 300:].tolist()
+    res = generate(model, ids, FullCache(), max_new_tokens=12, chunk_size=128)
+    assert res.tokens[0] == ref
+    assert res.realised_fraction == 1.0 and res.tokens_seen == 311
+
+
+def test_chunk_bounds_follow_absolute_multiples():
+    assert chunk_bounds(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
+    assert chunk_bounds(300, 600, 128) == [(300, 384), (384, 512), (512, 600)]

@@ -1,0 +1,154 @@
+"""Features and scorer against independent loop / NumPy references."""
+import math
+
+import numpy as np
+import torch
+
+from namm_transfer import features as feat
+from namm_transfer.namm import NAMMConfig, bam_scores, select_tokens, token_features, unflatten
+
+CFG = NAMMConfig()
+
+
+def np_stft_mag(x: np.ndarray, n_fft=32, hop=16) -> np.ndarray:
+    """(L,) -> (frames, bins) by explicit DFT of each periodic-Hann-windowed frame."""
+    win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = (len(x) - n_fft) // hop + 1
+    out = np.zeros((frames, n_fft // 2 + 1))
+    for f in range(frames):
+        seg = x[f * hop: f * hop + n_fft] * win
+        for b in range(n_fft // 2 + 1):
+            out[f, b] = abs(sum(seg[t] * np.exp(-2j * np.pi * b * t / n_fft) for t in range(n_fft)))
+    return out
+
+
+def test_gqa_mean():
+    a = torch.rand(2, 6, 3, 5)
+    out = feat.gqa_mean(a, 2)
+    assert torch.allclose(out[:, 1], a[:, 3:6].mean(1))
+
+
+def test_streaming_spectrogram_matches_numpy():
+    torch.manual_seed(0)
+    series = torch.rand(3, 64)
+    overlap = torch.rand(3, 16)
+    got = feat.streaming_spectrogram(series, overlap)
+    for i in range(3):
+        ref = np_stft_mag(np.concatenate([overlap[i].numpy(), series[i].numpy()]).astype(np.float64))
+        assert np.allclose(got[i].numpy(), ref, atol=1e-5)
+
+
+def test_recency_embedding_matches_formula():
+    r = torch.tensor([0, 1, 7, 1000, 30000])
+    got = feat.recency_embedding(r)
+    w = [50000 ** (-k / 4) for k in range(4)]
+    ref = np.array([[math.sin(x * wk) for wk in w] + [math.cos(x * wk) for wk in w] for x in r.tolist()])
+    assert np.allclose(got.numpy(), ref, atol=1e-4)
+    assert torch.equal(got[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_ema_closed_form_and_streaming_equals_offline():
+    """Stream 3 steps of 64 queries over tokens that are never evicted; compare with the offline STFT of the
+    whole series and the closed-form EMA sum_g (1-a) a^(G-1-g) S_g."""
+    torch.manual_seed(1)
+    cfg, step, steps = CFG, 64, 3
+    total = step * steps
+    attn = torch.rand(1, total, total).tril()  # query x key, causal
+    ema = torch.zeros(1, 0, 17)
+    ovl = torch.zeros(1, 0, 16)
+    valid_all = torch.ones(1, total, dtype=torch.bool)
+    for s in range(steps):
+        n = step * (s + 1)
+        a = attn[:, s * step:n, :n]
+        pos = torch.arange(n)[None]
+        _, ema, ovl = token_features(a, pos, valid_all[:, :n], ema, ovl, step, None, cfg)
+    coeff = cfg.ema_coeff ** cfg.hop
+    for j in [0, 5, 70, 150, total - 1]:
+        series = attn[0, :, j].double().numpy()
+        spec = np_stft_mag(np.concatenate([np.zeros(16), series]))  # offline, whole history
+        g = spec.shape[0]
+        closed = sum((1 - coeff) * coeff ** (g - 1 - f) * spec[f] for f in range(g))
+        assert np.allclose(ema[0, j].numpy(), closed, atol=1e-5), j
+
+
+def np_bam(x, params, cfg):
+    """Loop reference of the scorer for one row: x (N, d)."""
+    w = {k: v[0].double().numpy() for k, v in unflatten(torch.as_tensor(params)[None], cfg).items()}
+    n, h, d = x.shape[0], cfg.hidden, cfg.d_in
+    qkv = x @ w["w_qkv"] + w["b_qkv"]
+    q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
+    att = np.zeros((n, h))
+    for i in range(n):
+        logits = np.array([q[i] @ k[j] / math.sqrt(h) for j in range(i, n)])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        att[i] = sum(p[t] * v[j] for t, j in enumerate(range(i, n)))
+    o = att @ w["w_out"] + w["b_out"]
+    hid = x * (1 + o[:, d:]) + o[:, :d]
+    return hid @ w["w_score"] + w["b_score"][0]
+
+
+def test_bam_scores_match_loop_reference():
+    torch.manual_seed(2)
+    params = torch.randn(CFG.num_params) * 0.3
+    x = torch.randn(2, 20, CFG.d_in)
+    got = bam_scores(x, torch.ones(2, 20, dtype=torch.bool), params.expand(2, -1), CFG)
+    for r in range(2):
+        assert np.allclose(got[r].double().numpy(), np_bam(x[r].double().numpy(), params, CFG), atol=1e-4)
+
+
+def test_bam_padding_slots_are_ignored():
+    torch.manual_seed(3)
+    params = torch.randn(CFG.num_params) * 0.3
+    x = torch.randn(1, 12, CFG.d_in)
+    padded = torch.cat([torch.randn(1, 4, CFG.d_in) * 100, x], dim=1)
+    valid = torch.tensor([[False] * 4 + [True] * 12])
+    got = bam_scores(padded, valid, params[None], CFG)[:, 4:]
+    ref = bam_scores(x, torch.ones(1, 12, dtype=torch.bool), params[None], CFG)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_population_batching_equals_separate_calls():
+    torch.manual_seed(4)
+    pop = torch.randn(5, CFG.num_params) * 0.2
+    x = torch.randn(5, 30, CFG.d_in)
+    valid = torch.ones(5, 30, dtype=torch.bool)
+    together = bam_scores(x, valid, pop, CFG)
+    for p in range(5):
+        alone = bam_scores(x[p:p + 1], valid[p:p + 1], pop[p:p + 1], CFG)
+        assert torch.equal(together[p], alone[0])
+
+
+def test_parameter_layout_is_input_major_official_order():
+    cfg = NAMMConfig()
+    assert cfg.num_params == 4172
+    flat = torch.arange(cfg.num_params, dtype=torch.float32)
+    w = unflatten(flat, cfg)
+    assert w["w_qkv"][0, 0, 1].item() == 1  # row = input feature, col = output
+    assert w["w_qkv"][0, 1, 0].item() == 96
+    assert w["b_qkv"][0, 0].item() == 2400
+    assert w["w_out"][0, 0, 0].item() == 2496 and w["w_out"][0, 1, 0].item() == 2546
+    assert w["b_out"][0, 0].item() == 4096
+    assert w["w_score"][0, 0].item() == 4146 and w["b_score"][0, 0].item() == 4171
+
+
+def test_zero_params_keep_everything_and_select_rule():
+    x = torch.randn(2, 10, CFG.d_in)
+    s = bam_scores(x, torch.ones(2, 10, dtype=torch.bool), torch.zeros(2, CFG.num_params), CFG)
+    assert torch.equal(s, torch.zeros_like(s))
+    assert select_tokens(s.view(1, 2, 10), torch.ones(1, 2, 10, dtype=torch.bool)).all()
+    # rectangular rule: k = max over heads of #(score >= 0); each head keeps its own top-k; newest always kept
+    scores = torch.tensor([[[-1.0, 2.0, -3.0, 0.5, -9.0], [-1.0, -2.0, -3.0, -4.0, -9.0]]])
+    keep = select_tokens(scores, torch.ones(1, 2, 5, dtype=torch.bool))
+    assert keep[0, 0].tolist() == [False, True, False, True, True]  # 2.0, 0.5, newest(+inf): k = 3
+    assert keep[0, 1].tolist() == [True, True, False, False, True]  # top-3 of head 1: newest, -1, -2
+
+
+def test_running_stats_merge_equals_pooled():
+    torch.manual_seed(5)
+    a, b = torch.randn(50, 17) * 3 + 1, torch.randn(70, 17)
+    st = feat.RunningStats(17)
+    st.update(a)
+    st.update(b)
+    pooled = torch.cat([a, b]).double()
+    assert torch.allclose(st.mean, pooled.mean(0)) and torch.allclose(st.var, pooled.var(0, unbiased=False))
