@@ -44,7 +44,7 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
         scores = torch.matmul(query, k.transpose(-1, -2)) * scale
         if mask is not None:
             scores = scores.masked_fill(~_repeat_kv(mask, groups), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
         out = torch.matmul(probs.to(v.dtype), v)
         if cache.policy.needs_attention:
             layer.record_attention(probs, h_kv)

@@ -192,10 +192,38 @@ class MemoryCache(Cache):
             if layer.awaiting_capture:
                 raise self.capture_error(layer.layer_idx)
 
+    def fork(self, policy: MemoryPolicy, repeats: int) -> "MemoryCache":
+        """A copy with every batch row repeated `repeats` times and `policy` in charge, running the eviction
+        steps that are due now. Lets P population members share the computation of a common prefix: run the
+        prefix once (batch 1) under `HoldPolicy`, then fork at the first eviction boundary."""
+        new = MemoryCache(policy, on_evict=self.on_evict)
+        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        for old in self.layers:
+            layer = MemoryLayer(new, old.layer_idx)
+            layer.keys, layer.values = rep(old.keys), rep(old.values)
+            layer.positions, layer.valid = rep(old.positions), rep(old.valid)
+            layer.state = {k: rep(v) for k, v in old.state.items()}
+            layer.buffer = [rep(a) for a in old.buffer]
+            layer.tokens_seen, layer.since_step, layer.steps = old.tokens_seen, old.since_step, old.steps
+            layer.is_initialized, layer.device = old.is_initialized, getattr(old, "device", None)
+            new.layers.append(layer)
+            if policy.evicts and layer.since_step and layer.tokens_seen % policy.delay == 0:
+                layer.evict()
+        new.log = list(self.log)
+        return new
+
     # ---- statistics -------------------------------------------------------------------------------
     def cache_lengths(self) -> list[float]:
         """Mean number of valid slots per layer (over batch rows and KV heads)."""
         return [float(l.valid.float().sum(-1).mean()) if l.valid is not None else 0.0 for l in self.layers]
+
+    def stored_bytes(self) -> int:
+        """Bytes held now: keys, values, per-token state and buffered attention rows."""
+        total = 0
+        for l in self.layers:
+            tensors = [l.keys, l.values, l.positions, *l.state.values(), *l.buffer]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total
 
     @property
     def tokens_seen(self) -> int:

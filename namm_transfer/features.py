@@ -48,6 +48,43 @@ def streaming_spectrogram(
     return spec.transpose(-1, -2).reshape(*lead, spec.shape[-1], spec.shape[-2])
 
 
+def dft_basis(n_fft: int, device=None) -> torch.Tensor:
+    """Windowed real DFT as a matrix: rows [w*cos(2 pi b t / n); -w*sin(...)] for bins b, (2 * bins, n_fft)."""
+    t = torch.arange(n_fft, dtype=torch.float64, device=device)
+    b = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=device)
+    angle = 2 * math.pi * b[:, None] * t[None] / n_fft
+    w = hann_window(n_fft, device).double()
+    return torch.cat([torch.cos(angle) * w, -torch.sin(angle) * w]).float()
+
+
+def spectrogram_frames(attn: torch.Tensor, overlap: torch.Tensor, n_fft: int = 32, hop: int = 16) -> torch.Tensor:
+    """The same magnitudes as `streaming_spectrogram`, computed in the query-major layout as one batched
+    matmul with the windowed DFT matrix (no transpose of the attention, BLAS speed). Needs n_fft == 2 * hop.
+
+    attn: (R, T, N) attention of T new queries over N cache tokens; overlap: (R, n_fft - hop, N).
+    Returns (R, F, bins, N) with F = T // hop.
+    """
+    r, t, n = attn.shape
+    if t % hop:
+        raise ValueError(f"NAMM needs the number of new tokens per step ({t}) to be a multiple of hop={hop}")
+    if n_fft != 2 * hop:
+        spec = streaming_spectrogram(attn.transpose(1, 2), overlap.transpose(1, 2), n_fft, hop)
+        return spec.permute(0, 2, 3, 1)
+    f = t // hop
+    padded = torch.cat([overlap.to(attn.dtype), attn], dim=1).float().contiguous()  # (R, T + pad, N)
+    frames = padded.as_strided((r, f, n_fft, n), (padded.stride(0), hop * n, n, 1))  # overlapping view
+    y = torch.matmul(dft_basis(n_fft, attn.device), frames)  # (R, F, 2 * bins, N)
+    bins = n_fft // 2 + 1
+    return torch.hypot(y[:, :, :bins], y[:, :, bins:])
+
+
+def ema_weights(n_tokens: int, n_new: int, n_frames: int, coeff: float, hop: int, device=None) -> torch.Tensor:
+    """(F, N) weights (1 - a) a^(F-1-f) m[j, f] of the EMA over this step's frames, a = coeff^hop."""
+    a = coeff ** hop
+    w = (1 - a) * a ** torch.arange(n_frames - 1, -1, -1, dtype=torch.float32, device=device)
+    return w[:, None] * new_token_frame_mask(n_tokens, n_new, n_frames, hop, device).T
+
+
 def new_token_frame_mask(n_tokens: int, n_new: int, n_frames: int, hop: int, device=None) -> torch.Tensor:
     """m[j, f] = 1 for kept tokens; for new token j (local index l) it is 1 iff l // hop <= f. (N, F)."""
     local = torch.arange(n_tokens, device=device) - (n_tokens - n_new)

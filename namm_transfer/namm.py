@@ -101,16 +101,14 @@ def token_features(
     Returns (x (R, N, d_in), new EMA (R, N, B) un-normalised, new overlap (R, N, n_fft-hop)).
     """
     r, t, n = attn.shape
-    n_old = n - n_new
     pad = cfg.n_fft - cfg.hop
-    series = attn.transpose(1, 2).float()  # (R, N, T)
-    overlap = torch.cat([overlap_prev.float(), series.new_zeros(r, n_new, pad)], dim=1)
-    spec = feat.streaming_spectrogram(series, overlap, cfg.n_fft, cfg.hop)  # (R, N, F, B)
-    frame_mask = feat.new_token_frame_mask(n, n_new, spec.shape[-2], cfg.hop, attn.device)
-    kept = torch.arange(n, device=attn.device) < n_old
-    prev = torch.cat([ema_prev.float(), series.new_zeros(r, n_new, cfg.num_bins)], dim=1)
-    ema = feat.ema_update(spec, prev, kept, frame_mask, cfg.ema_coeff, cfg.hop)
-    new_overlap = series[..., -pad:]
+    overlap = torch.cat([overlap_prev.float(), attn.new_zeros(r, n_new, pad, dtype=torch.float32)], dim=1)
+    spec = feat.spectrogram_frames(attn, overlap.transpose(1, 2), cfg.n_fft, cfg.hop)  # (R, F, B, N)
+    w = feat.ema_weights(n, n_new, spec.shape[1], cfg.ema_coeff, cfg.hop, attn.device)  # (F, N)
+    ema = (spec * w[None, :, None, :]).sum(dim=1).transpose(1, 2)  # (R, N, B)
+    if n > n_new:  # kept tokens carry their previous state, decayed over the n_new queries of this step
+        ema[:, :n - n_new] += (cfg.ema_coeff ** n_new) * ema_prev.float()
+    new_overlap = attn[:, -pad:, :].transpose(1, 2).float()
     if stats is not None and collect_stats:
         stats.update(ema[valid])
     spec_feat = ema

@@ -131,8 +131,9 @@ class H2O(BudgetPolicy):
         self.recent_ratio = recent_ratio
 
     def step(self, view: LayerView) -> Decision:
-        old = view.state.get("acc", view.attention.new_zeros(*view.valid.shape[:2], 0))
-        acc = torch.cat([old, old.new_zeros(*old.shape[:2], view.n_new)], dim=-1) + view.attention.sum(dim=2)
+        b, h, n = view.valid.shape
+        old = view.state.get("acc", view.attention.new_zeros(b, h, n - view.n_new))
+        acc = torch.cat([old, old.new_zeros(b, h, view.n_new)], dim=-1) + view.attention.sum(dim=2)
         k = self.k(view)
         recent = newest(view, round(k * self.recent_ratio))
         keep = keep_top(acc.masked_fill(recent, float("inf")), view.valid, k)
@@ -241,6 +242,20 @@ class NAMMPolicy(MemoryPolicy):
 
     def describe(self) -> dict:
         return {**super().describe(), "members": len(self.params), "config": self.config.to_dict()}
+
+
+class HoldPolicy(MemoryPolicy):
+    """Buffers what `inner` needs but never evicts; used to compute a shared prefix once before
+    `MemoryCache.fork` hands the cache to `inner` (e.g. a NAMM population)."""
+
+    name = "hold"
+
+    def __init__(self, inner: MemoryPolicy):
+        super().__init__(delay=2 ** 62)
+        self.needs_attention, self.attention_dtype = inner.needs_attention, inner.attention_dtype
+
+    def step(self, view: LayerView) -> Decision:
+        return view.valid.clone(), dict(view.state)
 
 
 POLICIES = {"full": FullCache, "recency": Recency, "h2o": H2O, "l2": L2Norm, "snapkv": SnapKV,

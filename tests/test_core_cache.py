@@ -118,3 +118,25 @@ def test_generate_adapter_matches_hf_generate():
 def test_chunk_bounds_follow_absolute_multiples():
     assert chunk_bounds(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
     assert chunk_bounds(300, 600, 128) == [(300, 384), (384, 512), (512, 600)]
+
+
+def test_fork_after_shared_prefix_equals_direct_batched_run():
+    """Prefix computed once (batch 1, HoldPolicy) then forked to 3 NAMM members == running all 3 from scratch."""
+    from namm_transfer.policies import HoldPolicy
+    model = tiny_model("llama")
+    enable_memory_attention(model)
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(6))
+    pop = torch.stack([torch.randn(4172, generator=torch.Generator().manual_seed(s)) * 0.5 for s in range(3)])
+    direct, _, _ = run_with_policy(model, ids.expand(3, -1), NAMMPolicy(pop, delay=128), chunk=64)
+    policy = NAMMPolicy(pop, delay=128)
+    shared = MemoryCache(HoldPolicy(policy))
+    with torch.no_grad():
+        outs = [model(input_ids=ids[:, s:s + 64], cache=shared, use_cache=True,
+                      position_ids=torch.arange(s, s + 64)[None]).logits.expand(3, -1, -1) for s in (0, 64)]
+        cache = shared.fork(policy, 3)
+        for s in range(128, 400, 64):
+            e = min(s + 64, 400)
+            outs.append(model(input_ids=ids[:, s:e].expand(3, -1), cache=cache, use_cache=True,
+                              position_ids=torch.arange(s, e)[None].expand(3, -1)).logits)
+    assert torch.allclose(torch.cat(outs, 1), direct, atol=1e-5)
+    assert cache.realised_fraction() < 1.0

@@ -1,0 +1,127 @@
+"""Names of the offline-RL tasks: "hopper-medium" -> datasets, gym env, DT settings, reference scores.
+
+Three sources of data exist and their scores never mix:
+
+* ``d4rl``  — the D4RL v2 hdf5 files (collected on ``Hopper-v3`` etc.), normalised with D4RL's refs.
+* ``minari`` — the official Minari ports (``mujoco/hopper/medium-v0``, ``Hopper-v5``); their refs live in
+  each dataset's metadata and are read at load time (:func:`envs.data.minari_ref_scores`).
+* ``local`` — datasets this project generates itself with ``scripts/make_dataset.py``
+  (``namm_transfer/hopper/medium-v0``, ``Hopper-v5``), with the refs in :data:`LOCAL_REF`.
+
+Every normalised number therefore names its source (see :func:`normalized_score`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+ENVS = ("hopper", "walker2d", "halfcheetah")
+QUALITIES = ("medium", "medium-replay", "expert", "medium-expert")
+Source = Literal["d4rl", "minari", "local"]
+
+
+@dataclass(frozen=True)
+class RefScores:
+    """Random (min) and expert (max) episode returns that define a 0-100 normalised score."""
+
+    min: float
+    max: float
+    source: Source
+
+    def normalize(self, returns: float | np.ndarray) -> float | np.ndarray:
+        """``100 * (R - min) / (max - min)`` (D4RL papers' convention)."""
+        return 100.0 * (np.asarray(returns, dtype=np.float64) - self.min) / (self.max - self.min)
+
+
+# D4RL d4rl/infos.py (the v2 datasets inherit the -random-v0 entries); benchmarks.md §3.1.
+D4RL_REF: dict[str, RefScores] = {
+    "hopper": RefScores(-20.272305, 3234.3, "d4rl"),
+    "halfcheetah": RefScores(-280.178953, 12135.0, "d4rl"),
+    "walker2d": RefScores(1.629008, 4592.3, "d4rl"),
+}
+
+# Refs written into the project's own v5 datasets. min: mean return of a uniform-random policy over 100
+# episodes on the v5 env (reset seeds 123..222, action_space.seed(123)) — Minari's own procedure, measured
+# here with gymnasium 1.4.0 / mujoco 4.0.0. max: no expert v5 policy exists offline, so the D4RL expert
+# return is used as the top of the scale; it is a constant of this project's "local" scale, not a D4RL score.
+LOCAL_REF: dict[str, RefScores] = {
+    "hopper": RefScores(16.668783, 3234.3, "local"),
+    "halfcheetah": RefScores(-276.044740, 12135.0, "local"),
+    "walker2d": RefScores(1.399958, 4592.3, "local"),
+}
+
+_GYM_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
+_TARGETS = {"hopper": (3600.0, 1800.0), "halfcheetah": (12000.0, 6000.0), "walker2d": (5000.0, 2500.0)}
+# Official Minari MuJoCo proficiencies: expert, medium, simple, medium-expert (no medium-replay).
+_MINARI_QUALITIES = ("medium", "expert", "medium-expert")
+# edbeeching/decision-transformer-gym-* exists for 3 envs x {medium, medium-replay, expert}.
+_HF_QUALITIES = ("medium", "medium-replay", "expert")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the scripts need to know about one ``{env}-{quality}`` task."""
+
+    name: str
+    env: str
+    quality: str
+    gym_id: str
+    minari_id: str | None
+    local_dataset_id: str
+    d4rl_file: str
+    target_returns: tuple[float, ...]
+    hf_checkpoint: str | None
+    return_scale: float = 1000.0
+    max_ep_len: int = 1000
+
+    def refs(self, source: Source) -> RefScores:
+        return ref_scores(self.env, source)
+
+
+def _make(env: str, quality: str) -> TaskSpec:
+    return TaskSpec(
+        name=f"{env}-{quality}",
+        env=env,
+        quality=quality,
+        gym_id=_GYM_IDS[env],
+        minari_id=f"mujoco/{env}/{quality}-v0" if quality in _MINARI_QUALITIES else None,
+        local_dataset_id=f"namm_transfer/{env}/{quality}-v0",
+        d4rl_file=f"{env}-{quality}-v2.hdf5",
+        target_returns=_TARGETS[env],
+        hf_checkpoint=f"edbeeching/decision-transformer-gym-{env}-{quality}" if quality in _HF_QUALITIES else None,
+    )
+
+
+TASKS: dict[str, TaskSpec] = {f"{e}-{q}": _make(e, q) for e in ENVS for q in QUALITIES}
+
+
+def get_spec(name: str) -> TaskSpec:
+    """Look up ``"hopper-medium"`` etc.; unknown names raise a ValueError listing the valid ones."""
+    key = name.strip().lower()
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(sorted(TASKS))}")
+    return TASKS[key]
+
+
+def ref_scores(env: str, source: Source) -> RefScores:
+    """Reference scores of one env on one scale. ``minari`` refs are per dataset: read them from it."""
+    if env not in ENVS:
+        raise ValueError(f"unknown env {env!r}; valid envs: {', '.join(ENVS)}")
+    if source == "d4rl":
+        return D4RL_REF[env]
+    if source == "local":
+        return LOCAL_REF[env]
+    if source == "minari":
+        raise ValueError(
+            "official Minari ref scores are stored in each dataset's metadata; "
+            "use envs.data.minari_ref_scores(dataset) instead"
+        )
+    raise ValueError(f"unknown score source {source!r}; valid: 'd4rl', 'local', 'minari'")
+
+
+def normalized_score(env: str, returns: float | np.ndarray, source: Source) -> float | np.ndarray:
+    """0-100 normalised score of episode returns on an explicitly named scale (``d4rl`` or ``local``)."""
+    return ref_scores(env, source).normalize(returns)

@@ -1,0 +1,1 @@
+"""CMA-ES evolution of NAMM parameters on language tasks."""

@@ -1,0 +1,77 @@
+"""Scoring NAMM population members on language samples, with the shared first block computed once.
+
+A sample's task score is the teacher-forced probability of its gold answer tokens (mean over tokens):
+continuous, so small populations get a usable signal from a 135M model whose exact-match is noisy.
+All members see the same samples; each member's cache is its own batch row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.causal_lm import chunk_bounds
+from ..cache import MemoryCache
+from ..policies import HoldPolicy, MemoryPolicy
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    task: str
+    stream: torch.Tensor  # (1, P + A - 1): prompt then the answer without its last token (teacher forcing)
+    answer: torch.Tensor  # (A,)
+
+    @property
+    def length(self) -> int:
+        return self.stream.shape[1]
+
+
+def encode_sample(sample, tokenizer, style: str = "raw", tokens: int | None = None) -> EncodedSample:
+    prompt = tokenizer(sample.prompt(tokenizer, style), return_tensors="pt").input_ids
+    answer = tokenizer(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    key = f"{sample.task}/{sample.seed}/{tokens or prompt.shape[1]}/{style}"
+    return EncodedSample(key, sample.task, torch.cat([prompt, answer[None, :-1]], dim=1), answer)
+
+
+@dataclass
+class MemberScores:
+    score: torch.Tensor  # (rows,) mean p(gold answer token)
+    token_accuracy: torch.Tensor  # (rows,) fraction of answer tokens that are the argmax
+    cache_fraction: torch.Tensor  # (rows,) stored / seen tokens at the end, mean over layers and KV heads
+
+
+@torch.no_grad()
+def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, chunk: int = 128,
+               share_prefix: bool = True) -> MemberScores:
+    """Run `sample` with `rows` batch rows under `policy` (row b = population member b of the policy).
+
+    With `share_prefix`, the tokens before the first eviction step are identical for every member, so they run
+    once at batch 1 (HoldPolicy buffers the attention) and the cache is forked to `rows` rows at the boundary.
+    """
+    n = sample.length
+    a = sample.answer.numel()
+    device = next(model.parameters()).device
+    stream = sample.stream.to(device)
+    fork_at = policy.delay if (share_prefix and rows > 1 and policy.evicts and n > policy.delay) else 0
+    if fork_at and fork_at % chunk:
+        raise ValueError(f"delay {policy.delay} must be a multiple of the chunk size {chunk} to share the prefix")
+    cache = MemoryCache(HoldPolicy(policy)) if fork_at else MemoryCache(policy)
+    answer_logits = []
+    for s, e in chunk_bounds(0, n, chunk):
+        if fork_at and s == fork_at:
+            cache = cache.fork(policy, rows)
+        b = 1 if (fork_at and s < fork_at) else rows
+        pos = torch.arange(s, e, device=device)[None].expand(b, -1)
+        logits = model(input_ids=stream[:, s:e].expand(b, -1), cache=cache, use_cache=True,
+                       position_ids=pos).logits
+        lo = max(s, n - a)
+        if lo < e:
+            answer_logits.append(logits[:, lo - s:].float().expand(rows, -1, -1))
+    cache.assert_captured()
+    logp = torch.cat(answer_logits, dim=1).log_softmax(-1)  # (rows, A, V)
+    gold = sample.answer.to(device)
+    p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
+    acc = (logp.argmax(-1) == gold[None]).float()
+    frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
+    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu())

@@ -1,0 +1,157 @@
+"""Core benchmark: NAMM's measured cost vs its arithmetic share, memory, realised cache (SmolLM2-135M).
+
+    python scripts/bench_core.py [--lengths 1024,2048] [--namm PATH] [--device cpu|cuda] [--out runs/bench_core]
+
+For each prompt length and policy (full cache, NAMM with delay 512, H2O at 50%) one chunked prefill
+(chunk 128) runs in its own subprocess, so peak RSS is per configuration. Reported:
+  * forward s: the whole prefill; NAMM s: time inside the NAMM step (features + scorer + selection);
+  * NAMM % of forward: NAMM s / (prefill s - NAMM s);
+  * FLOP share: NAMM FLOPs (spectrogram + scorer with its full N x N backward attention, every layer x KV
+    head x eviction step) / model forward FLOPs at that context; ratio = measured % / FLOP share (goal <= 1.3);
+  * peak cache MB (keys, values, per-token state, buffered attention), peak RSS MB, realised cache %.
+Writes JSON + a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def forward_flops(cfg, length: int, chunk: int) -> float:
+    """Analytic FLOPs of a chunked prefill of `length` tokens (all logits computed, as HF does)."""
+    h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_token = layers * 2 * (h * q_dim * 2 + h * kv_dim * 2 + 3 * h * inter) + 2 * h * cfg.vocab_size
+    attn = layers * 2 * 2 * q_dim * sum(t + 1 for t in range(length))  # QK^T and AV, causal
+    return per_token * length + attn
+
+
+def namm_flops(log, kv_heads: int, delay: int) -> float:
+    from namm_transfer.features import flop_counts
+    total = 0.0
+    for rec in log:
+        c = flop_counts(rec.before, delay)
+        total += kv_heads * (c["stft"] + c["scorer"])
+    return total
+
+
+def run_one(args) -> dict:
+    from namm_transfer import H2O, FullCache, MemoryCache, NAMMPolicy, enable_memory_attention, load_namm
+    from namm_transfer import policies as pol
+    from namm_transfer.adapters.causal_lm import chunk_bounds
+    from namm_transfer.language.models import load_causal_lm
+    import pydoc_data.topics
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_causal_lm(args.model, device=args.device)
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tok(text, return_tensors="pt").input_ids[:, :args.length].to(args.device)
+    namm_source = "zero parameters (keep-all: the largest N, worst case)"
+    if args.policy == "full":
+        policy = FullCache()
+    elif args.policy == "h2o":
+        policy = H2O(0.5)
+    else:
+        try:
+            policy, namm_source = load_namm(args.namm), args.namm
+        except FileNotFoundError:
+            policy = NAMMPolicy()
+    timer = {"namm": 0.0}
+    step = policy.step
+
+    def timed_step(view):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = step(view)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        timer["namm"] += time.perf_counter() - t
+        return out
+
+    policy.step = timed_step
+    enable_memory_attention(model)
+    cache = MemoryCache(policy)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    peak_cache = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s, e in chunk_bounds(0, ids.shape[1], 128):
+            model(input_ids=ids[:, s:e], cache=cache, use_cache=True,
+                  position_ids=torch.arange(s, e, device=ids.device)[None])
+            peak_cache = max(peak_cache, cache.stored_bytes())
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"length": args.length, "policy": args.policy, "seconds": seconds, "namm_seconds": timer["namm"],
+           "peak_cache_mb": peak_cache / 2**20, "realised_fraction": cache.realised_fraction(),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0,
+           "forward_flops": forward_flops(model.config, args.length, 128), "device": args.device}
+    if args.device == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.policy == "namm":
+        out["namm_flops"] = namm_flops(cache.log, model.config.num_key_value_heads, policy.delay)
+        out["namm_source"] = namm_source
+    return out
+
+
+def main() -> None:
+    from namm_transfer.checkpoints import DEFAULT_NAMM
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--namm", default=str(DEFAULT_NAMM))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="runs/bench_core")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        for policy in ["full", "namm", "h2o"]:
+            cmd = [sys.executable, __file__, "--one", "--length", str(length), "--policy", policy, "--model",
+                   args.model, "--namm", args.namm, "--device", args.device, "--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                sys.exit(res.stderr)
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"  {length:5d} {policy:5s} {rows[-1]['seconds']:.1f}s", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_core.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| tokens | policy | forward s | NAMM s | NAMM % of forward | FLOP share % | measured / FLOP share "
+             "| peak cache MB | peak RSS MB | realised cache % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = measured = ratio = ""
+        if r["policy"] == "namm":
+            m = 100 * r["namm_seconds"] / (r["seconds"] - r["namm_seconds"])
+            f = 100 * r["namm_flops"] / r["forward_flops"]
+            share, measured, ratio = f"{f:.1f}", f"{m:.1f}", f"{m / f:.2f}"
+        lines.append(f"| {r['length']} | {r['policy']} | {r['seconds']:.1f} | {r['namm_seconds']:.2f} | {measured} | "
+                     f"{share} | {ratio} | {r['peak_cache_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{100 * r['realised_fraction']:.1f} |")
+    namm_src = next((r["namm_source"] for r in rows if r["policy"] == "namm"), "")
+    table = "\n".join(lines) + f"\n\nNAMM: {namm_src}; device {args.device}, {args.threads} thread(s).\n"
+    (out / "bench_core.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Zero-shot NAMM transfer to Llava-Next-Video: video QA accuracy vs KV-cache size, NAMM vs baselines.
+
+    python scripts/run_video.py --dataset longvideobench --data-root /data --frames 32 --policies full,namm,h2o,l2
+    python scripts/run_video.py --dataset mlvu --data-root /data --device cuda --dtype float16 --limit 200
+    python scripts/run_video.py --dataset synthetic --limit 8          # offline smoke run, tiny model
+
+Writes to --out: records.jsonl (one line per (policy, sample), flushed as it goes; rerunning the same command
+skips pairs already there), summary.json and summary.md (accuracy overall / per duration group / per category,
+MLVU M-Avg, realised cache %, video tokens kept %, peak memory, seconds per sample, unparsed and error counts).
+
+Budgets: baselines (h2o, l2, recency, snapkv, random) run, per sample, at the realised cache fraction NAMM reached
+on that sample when `namm` comes before them in --policies; otherwise at --budget (0.5 if not given). An explicit
+--budget always wins. All policies share one eviction period (--delay).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
+POLICY_NAMES = ("full", "namm") + BASELINES
+TINY_RANDOM = "tiny-random"
+TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
+SNAPKV_WINDOW = 32  # SnapKV's default observation window
+SETTINGS = ("dataset", "split", "data_root", "model", "frames", "chunk", "delay", "budget", "seed", "dtype")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, choices=["longvideobench", "mlvu", "synthetic"])
+    ap.add_argument("--data-root", default=None, help="dataset folder (synthetic: generated if omitted)")
+    ap.add_argument("--split", default=None, help="longvideobench: val|test (default val); synthetic: default test")
+    ap.add_argument("--model", default=None,
+                    help=f"Hub id or folder; '{TINY_RANDOM}' = a fresh random tiny model. Default: the trained tiny "
+                         "model for synthetic (random tiny if absent), else llava-hf/LLaVA-NeXT-Video-7B-hf")
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--policies", default="full,namm")
+    ap.add_argument("--budget", type=float, default=None, help="baseline cache fraction in (0, 1] (or tokens >1)")
+    ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
+    ap.add_argument("--delay", type=int, default=None, help="eviction period in tokens (default: NAMM's, 512; "
+                                                           f"{TINY_DELAY} on tiny models)")
+    ap.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default float32 on cpu, float16 on cuda")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dir", default=os.environ.get("NAMM_TRANSFER_CACHE",
+                                                          str(Path.home() / ".cache" / "namm_transfer")))
+    ap.add_argument("--synthetic-samples", type=int, default=16, help="size of a generated synthetic split")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
+    if bad or not args.policy_list or len(set(args.policy_list)) != len(args.policy_list):
+        ap.error(f"--policies: unknown or repeated {bad or args.policy_list}; choose from {', '.join(POLICY_NAMES)}")
+    args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    return args
+
+
+class UsageError(Exception):
+    """Something the user can fix (missing data, checkpoint or model); printed without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def load_samples(args, notes: list[str]):
+    from video.datasets import DatasetNotFoundError, load_dataset
+    from video.synthetic import generate_split
+
+    args.split = args.split or {"longvideobench": "val", "mlvu": "dev", "synthetic": "test"}[args.dataset]
+    if args.dataset == "synthetic" and args.data_root is None:
+        split = args.split
+        root = Path(args.cache_dir) / f"video-synthetic-{split}-seed{args.seed}-n{args.synthetic_samples}"
+        if not (root / f"lvb_{split}.json").is_file():
+            generate_split(root, split, num_samples=args.synthetic_samples, seed=args.seed)
+            notes.append(f"generated a synthetic {split} split ({args.synthetic_samples} videos) in {root}")
+        args.data_root = str(root)
+    try:
+        return load_dataset(args.dataset, args.data_root, None if args.dataset == "mlvu" else args.split)
+    except DatasetNotFoundError as err:
+        raise UsageError(str(err)) from None
+
+
+def load_model(args, notes: list[str]):
+    import torch
+    from video.pipeline import DEFAULT_MODEL, DTYPES, TINY_SYNTH_MODEL, load_video_model
+    from video.tiny_model import build_tiny_llava_next_video
+
+    name = args.model
+    if name is None:
+        if args.dataset != "synthetic":
+            name = DEFAULT_MODEL
+        elif (TINY_SYNTH_MODEL / "config.json").is_file():
+            name = str(TINY_SYNTH_MODEL)
+        else:
+            name = TINY_RANDOM
+            notes.append(f"WARNING: no trained tiny model at {TINY_SYNTH_MODEL}; using a freshly built RANDOM "
+                         "tiny Llava-Next-Video. Its answers are noise: this run only checks the pipeline.")
+    args.model = name
+    dtype = DTYPES[args.dtype]
+    if name == TINY_RANDOM:
+        model, processor = build_tiny_llava_next_video(seed=args.seed)
+        return model.to(device=args.device, dtype=dtype), processor
+    try:
+        return load_video_model(name, args.device, dtype)
+    except OSError as err:
+        raise UsageError(f"cannot load model {name!r}: {err}\n(offline? download it first with "
+                         f"`huggingface-cli download {name}`, or pass --model PATH)") from None
+    except torch.OutOfMemoryError as err:
+        raise UsageError(f"model {name!r} does not fit on {args.device}: {err}") from None
+
+
+def is_tiny(model) -> bool:
+    return model.config.text_config.hidden_size <= 256
+
+
+def load_namm_policy(args, delay: int | None = None):
+    from namm_transfer.checkpoints import DEFAULT_NAMM, load_namm
+
+    path = args.namm or DEFAULT_NAMM
+    try:
+        return load_namm(path, **({} if delay is None else {"delay": delay}))
+    except ValueError as err:
+        raise UsageError(f"--delay {delay} does not suit this NAMM: {err}") from None
+    except FileNotFoundError as err:
+        hint = "" if args.namm else ("\nThe shipped language NAMM is not in this checkout yet: train one with "
+                                     "scripts/train_namm.py and pass --namm PATH, or drop `namm` from --policies.")
+        raise UsageError(f"--policies namm: {err}{hint}") from None
+
+
+def resolve_delay(args, model, namm, notes: list[str]) -> int:
+    if args.delay is not None:
+        return args.delay
+    if is_tiny(model):
+        notes.append(f"tiny model: eviction every {TINY_DELAY} tokens (--delay to change)")
+        return TINY_DELAY
+    return namm.config.delay if namm is not None else 512
+
+
+# ------------------------------------------------------------------------------------------ records I/O
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records already written; a torn last line (killed mid-write) is cut off so appends stay valid."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def check_settings(out: Path, args) -> None:
+    """The out folder must hold runs of the same settings (else resuming would mix results)."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    path = out / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise UsageError(f"{out} holds a run with other settings {diff} (old, new); use another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def summarise(records: list[dict], policies: list[str], dataset: str) -> dict:
+    from video.scoring import QARecord, accuracy_table
+
+    names = [f.name for f in fields(QARecord)]
+    out = {}
+    for policy in policies:
+        rs = [r for r in records if r["policy"] == policy]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.get("error") is None]
+        table = accuracy_table([QARecord(**{k: r.get(k) for k in names}) for r in rs])
+        mean = lambda key: sum(r[key] for r in ok) / len(ok) if ok else None  # noqa: E731
+        budgets = sorted({r.get("budget_source") for r in rs if r.get("budget_source")})
+        out[policy] = {
+            **table,
+            "headline": table["category_mean"] if dataset == "mlvu" else table["overall"],
+            "budget": budgets[0] if len(budgets) == 1 else ", ".join(budgets) or "-",
+            "mean_budget": _mean([r["budget"] for r in ok if r.get("budget") is not None]),
+            "realised_cache_pct": None if not ok else 100 * mean("realised_fraction"),
+            "video_kept_pct": None if not ok else 100 * mean("video_kept_fraction"),
+            "peak_cache_mib": None if not ok else mean("peak_cache_bytes") / 2 ** 20,
+            "peak_memory_mib": None if not ok else max(r["peak_memory_bytes"] for r in ok) / 2 ** 20,
+            "seconds_per_sample": mean("seconds"),
+        }
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown(summary: dict, dataset: str, header: list[str]) -> str:
+    acc = "M-Avg %" if dataset == "mlvu" else "accuracy %"
+    lines = [*(f"> {h}" for h in header), "",
+             f"| policy | budget | n | {acc} | realised cache % | video tokens kept % | peak KV MiB (mean) | "
+             "peak memory MiB (max) | s/sample | unparsed | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p, s in summary.items():
+        lines.append(f"| {p} | {s['budget']} | {s['n']} | {_f(100 * s['headline'])} | "
+                     f"{_f(s['realised_cache_pct'])} | {_f(s['video_kept_pct'])} | "
+                     f"{_f(s['peak_cache_mib'], '{:.2f}')} | {_f(s['peak_memory_mib'], '{:.0f}')} | "
+                     f"{_f(s['seconds_per_sample'], '{:.2f}')} | {s['n_unparsed']} | {s['n_errors']} |")
+    for key, title in (("by_duration_group", "duration group"), ("by_category", "category")):
+        cols = sorted({str(c) for s in summary.values() for c in s[key]}, key=lambda c: (len(c), c))
+        if not cols:
+            continue
+        lines += ["", f"Accuracy % by {title}" + (" (M-Avg = their mean)" if dataset == "mlvu" and key == "by_category"
+                                                   else ""), "",
+                  "| policy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for p, s in summary.items():
+            vals = {str(k): v for k, v in s[key].items()}
+            lines.append(f"| {p} | " + " | ".join(_f(None if c not in vals else 100 * vals[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def policy_for(name: str, args, namm, delay: int, sample_id: str, done: dict) -> tuple:
+    """(policy, budget, budget_source) for one sample."""
+    from namm_transfer.policies import make_policy
+
+    if name == "full":
+        return make_policy("full", delay=delay), None, None
+    if name == "namm":
+        return namm, None, None
+    kw = {"seed": args.seed} if name == "random" else {}
+    budget, source = args.budget, "--budget"
+    namm_first = "namm" in args.policy_list and args.policy_list.index("namm") < args.policy_list.index(name)
+    if budget is None:
+        ref = done.get(("namm", sample_id)) if namm_first else None
+        if ref is not None and ref.get("error") is None:
+            budget, source = min(max(float(ref["step_fraction"]), 1e-3), 1.0), "NAMM's realised cache"
+        else:
+            budget, source = 0.5, "default 0.5"
+    if budget > 1:
+        budget = int(budget)
+    return make_policy(name, budget=budget, delay=delay, **kw), budget, source
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from video.pipeline import error_record, prepare_inputs, run_policy
+    from video.decoding import VideoDecodeError
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    notes: list[str] = []
+    samples = load_samples(args, notes)[: args.limit]  # fail fast (data, NAMM) before loading the model
+    namm = load_namm_policy(args) if "namm" in args.policy_list else None
+    model, processor = load_model(args, notes)
+    args.delay = resolve_delay(args, model, namm, notes)
+    if "snapkv" in args.policy_list and args.delay <= SNAPKV_WINDOW:
+        raise UsageError(f"snapkv needs --delay > its window ({SNAPKV_WINDOW}); the core SnapKV fails on a first "
+                         "eviction step with no tokens outside the window")
+    if namm is not None and namm.delay != args.delay:
+        namm = load_namm_policy(args, args.delay)
+    if namm is not None:
+        notes.append(f"NAMM: {getattr(namm, 'source', 'zero-parameter')}")
+    for n in notes:
+        print(("\n!!! " + n + "\n") if n.startswith("WARNING") else f"note: {n}", file=sys.stderr)
+
+    model_tag = Path(args.model.rstrip("/")).name
+    out = Path(args.out or f"runs/video/{args.dataset}_{model_tag}_{args.frames}f")
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, args)
+    path = out / "records.jsonl"
+    done = {(r["policy"], r["id"]): r for r in read_records(path)}
+    todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]
+    n_todo = sum((p, s.id) not in done for _, s in todo for p in args.policy_list)
+    print(f"{len(samples)} samples x {len(args.policy_list)} policies: {n_todo} to run, "
+          f"{len(samples) * len(args.policy_list) - n_todo} already in {path}", file=sys.stderr)
+
+    with open(path, "a") as f, tqdm(total=n_todo, disable=args.no_progress, desc="video QA") as bar:
+        for index, sample in todo:
+            try:
+                inputs, failure = prepare_inputs(sample, processor, args.frames), None
+            except VideoDecodeError as err:
+                inputs, failure = None, err
+            for name in args.policy_list:
+                if (name, sample.id) in done:
+                    continue
+                policy, budget, source = policy_for(name, args, namm, args.delay, sample.id, done)
+                if failure is not None:
+                    rec = error_record(sample, failure)
+                else:
+                    rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk)
+                rec = {"policy": name, "sample_index": index, "budget": budget, "budget_source": source, **rec}
+                done[(name, sample.id)] = rec
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                bar.update(1)
+                if rec.get("error"):
+                    tqdm.write(f"{sample.id} [{name}]: {rec['error']}", file=sys.stderr)
+
+    ids = {s.id for s in samples}
+    records = [r for (p, i), r in done.items() if i in ids and p in args.policy_list]
+    summary = summarise(records, args.policy_list, args.dataset)
+    header = [f"{args.dataset} ({args.split}), {len(samples)} samples, {args.frames} frames, "
+              f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}", *notes]
+    if any(p in BASELINES for p in args.policy_list):
+        header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget']}" for p, s in summary.items()
+                                                        if p in BASELINES))
+    table = markdown(summary, args.dataset, header)
+    (out / "summary.json").write_text(json.dumps({"settings": {k: getattr(args, k) for k in SETTINGS},
+                                                  "notes": notes, "policies": summary}, indent=2))
+    (out / "summary.md").write_text(table)
+    print(table)
+    print(f"wrote {path}, {out / 'summary.json'}, {out / 'summary.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Train a Decision Transformer (transformers ``DecisionTransformerModel``) on an offline dataset.
+
+    python scripts/train_dt.py --env hopper-medium                      # local Minari data (make_dataset.py)
+    python scripts/train_dt.py --env hopper-medium --d4rl-file hopper-medium-v2.hdf5
+    python scripts/train_dt.py --env hopper-medium --dataset-id mujoco/hopper/medium-v0
+
+Paper settings (Chen et al. 2021, gym/experiment.py): K=20, hidden 128, 3 layers, 1 head, n_inner 512, relu,
+dropout 0.1, AdamW lr 1e-4 / wd 1e-4, linear warmup 10k steps, batch 64, grad-norm clip 0.25, MSE on actions.
+A checkpoint (model, optimiser, scheduler, RNG, loss history) is written to ``--out`` every ``--ckpt-every``
+steps; rerunning the same command resumes from it. The final model is written with ``save_pretrained`` to
+``--out/final`` (and ``--export`` if given); its config.json also holds state_mean/state_std, return_scale,
+context_length and the dataset it was trained on, so :func:`envs.rollout.load_dt` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@dataclass
+class Config:
+    env: str = "hopper-medium"
+    dataset_id: str = ""  # Minari id; default: the task's local id (namm_transfer/...)
+    d4rl_file: str = ""  # or a D4RL hdf5 file
+    data_dir: str = ""  # sets MINARI_DATASETS_PATH
+    steps: int = 100_000
+    batch_size: int = 64
+    context: int = 20
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 1
+    dropout: float = 0.1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup: int = 10_000
+    grad_clip: float = 0.25
+    ckpt_every: int = 2_000
+    eval_every: int = 0  # 0: only at the end
+    eval_episodes: int = 10
+    seed: int = 0
+    device: str = "cpu"  # "cuda" trains on a GPU; evaluation always runs on the CPU
+    time_limit: float = 0.0  # seconds; >0: checkpoint and stop early once exceeded (rerun to resume)
+    out: str = ""
+    export: str = ""
+
+
+def load_data(cfg: Config, spec):
+    from envs.data import load_d4rl_hdf5, load_minari
+
+    if cfg.d4rl_file and cfg.dataset_id:
+        raise SystemExit("pass either --dataset-id or --d4rl-file, not both")
+    if cfg.d4rl_file:
+        return load_d4rl_hdf5(cfg.d4rl_file, env=spec.env)
+    return load_minari(cfg.dataset_id or spec.local_dataset_id)
+
+
+def build_model(cfg: Config, obs_dim: int, act_dim: int, extra: dict):
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    mcfg = DecisionTransformerConfig(
+        state_dim=obs_dim, act_dim=act_dim, hidden_size=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
+        n_inner=4 * cfg.hidden, activation_function="relu", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout, max_ep_len=1000, n_positions=1024, action_tanh=True,
+        bos_token_id=None, eos_token_id=None, **extra,
+    )
+    return DecisionTransformerModel(mcfg)
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(losses)
+    w = max(1, min(200, len(y) // 20))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(y, alpha=0.3, lw=0.5, label="loss")
+    if len(y) >= w:
+        ax.plot(np.arange(w - 1, len(y)), np.convolve(y, np.ones(w) / w, "valid"), label=f"mean of {w}")
+    ax.set(xlabel="step", ylabel="action MSE", yscale="log", title=path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    d = Config()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in asdict(d).items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    cfg = Config(**vars(p.parse_args(argv)))
+
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    if cfg.data_dir:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.data_dir).resolve())
+    from envs.data import DTBatchSampler, SamplerConfig
+    from envs.registry import get_spec
+    from envs.rollout import DTPolicy, evaluate, save_json
+
+    spec = get_spec(cfg.env)
+    out = Path(cfg.out or f"runs/dt/{spec.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg, spec)
+    mean, std = data.state_stats()
+    print(f"dataset {data.name} ({data.source}): {len(data.trajectories)} trajectories, {data.num_steps} steps, "
+          f"return {data.returns().mean():.1f} ± {data.returns().std():.1f}", flush=True)
+    extra = dict(state_mean=mean.tolist(), state_std=std.tolist(), return_scale=spec.return_scale,
+                 context_length=cfg.context, env_name=spec.name, gym_id=spec.gym_id, dataset_id=data.name,
+                 dataset_source=data.source, target_returns=list(spec.target_returns))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.obs_dim, data.act_dim, extra)
+    sampler = DTBatchSampler(data, SamplerConfig(cfg.context, spec.return_scale, spec.max_ep_len), seed=cfg.seed)
+    model.to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / cfg.warmup, 1.0))
+    step, losses, evals = 0, [], []
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        sampler.rng.bit_generator.state = st["np_rng"]
+        torch.set_rng_state(st["torch_rng"])
+        step, losses, evals = st["step"], st["losses"], st["evals"]
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+
+    refs = {"d4rl": spec.refs("d4rl")}
+    if data.refs is not None and data.refs.source != "d4rl":
+        refs[data.refs.source] = data.refs
+
+    def run_eval(n: int) -> dict:
+        model.eval().cpu()
+        pol = DTPolicy(model, mean, std, spec.return_scale, cfg.context, spec.max_ep_len)
+        res = {f"target_{int(t)}": evaluate(pol, spec.gym_id, t, episodes=n, refs=refs) for t in spec.target_returns}
+        model.train().to(cfg.device)
+        return res
+
+    def save_ckpt() -> None:
+        tmp = out / "ckpt.pt.tmp"
+        torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), step=step,
+                        losses=losses, evals=evals, np_rng=sampler.rng.bit_generator.state,
+                        torch_rng=torch.get_rng_state(), config=asdict(cfg)), tmp)
+        os.replace(tmp, ckpt)
+        plot_losses(losses, out / "loss.png")
+
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", mininterval=30, file=sys.stdout)
+    while step < cfg.steps:
+        batch = {k: v.to(cfg.device) for k, v in sampler.sample(cfg.batch_size).items()}
+        pred = model(**batch, return_dict=True).action_preds
+        m = batch["attention_mask"].reshape(-1) > 0
+        loss = torch.mean((pred.reshape(-1, data.act_dim)[m] - batch["actions"].reshape(-1, data.act_dim)[m]) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 500 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-500:]):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            evals.append({"step": step, **run_eval(cfg.eval_episodes)})
+            print(f"\n[eval] step {step}: " + ", ".join(
+                f"{k}: return {v['return_mean']:.1f}, d4rl score {v['score_d4rl_mean']:.1f}"
+                for k, v in evals[-1].items() if k != "step"), flush=True)
+        out_of_time = cfg.time_limit > 0 and time.time() - t0 > cfg.time_limit
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            save_ckpt()
+        if out_of_time:
+            print(f"\ntime limit reached at step {step}; rerun the same command to resume", flush=True)
+            break
+    bar.close()
+    print(f"trained to step {step} in {time.time() - t0:.0f}s (this session)", flush=True)
+
+    final = out / "final"
+    model.cpu().save_pretrained(final)
+    if cfg.export:
+        shutil.copytree(final, cfg.export, dirs_exist_ok=True)
+    result = {"step": step, "dataset": data.name, "dataset_source": data.source}
+    if cfg.eval_episodes > 0:
+        result["eval"] = run_eval(cfg.eval_episodes)
+        for k, v in result["eval"].items():
+            scores = ", ".join(f"{n} score {v[f'score_{n}_mean']:.1f} ± {v[f'score_{n}_std']:.1f}" for n in refs)
+            print(f"[final eval] {k}: return {v['return_mean']:.1f} ± {v['return_std']:.1f}, {scores}", flush=True)
+    save_json(result, out / "final_eval.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

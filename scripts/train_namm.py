@@ -1,0 +1,116 @@
+"""Evolve a NAMM with CMA-ES on offline long-memory language tasks (SmolLM2-135M by default).
+
+    python scripts/train_namm.py --out runs/namm-smollm2 --stages passkey:20,passkey+kv_retrieval:20
+    torchrun --nproc_per_node 2 scripts/train_namm.py ...        # members sharded across ranks (gloo / nccl)
+
+Re-running the same command resumes from <out>/state.pt. Outputs: <out>/namm (safetensors + JSON, the CMA-ES
+mean), <out>/log.jsonl, <out>/curve.png. `--ship` copies the result into namm_transfer/checkpoints/namm-smollm2.
+`--measure-speedup` prints the throughput ratio of batched + shared-prefix evaluation vs member-by-member.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
+from namm_transfer.evolution.trainer import Stage, TrainConfig, Trainer, setup_distributed, world  # noqa: E402
+
+
+def load_model(name: str, device: str):
+    from namm_transfer.language.models import load_causal_lm, tiny_config
+    if name.startswith("tiny-"):  # a tiny random LM with SmolLM2's tokenizer (tests, smoke runs)
+        from transformers import AutoModelForCausalLM
+        _, tok = load_causal_lm("smollm2-135m")
+        cfg = tiny_config(name.removeprefix("tiny-"))
+        cfg.vocab_size = len(tok)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        return model.to(device).eval(), tok
+    return load_causal_lm(name, device=device)
+
+
+def measure_speedup(trainer: Trainer, n_samples: int = 2) -> None:
+    from namm_transfer.evolution.fitness import score_rows
+    from namm_transfer.policies import NAMMPolicy
+    cfg = trainer.cfg
+    stage = cfg.stages[0]
+    samples = trainer.generation_samples(0, stage.tasks)[:n_samples]
+    pop = trainer.es.ask().float()
+    policy = NAMMPolicy(pop, trainer.namm_cfg, trainer.stats)
+    t0 = time.perf_counter()
+    batched = [score_rows(trainer.model, s, policy, cfg.popsize, cfg.chunk, share_prefix=True) for s in samples]
+    t1 = time.perf_counter()
+    single = [[score_rows(trainer.model, s, NAMMPolicy(pop[p], trainer.namm_cfg, trainer.stats), 1, cfg.chunk)
+               for p in range(cfg.popsize)] for s in samples]
+    t2 = time.perf_counter()
+    diff = max(float((b.score[p] - single[i][p].score[0]).abs()) for i, b in enumerate(batched)
+               for p in range(cfg.popsize))
+    print(f"member evaluations: {cfg.popsize} members x {len(samples)} samples of ~{samples[0].length} tokens")
+    print(f"  batched + shared prefix: {t1 - t0:.1f}s   member by member: {t2 - t1:.1f}s   "
+          f"throughput ratio {(t2 - t1) / (t1 - t0):.2f}x   (max score difference {diff:.2e})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--stages", default="passkey:10", help='curriculum, e.g. "passkey:10,passkey+kv_retrieval:20"')
+    ap.add_argument("--tokens", type=int, default=d.tokens)
+    ap.add_argument("--popsize", type=int, default=d.popsize)
+    ap.add_argument("--sigma0", type=float, default=d.sigma0)
+    ap.add_argument("--elite-ratio", type=float, default=d.elite_ratio)
+    ap.add_argument("--samples-per-task", type=int, default=d.samples_per_task)
+    ap.add_argument("--pool-per-task", type=int, default=d.pool_per_task)
+    ap.add_argument("--stats-samples-per-task", type=int, default=d.stats_samples_per_task)
+    ap.add_argument("--member-batch", type=int, default=d.member_batch)
+    ap.add_argument("--chunk", type=int, default=d.chunk)
+    ap.add_argument("--delay", type=int, default=d.delay)
+    ap.add_argument("--no-share-prefix", action="store_true")
+    ap.add_argument("--style", default=d.style)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, default=d.threads)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-generations", type=int, default=None, help="stop after this many (resumable)")
+    ap.add_argument("--measure-speedup", action="store_true")
+    ap.add_argument("--ship", action="store_true", help=f"copy <out>/namm to {DEFAULT_NAMM}")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    setup_distributed(args.device)
+    cfg = TrainConfig(model=args.model, out=args.out, stages=TrainConfig.parse_stages(args.stages),
+                      tokens=args.tokens, popsize=args.popsize, sigma0=args.sigma0, elite_ratio=args.elite_ratio,
+                      samples_per_task=args.samples_per_task, pool_per_task=args.pool_per_task,
+                      stats_samples_per_task=args.stats_samples_per_task, member_batch=args.member_batch,
+                      chunk=args.chunk, delay=args.delay, share_prefix=not args.no_share_prefix,
+                      style=args.style, seed=args.seed, threads=args.threads)
+    device = args.device
+    if device == "cuda" and world()[1] > 1:
+        device = f"cuda:{world()[0] % torch.cuda.device_count()}"
+    model, tok = load_model(cfg.model, device)
+    trainer = Trainer(cfg, model, tok, device)
+    if args.measure_speedup:
+        trainer.try_resume() or trainer.measure_stats()
+        measure_speedup(trainer)
+        return
+    t0 = time.time()
+    trainer.train(args.max_generations)
+    if world()[0] == 0:
+        print(f"done: generation {trainer.es.generation}/{trainer.total_generations} in {time.time() - t0:.0f}s; "
+              f"NAMM (CMA-ES mean) at {Path(cfg.out) / 'namm'}")
+        if args.ship:
+            if DEFAULT_NAMM.exists():
+                shutil.rmtree(DEFAULT_NAMM)
+            shutil.copytree(Path(cfg.out) / "namm", DEFAULT_NAMM)
+            print(f"shipped to {DEFAULT_NAMM}")
+
+
+if __name__ == "__main__":
+    main()

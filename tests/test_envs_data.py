@@ -1,0 +1,117 @@
+import h5py
+import numpy as np
+import pytest
+
+from envs.data import DTBatchSampler, OfflineDataset, SamplerConfig, Trajectory, export_d4rl_layout, load_d4rl_hdf5, load_minari
+
+
+def _episodes(lengths, obs_dim=11, act_dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [dict(obs=rng.normal(size=(n + 1, obs_dim)), act=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                 rew=rng.uniform(0, 2, n), term=[False] * (n - 1) + [i % 2 == 0], trunc=[False] * (n - 1) + [i % 2 == 1])
+            for i, n in enumerate(lengths)]
+
+
+def _make_minari(dataset_id, lengths):
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    bufs = [EpisodeBuffer(id=i, seed=i, observations=e["obs"], actions=e["act"], rewards=list(e["rew"]),
+                          terminations=e["term"], truncations=e["trunc"], infos={}) for i, e in enumerate(_episodes(lengths))]
+    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=bufs, env="Hopper-v5", algorithm_name="test",
+                                       ref_min_score=10.0, ref_max_score=3000.0)
+
+
+def test_minari_loader_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    _make_minari("namm_transfer/hopper/tiny-v0", [5, 7, 3])
+    ds = load_minari("namm_transfer/hopper/tiny-v0")
+    assert ds.source == "local" and [len(t) for t in ds.trajectories] == [5, 7, 3]
+    assert ds.refs.min == 10.0 and ds.refs.max == 3000.0 and ds.refs.source == "local"
+    t = ds.trajectories[1]
+    assert t.observations.shape == (7, 11) and t.actions.shape == (7, 3) and t.next_observation.shape == (11,)
+    assert t.timeouts[-1] and not t.terminals[-1]
+    mean, std = ds.state_stats()
+    allobs = np.concatenate([x.observations for x in ds.trajectories])
+    np.testing.assert_allclose(mean, allobs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, allobs.std(0) + 1e-6, rtol=1e-5)
+
+
+def test_minari_missing_dataset_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make_dataset.py --env hopper --quality medium"):
+        load_minari("namm_transfer/hopper/medium-v0")
+    with pytest.raises(FileNotFoundError, match="download"):
+        load_minari("mujoco/hopper/medium-v0")
+
+
+def test_d4rl_hdf5_split(tmp_path):
+    n = 12
+    term = np.zeros(n, bool); term[3] = True
+    tout = np.zeros(n, bool); tout[8] = True  # steps 9..11 are an unfinished tail: dropped
+    path = tmp_path / "hopper-medium-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"] = np.arange(n * 11, dtype=np.float32).reshape(n, 11)
+        f["next_observations"] = np.arange(n * 11, dtype=np.float32).reshape(n, 11) + 11
+        f["actions"] = np.zeros((n, 3), np.float32)
+        f["rewards"] = np.arange(n, dtype=np.float32)
+        f["terminals"], f["timeouts"] = term, tout
+    ds = load_d4rl_hdf5(path)
+    assert ds.source == "d4rl" and ds.refs.min == -20.272305
+    assert [len(t) for t in ds.trajectories] == [4, 5]
+    assert ds.trajectories[0].terminals[-1] and ds.trajectories[1].timeouts[-1]
+    assert ds.trajectories[1].ret == sum(range(4, 9))
+    np.testing.assert_array_equal(ds.trajectories[1].next_observation, np.arange(9 * 11, 10 * 11))
+
+
+def test_d4rl_hdf5_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="d4rl"):
+        load_d4rl_hdf5(tmp_path / "nope.hdf5")
+    with h5py.File(tmp_path / "bad.hdf5", "w") as f:
+        f["observations"] = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_d4rl_hdf5(tmp_path / "bad.hdf5")
+
+
+def _tiny_dataset(lengths):
+    trajs = [Trajectory(e["obs"][:-1].astype(np.float32), e["act"], e["rew"].astype(np.float32), np.array(e["term"]),
+                        np.array(e["trunc"])) for e in _episodes(lengths)]
+    return OfflineDataset(trajs, "tiny", "local")
+
+
+def test_export_roundtrip_keeps_source(tmp_path):
+    from envs.registry import RefScores
+
+    ds = _tiny_dataset([4, 6, 2])
+    ds.refs = RefScores(1.0, 2.0, "local")
+    back = load_d4rl_hdf5(export_d4rl_layout(ds, tmp_path / "x.hdf5"))
+    assert back.source == "local" and back.name == "tiny" and back.refs == ds.refs
+    assert [len(t) for t in back.trajectories] == [4, 6, 2]
+    np.testing.assert_array_equal(back.trajectories[1].observations, ds.trajectories[1].observations)
+
+
+def test_sampler_shapes_and_left_padding():
+    ds = _tiny_dataset([3])  # shorter than K: every window is left-padded
+    sampler = DTBatchSampler(ds, SamplerConfig(context=5, scale=10.0), seed=0)
+    b = sampler.sample(8)
+    assert b["states"].shape == (8, 5, 11) and b["actions"].shape == (8, 5, 3)
+    assert b["rewards"].shape == (8, 5, 1) and b["returns_to_go"].shape == (8, 5, 1)
+    assert b["timesteps"].shape == (8, 5) and b["attention_mask"].shape == (8, 5)
+    tr = ds.trajectories[0]
+    rtg = np.cumsum(tr.rewards[::-1])[::-1] / 10.0
+    for i in range(8):
+        n = int(b["attention_mask"][i].sum())
+        si = 3 - n
+        assert b["attention_mask"][i, : 5 - n].sum() == 0
+        assert (b["actions"][i, : 5 - n] == -10).all() and (b["states"][i, : 5 - n] == 0).all()
+        np.testing.assert_allclose(b["returns_to_go"][i, 5 - n :, 0], rtg[si:], rtol=1e-6)
+        np.testing.assert_array_equal(b["timesteps"][i, 5 - n :], np.arange(si, 3))
+        np.testing.assert_allclose(b["states"][i, -1], (tr.observations[-1] - sampler.state_mean) / sampler.state_std, rtol=1e-5)
+
+
+def test_sampler_length_proportional():
+    ds = _tiny_dataset([2, 98])
+    sampler = DTBatchSampler(ds, SamplerConfig(context=4), seed=1)
+    np.testing.assert_allclose(sampler.p, [0.02, 0.98])
+    b = sampler.sample(64)
+    assert b["attention_mask"].sum(1).float().mean() > 3.5  # almost all windows come from the long episode

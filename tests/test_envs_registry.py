@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from envs.registry import D4RL_REF, LOCAL_REF, TASKS, get_spec, normalized_score, ref_scores
+
+
+def test_get_spec_hopper_medium():
+    s = get_spec("hopper-medium")
+    assert s.gym_id == "Hopper-v5"
+    assert s.minari_id == "mujoco/hopper/medium-v0"
+    assert s.local_dataset_id == "namm_transfer/hopper/medium-v0"
+    assert s.d4rl_file == "hopper-medium-v2.hdf5"
+    assert s.target_returns == (3600.0, 1800.0)
+    assert s.return_scale == 1000.0
+    assert s.hf_checkpoint == "edbeeching/decision-transformer-gym-hopper-medium"
+
+
+def test_all_twelve_tasks():
+    assert len(TASKS) == 12
+    assert get_spec("halfcheetah-expert").target_returns == (12000.0, 6000.0)
+    assert get_spec("walker2d-medium-replay").minari_id is None  # no official Minari medium-replay
+    assert get_spec("hopper-medium-expert").hf_checkpoint is None
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="hopper-medium-replay"):
+        get_spec("hopper-mediocre")
+
+
+def test_d4rl_refs_and_normalisation():
+    assert D4RL_REF["hopper"].min == -20.272305 and D4RL_REF["hopper"].max == 3234.3
+    assert normalized_score("hopper", -20.272305, "d4rl") == pytest.approx(0.0)
+    assert normalized_score("hopper", 3234.3, "d4rl") == pytest.approx(100.0)
+    np.testing.assert_allclose(normalized_score("walker2d", np.array([1.629008, 4592.3]), "d4rl"), [0, 100])
+
+
+def test_sources_never_mix():
+    assert normalized_score("hopper", 1000.0, "d4rl") != normalized_score("hopper", 1000.0, "local")
+    assert LOCAL_REF["hopper"].source == "local" and D4RL_REF["hopper"].source == "d4rl"
+    with pytest.raises(ValueError, match="metadata"):
+        ref_scores("hopper", "minari")
+    with pytest.raises(ValueError, match="source"):
+        ref_scores("hopper", "v5")
+    with pytest.raises(ValueError, match="unknown env"):
+        ref_scores("ant", "d4rl")

@@ -1,0 +1,150 @@
+"""A tiny, randomly initialised LLaVA-NeXT-Video model and its processor, built fully offline.
+
+    model, processor = build_tiny_llava_next_video(seed=0)
+    inputs = processor(text=processor.apply_chat_template(conversation(prompt), add_generation_prompt=True),
+                       videos=frames, return_tensors="pt")          # frames: (T, H, W, 3) uint8
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+
+Vision: CLIP, 2 layers, hidden 32, 56x56 input, patch 14 -> 16 patches -> 4 tokens per frame after the 2x2 pool.
+Text: Llama, 2 layers, hidden 64, 4 query / 2 KV heads (GQA). Tokenizer: byte-level BPE trained in place.
+Attention is "eager" so attention weights can be read. Same classes, chat format and token expansion as
+llava-hf/LLaVA-NeXT-Video-7B-hf; only the sizes and weights differ.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextImageProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<video>", "<image>"]
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+
+# "USER: <video>\n{text} ASSISTANT:" for one user turn, like the 7B-hf checkpoint's template: role in capitals,
+# then the image / video placeholders (one per item, each followed by a newline), then the text items + " ".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'video' %}{{ '<video>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_CORPUS = [
+    "USER: ASSISTANT: Question: Options: Answer with the option's letter from the given choices directly.",
+    "Only give the best option. Best option: (A) (B) (C) (D) (E) A. B. C. D. E.",
+    "What colour is the large shape on the left when the counter in the top-left corner shows",
+    "Small shapes flash one at a time on the right side of the video. Which of these appeared first?",
+    "How many times did a flash? How did the large shape change between the moment it showed from a to a",
+    "red green blue yellow magenta cyan white circle square triangle diamond cross 0 1 2 3 4 5 6 7 8 9",
+    "The best answer is The correct answer is the video shows a person who is doing something in the scene.",
+]
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on a small built-in corpus, with <video>/<image> as special tokens."""
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tk.token_to_id("<s>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"video_token": "<video>", "image_token": "<image>"},
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaNextVideoProcessor:
+    """Official processor classes at 56x56 (CLIP mean/std, bicubic resize + centre crop)."""
+    tokenizer = tokenizer or build_tokenizer()
+    size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    video_processor = LlavaNextVideoVideoProcessor(size=size, crop_size=crop)
+    image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
+    return LlavaNextVideoProcessor(
+        video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=text,
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        attn_implementation="eager",
+    )
+
+
+def build_tiny_llava_next_video(
+    seed: int = 0, save_dir: str | os.PathLike | None = None
+) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
+    """Random tiny model + processor (eval mode, eager attention); saved to `save_dir` when given."""
+    processor = build_processor()
+    config = build_config(processor.tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    if save_dir is not None:
+        model.save_pretrained(save_dir)
+        processor.save_pretrained(save_dir)
+    return model, processor
+
+
+def load_tiny_llava_next_video(path: str | os.PathLike) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
+    """Load a saved tiny model + processor from disk (offline), eager attention, eval mode."""
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    return model, LlavaNextVideoProcessor.from_pretrained(path)
+
+
+def tokens_per_frame(processor: LlavaNextVideoProcessor) -> int:
+    """Video tokens one frame expands to (the processor's formula: patches per side squared over 4)."""
+    crop = processor.video_processor.crop_size
+    return (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size) // 4
