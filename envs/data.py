@@ -106,7 +106,8 @@ def load_minari(dataset_id: str, download: bool = False) -> OfflineDataset:
             "and copy it there, or generate a local one with scripts/make_dataset.py"
         )
         raise FileNotFoundError(
-            f"Minari dataset {dataset_id!r} not found under {root} (set MINARI_DATASETS_PATH to change the root); {hint}"
+            f"Minari dataset {dataset_id!r} not found under {root} "
+            f"(set MINARI_DATASETS_PATH to change the root); {hint}"
         )
     ds = minari.load_dataset(dataset_id, download=download)
     trajs = [
@@ -131,7 +132,8 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
     if not path.exists():
         raise FileNotFoundError(
             f"D4RL file {path} not found. d4rl cannot run here; download e.g. "
-            "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5 elsewhere and pass its path"
+            "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5 "
+            "elsewhere and pass its path"
         )
     with h5py.File(path, "r") as f:
         missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
@@ -152,7 +154,9 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
         start = end + 1
     if "namm_source" in attrs:  # written by export_d4rl_layout: keep the original name, source and refs
         src = str(attrs["namm_source"])
-        refs = RefScores(float(attrs["ref_min_score"]), float(attrs["ref_max_score"]), src) if "ref_min_score" in attrs else None
+        refs = None
+        if "ref_min_score" in attrs:
+            refs = RefScores(float(attrs["ref_min_score"]), float(attrs["ref_max_score"]), src)
         return OfflineDataset(trajs, str(attrs["namm_dataset_id"]), src, refs)
     if env is None:
         env = next((e for e in ENVS if path.name.lower().startswith(e)), None)

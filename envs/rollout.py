@@ -30,6 +30,9 @@ class DTPolicy:
     meta: dict = field(default_factory=dict)
 
 
+_META_KEYS = ("env_name", "gym_id", "dataset_id", "dataset_source", "target_returns")
+
+
 def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | None = None,
             context: int | None = None) -> DTPolicy:
     """Load a ``save_pretrained`` DT. Stats come from its config (``state_mean``/``state_std``, as
@@ -49,7 +52,7 @@ def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | No
         scale=float(scale or getattr(cfg, "return_scale", 1000.0)),
         context=int(context or getattr(cfg, "context_length", 20)),
         max_ep_len=int(cfg.max_ep_len),
-        meta={k: getattr(cfg, k) for k in ("env_name", "gym_id", "dataset_id", "dataset_source", "target_returns") if hasattr(cfg, k)},
+        meta={k: getattr(cfg, k) for k in _META_KEYS if hasattr(cfg, k)},
     )
 
 
@@ -139,3 +142,39 @@ def save_json(obj: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=1))
 
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m envs.rollout CHECKPOINT [--episodes 10] [--target 3600]``: recompute-rollout evaluation."""
+    import argparse
+
+    from envs.registry import get_spec
+
+    p = argparse.ArgumentParser(description="Evaluate a saved DT with the standard recompute-last-K rollout.")
+    p.add_argument("checkpoint")
+    p.add_argument("--env", default="", help="task name (default: env_name in the checkpoint's config)")
+    p.add_argument("--target", type=float, action="append", help="target return(s); default: the task's")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    pol = load_dt(args.checkpoint)
+    spec = get_spec(args.env or pol.meta.get("env_name", ""))
+    refs = {"d4rl": spec.refs("d4rl")}
+    if pol.meta.get("dataset_source") == "local":
+        refs["local"] = spec.refs("local")
+    res = {}
+    for t in args.target or spec.target_returns:
+        r = evaluate(pol, spec.gym_id, t, episodes=args.episodes, seed=args.seed, refs=refs)
+        res[f"target_{int(t)}"] = r
+        scores = ", ".join(f"{n} score {r[f'score_{n}_mean']:.1f} ± {r[f'score_{n}_std']:.1f}" for n in refs)
+        print(f"{spec.gym_id} target {t:.0f}: return {r['return_mean']:.1f} ± {r['return_std']:.1f} "
+              f"(length {r['length_mean']:.0f}), {scores}", flush=True)
+    if args.out:
+        save_json(res, args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()

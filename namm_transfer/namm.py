@@ -75,8 +75,9 @@ def bam_scores(x: torch.Tensor, valid: torch.Tensor, params: torch.Tensor, cfg: 
     h = cfg.hidden
     qkv = torch.baddbmm(w["b_qkv"][:, None, :], x, w["w_qkv"])  # (R, N, 3h)
     q, k, v = qkv[..., :h], qkv[..., h:2 * h], qkv[..., 2 * h:]
-    if bool(valid.all()):
-        # a backward mask is a causal mask on the reversed sequence -> fused kernel, no N x N mask
+    if bool((valid[:, 1:] >= valid[:, :-1]).all()):
+        # Padding slots only on the left (as the cache keeps them): a backward mask is a causal mask on the
+        # reversed sequence, and valid queries never reach the padding there -> fused kernel, no N x N mask.
         att = F.scaled_dot_product_attention(q.flip(1), k.flip(1), v.flip(1), is_causal=True).flip(1)
     else:
         n = x.shape[1]

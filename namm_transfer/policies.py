@@ -166,6 +166,8 @@ class SnapKV(BudgetPolicy):
         b, h, n = view.valid.shape
         w = min(self.window, view.n_new)
         votes = view.attention[:, :, -w:, :].sum(dim=2)  # (B, H, N)
+        if n <= w:  # nothing outside the observation window
+            return keep_top(votes.new_full((b, h, n), float("inf")), view.valid, self.k(view)), {}
         prefix = votes[..., : n - w].reshape(b * h, 1, n - w)
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         pooled = pool(prefix, self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n - w)

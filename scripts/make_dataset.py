@@ -108,7 +108,7 @@ def make_buffer(ep: dict, idx: int):
 
 
 def evaluate(model, gym_id: str, episodes: int, seed: int) -> np.ndarray:
-    """Mean return of the stochastic (collection) policy."""
+    """Episode returns of the stochastic (collection) policy."""
     import gymnasium as gym
 
     env = gym.make(gym_id)
@@ -134,15 +134,19 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
     from envs.registry import normalized_score
 
     algo_cls = {"ppo": PPO, "sac": SAC}[cfg.algo]
-    target = cfg.target_score if cfg.target_score is not None else TARGET_SCORE["medium" if cfg.quality == "medium-replay" else cfg.quality]
+    target = cfg.target_score if cfg.target_score is not None else TARGET_SCORE[cfg.quality]
     state_path, model_path = work / "train_state.json", work / "policy.zip"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"timesteps": 0, "evals": [], "done": False}
+    if state["evals"]:  # re-decide with this run's target / budget (e.g. a larger --max-train-steps)
+        state["done"] = state["evals"][-1]["score_local"] >= target or state["timesteps"] >= cfg.max_train_steps
     record = cfg.quality == "medium-replay"
     env = gym.make(spec.gym_id)
     if record:
         env = EpisodeRecorder(env)
     if model_path.exists():
         model = algo_cls.load(model_path, env=env, device="cpu")
+        if cfg.algo == "sac" and (work / "replay_buffer.pkl").exists():
+            model.load_replay_buffer(work / "replay_buffer.pkl")
         log(f"resumed {cfg.algo} policy at {state['timesteps']} steps")
     else:
         model = algo_cls("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
@@ -152,13 +156,16 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
         state["timesteps"] = int(model.num_timesteps)
         rets = evaluate(model, spec.gym_id, cfg.eval_episodes, seed=10_000 + len(state["evals"]))
         score = float(normalized_score(spec.env, rets.mean(), "local"))
-        state["evals"].append({"timesteps": state["timesteps"], "return": float(rets.mean()), "std": float(rets.std()), "score_local": score})
+        state["evals"].append({"timesteps": state["timesteps"], "return": float(rets.mean()),
+                               "std": float(rets.std()), "score_local": score})
         if record:
             chunk = work / f"replay_{len(state['evals']):04d}.pkl"
             chunk.write_bytes(pickle.dumps(env.finished))
             env.finished = []
         state["done"] = score >= target or state["timesteps"] >= cfg.max_train_steps
         model.save(model_path)
+        if cfg.algo == "sac":  # off-policy: the replay buffer is part of the training state
+            model.save_replay_buffer(work / "replay_buffer.pkl")
         state_path.write_text(json.dumps(state, indent=1))
         log(f"[train] steps {state['timesteps']:>8d}  return {rets.mean():8.1f} ± {rets.std():6.1f}  "
             f"local score {score:5.1f} (target {target})  {time.time() - t0:6.0f}s")
@@ -167,17 +174,21 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
     return model
 
 
-def collect(model, spec, steps: int, log) -> list[dict]:
+def collect(model, spec, steps: int, log, seed: int = 0) -> list[dict]:
     """Complete episodes of the stochastic policy, reset seeds 123, 124, ..., until >= ``steps`` steps."""
     import gymnasium as gym
+    from stable_baselines3.common.utils import set_random_seed
     from tqdm import tqdm
+
+    set_random_seed(seed)  # the policy's action noise comes from torch's global RNG
 
     env = gym.make(spec.gym_id)
     episodes, total = [], 0
     bar = tqdm(total=steps, desc="collect", unit="step", mininterval=10, file=sys.stdout)
     while total < steps:
         obs, _ = env.reset(seed=123 + len(episodes))
-        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": [], "seed": 123 + len(episodes)}
+        ep = {"observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": [],
+              "seed": 123 + len(episodes)}
         done = False
         while not done:
             act, _ = model.predict(obs, deterministic=False)
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.quality == "medium-replay":
             episodes = [ep for f in sorted(work.glob("replay_*.pkl")) for ep in pickle.loads(f.read_bytes())]
         else:
-            episodes = collect(model, spec, cfg.steps, log)
+            episodes = collect(model, spec, cfg.steps, log, cfg.seed)
         algorithm = f"stable-baselines3 {cfg.algo.upper()} (stochastic actions)"
 
     refs = spec.refs("local")

@@ -28,7 +28,7 @@ POLICY_NAMES = ("full", "namm") + BASELINES
 TINY_RANDOM = "tiny-random"
 TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
 SNAPKV_WINDOW = 32  # SnapKV's default observation window
-SETTINGS = ("dataset", "split", "data_root", "model", "frames", "chunk", "delay", "budget", "seed", "dtype")
+SETTINGS = ("dataset", "split", "data_root", "model", "namm", "frames", "chunk", "delay", "budget", "seed", "dtype")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,10 +193,11 @@ def summarise(records: list[dict], policies: list[str], dataset: str) -> dict:
         out[policy] = {
             **table,
             "headline": table["category_mean"] if dataset == "mlvu" else table["overall"],
-            "budget": budgets[0] if len(budgets) == 1 else ", ".join(budgets) or "-",
+            "budget_source": ", ".join(budgets) or "-",
             "mean_budget": _mean([r["budget"] for r in ok if r.get("budget") is not None]),
             "realised_cache_pct": None if not ok else 100 * mean("realised_fraction"),
             "video_kept_pct": None if not ok else 100 * mean("video_kept_fraction"),
+            "peak_kv_mib": None if not ok else mean("peak_kv_bytes") / 2 ** 20,
             "peak_cache_mib": None if not ok else mean("peak_cache_bytes") / 2 ** 20,
             "peak_memory_mib": None if not ok else max(r["peak_memory_bytes"] for r in ok) / 2 ** 20,
             "seconds_per_sample": mean("seconds"),
@@ -215,14 +216,18 @@ def _f(x, fmt="{:.1f}") -> str:
 def markdown(summary: dict, dataset: str, header: list[str]) -> str:
     acc = "M-Avg %" if dataset == "mlvu" else "accuracy %"
     lines = [*(f"> {h}" for h in header), "",
-             f"| policy | budget | n | {acc} | realised cache % | video tokens kept % | peak KV MiB (mean) | "
-             "peak memory MiB (max) | s/sample | unparsed | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| policy | budget | n | {acc} | realised cache % | video tokens kept % | peak KV MiB | "
+             "peak cache MiB | peak memory MiB | s/sample | unparsed | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p, s in summary.items():
-        lines.append(f"| {p} | {s['budget']} | {s['n']} | {_f(100 * s['headline'])} | "
+        budget = s["budget_source"] + ("" if s["mean_budget"] is None else f" (mean {s['mean_budget']:.3g})")
+        lines.append(f"| {p} | {budget} | {s['n']} | {_f(100 * s['headline'])} | "
                      f"{_f(s['realised_cache_pct'])} | {_f(s['video_kept_pct'])} | "
-                     f"{_f(s['peak_cache_mib'], '{:.2f}')} | {_f(s['peak_memory_mib'], '{:.0f}')} | "
+                     f"{_f(s['peak_kv_mib'], '{:.2f}')} | {_f(s['peak_cache_mib'], '{:.2f}')} | "
+                     f"{_f(s['peak_memory_mib'], '{:.0f}')} | "
                      f"{_f(s['seconds_per_sample'], '{:.2f}')} | {s['n_unparsed']} | {s['n_errors']} |")
+    lines += ["", "peak KV: keys + values (mean over samples); peak cache: + positions, policy state and buffered "
+              "attention rows; peak memory: max over samples of CUDA max allocated (CPU: process peak RSS)."]
     for key, title in (("by_duration_group", "duration group"), ("by_category", "category")):
         cols = sorted({str(c) for s in summary.values() for c in s[key]}, key=lambda c: (len(c), c))
         if not cols:
@@ -290,7 +295,8 @@ def run(args) -> int:
     if namm is not None and namm.delay != args.delay:
         namm = load_namm_policy(args, args.delay)
     if namm is not None:
-        notes.append(f"NAMM: {getattr(namm, 'source', 'zero-parameter')}")
+        args.namm = str(Path(namm.source).resolve())
+        notes.append(f"NAMM: {args.namm}")
     for n in notes:
         print(("\n!!! " + n + "\n") if n.startswith("WARNING") else f"note: {n}", file=sys.stderr)
 
@@ -333,7 +339,7 @@ def run(args) -> int:
     header = [f"{args.dataset} ({args.split}), {len(samples)} samples, {args.frames} frames, "
               f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}", *notes]
     if any(p in BASELINES for p in args.policy_list):
-        header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget']}" for p, s in summary.items()
+        header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget_source']}" for p, s in summary.items()
                                                         if p in BASELINES))
     table = markdown(summary, args.dataset, header)
     (out / "summary.json").write_text(json.dumps({"settings": {k: getattr(args, k) for k in SETTINGS},

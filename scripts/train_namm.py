@@ -23,13 +23,30 @@ from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.evolution.trainer import Stage, TrainConfig, Trainer, setup_distributed, world  # noqa: E402
 
 
+def smollm2_tokenizer_and_config():
+    """SmolLM2's tokenizer and config without loading its weights (from the converted cache folder)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from namm_transfer.language.models import SMOLLM2_CACHE_NAME, cache_dir, convert_smollm2
+    folder = cache_dir() / SMOLLM2_CACHE_NAME
+    if not (folder / "tokenizer.json").exists():
+        folder = convert_smollm2()
+    return AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+
+
 def load_model(name: str, device: str):
+    """A model name, or "tiny-<arch>" (tiny random LM) / "random-smollm2" (SmolLM2's shape, random weights):
+    both use SmolLM2's tokenizer, for tests, smoke runs and timing where the weights cannot travel."""
+    from transformers import AutoModelForCausalLM
     from namm_transfer.language.models import load_causal_lm, tiny_config
-    if name.startswith("tiny-"):  # a tiny random LM with SmolLM2's tokenizer (tests, smoke runs)
-        from transformers import AutoModelForCausalLM
-        _, tok = load_causal_lm("smollm2-135m")
-        cfg = tiny_config(name.removeprefix("tiny-"))
-        cfg.vocab_size = len(tok)
+    if name.startswith(("tiny-", "random-")):
+        tok, smol_cfg = smollm2_tokenizer_and_config()
+        if name.startswith("tiny-"):
+            cfg = tiny_config(name.removeprefix("tiny-"))
+            cfg.vocab_size = len(tok)
+        elif name == "random-smollm2":
+            cfg = smol_cfg
+        else:
+            raise ValueError(f"unknown model {name!r}: use an HF id/path, smollm2-135m, tiny-<arch> or random-smollm2")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -140,3 +140,15 @@ def test_fork_after_shared_prefix_equals_direct_batched_run():
                               position_ids=torch.arange(s, e)[None].expand(3, -1)).logits)
     assert torch.allclose(torch.cat(outs, 1), direct, atol=1e-5)
     assert cache.realised_fraction() < 1.0
+
+
+def test_chunk_bounds_also_cut_at_delay_multiples():
+    assert chunk_bounds(0, 300, 128, delay=96) == [(0, 96), (96, 128), (128, 192), (192, 256), (256, 288),
+                                                   (288, 300)]
+
+
+def test_snapkv_first_step_inside_window():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
+    res = generate(model, ids, SnapKV(0.5, window=32, delay=32), max_new_tokens=2, chunk_size=32)
+    assert len(res.tokens[0]) == 2

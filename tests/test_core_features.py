@@ -152,3 +152,16 @@ def test_running_stats_merge_equals_pooled():
     st.update(b)
     pooled = torch.cat([a, b]).double()
     assert torch.allclose(st.mean, pooled.mean(0)) and torch.allclose(st.var, pooled.var(0, unbiased=False))
+
+
+def test_bam_left_padding_fast_path_equals_masked_path():
+    torch.manual_seed(6)
+    params = torch.randn(2, CFG.num_params) * 0.3
+    x = torch.randn(2, 16, CFG.d_in)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[0, :5] = False  # left padding -> fused reversed-causal path
+    fast = bam_scores(x, valid, params, CFG)
+    scattered = valid.clone()
+    scattered[1, 7] = False  # not left-padded -> explicit mask path; row 0 is unaffected by it
+    slow = bam_scores(x, scattered, params, CFG)
+    assert torch.allclose(fast[0, 5:], slow[0, 5:], atol=1e-5)

@@ -35,7 +35,8 @@ def test_make_dataset_then_train_dt(tmp_path, monkeypatch):
     ds = minari.load_dataset("namm_transfer/hopper/medium-v0")
     assert ds.total_steps >= 300 and ds.storage.metadata["ref_max_score"] == 3234.3
     with pytest.raises(SystemExit, match="already exists"):
-        _script("make_dataset").main(["--env", "hopper", "--steps", "10", "--workdir", str(tmp_path / "ppo"), *data_dir])
+        _script("make_dataset").main(["--env", "hopper", "--steps", "10", "--workdir", str(tmp_path / "ppo"),
+                                      *data_dir])
 
     train = _script("train_dt")
     args = ["--env", "hopper-medium", "--steps", "3", "--ckpt-every", "2", "--batch-size", "4", "--hidden", "16",
@@ -44,7 +45,8 @@ def test_make_dataset_then_train_dt(tmp_path, monkeypatch):
     res = train.main(args)
     assert res["step"] == 3 and res["dataset_source"] == "local"
     ev = res["eval"]["target_3600"]
-    assert set(k for k in ev if k.startswith("score_")) == {"score_d4rl_mean", "score_d4rl_std", "score_local_mean", "score_local_std"}
+    assert {k for k in ev if k.startswith("score_")} == {
+        "score_d4rl_mean", "score_d4rl_std", "score_local_mean", "score_local_std"}
     assert (tmp_path / "dt" / "loss.png").exists() and (tmp_path / "export" / "model.safetensors").exists()
 
     from envs.rollout import load_dt
@@ -81,3 +83,17 @@ def test_make_dataset_medium_replay_and_medium_expert(tmp_path, monkeypatch):
 def test_train_dt_rejects_two_sources(tmp_path):
     with pytest.raises(SystemExit, match="not both"):
         _script("train_dt").main(["--dataset-id", "a/b/c-v0", "--d4rl-file", "x.hdf5", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("env", ["walker2d", "halfcheetah"])
+def test_make_dataset_other_envs(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.chdir(tmp_path)  # MuJoCo 4 writes MUJOCO_LOG.TXT (a 'settotalmass' warning) into the cwd
+    _script("make_dataset").main(["--env", env, "--steps", "50", "--workdir", str(tmp_path / "ppo"),
+                                  "--data-dir", str(tmp_path / "minari"), *TINY_PPO])
+    from envs.data import load_minari
+    from envs.registry import get_spec
+
+    ds = load_minari(f"namm_transfer/{env}/medium-v0")
+    assert ds.obs_dim == 17 and ds.act_dim == 6 and ds.num_steps >= 50
+    assert ds.refs == get_spec(f"{env}-medium").refs("local")

@@ -2,13 +2,15 @@ import h5py
 import numpy as np
 import pytest
 
-from envs.data import DTBatchSampler, OfflineDataset, SamplerConfig, Trajectory, export_d4rl_layout, load_d4rl_hdf5, load_minari
+from envs.data import (DTBatchSampler, OfflineDataset, SamplerConfig, Trajectory, export_d4rl_layout, load_d4rl_hdf5,
+                       load_minari)
 
 
 def _episodes(lengths, obs_dim=11, act_dim=3, seed=0):
     rng = np.random.default_rng(seed)
     return [dict(obs=rng.normal(size=(n + 1, obs_dim)), act=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
-                 rew=rng.uniform(0, 2, n), term=[False] * (n - 1) + [i % 2 == 0], trunc=[False] * (n - 1) + [i % 2 == 1])
+                 rew=rng.uniform(0, 2, n), term=[False] * (n - 1) + [i % 2 == 0],
+                 trunc=[False] * (n - 1) + [i % 2 == 1])
             for i, n in enumerate(lengths)]
 
 
@@ -17,8 +19,11 @@ def _make_minari(dataset_id, lengths):
     from minari.data_collector import EpisodeBuffer
 
     bufs = [EpisodeBuffer(id=i, seed=i, observations=e["obs"], actions=e["act"], rewards=list(e["rew"]),
-                          terminations=e["term"], truncations=e["trunc"], infos={}) for i, e in enumerate(_episodes(lengths))]
-    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=bufs, env="Hopper-v5", algorithm_name="test",
+                          terminations=e["term"], truncations=e["trunc"], infos={})
+            for i, e in enumerate(_episodes(lengths))]
+    minari.create_dataset_from_buffers(dataset_id=dataset_id, buffer=bufs, env="Hopper-v5", eval_env="Hopper-v5",
+                                       algorithm_name="test", author="test", author_email="test@localhost",
+                                       description="tiny test dataset", code_permalink="tests",
                                        ref_min_score=10.0, ref_max_score=3000.0)
 
 
@@ -106,7 +111,8 @@ def test_sampler_shapes_and_left_padding():
         assert (b["actions"][i, : 5 - n] == -10).all() and (b["states"][i, : 5 - n] == 0).all()
         np.testing.assert_allclose(b["returns_to_go"][i, 5 - n :, 0], rtg[si:], rtol=1e-6)
         np.testing.assert_array_equal(b["timesteps"][i, 5 - n :], np.arange(si, 3))
-        np.testing.assert_allclose(b["states"][i, -1], (tr.observations[-1] - sampler.state_mean) / sampler.state_std, rtol=1e-5)
+        want = (tr.observations[-1] - sampler.state_mean) / sampler.state_std
+        np.testing.assert_allclose(b["states"][i, -1], want, rtol=1e-5)
 
 
 def test_sampler_length_proportional():

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,26 @@ def test_load_dt_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="state_mean"):
         load_dt(tmp_path / "nostats")
     assert load_dt(tmp_path / "nostats", state_mean=np.zeros(11), state_std=np.ones(11)).context == 20
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "envs" / "checkpoints" / "dt-hopper-medium"
+
+
+@pytest.mark.skipif(not (EMBEDDED / "config.json").exists(), reason="embedded checkpoint not present")
+def test_embedded_checkpoint_loads_and_balances():
+    import gymnasium as gym
+
+    pol = load_dt(EMBEDDED)
+    assert pol.context == 20 and pol.scale == 1000.0 and pol.state_mean.shape == (11,)
+    assert pol.meta["dataset_source"] == "local" and pol.meta["gym_id"] == "Hopper-v5"
+    pol.max_ep_len = 60  # a trained hopper does not fall in its first 60 steps
+    res = rollout_recompute(pol, gym.make("Hopper-v5"), 3600.0, seed=0)
+    assert res.length == 60 and res.ret > 100
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EMBEDDED / "config.json").exists(), reason="embedded checkpoint not present")
+def test_embedded_checkpoint_scores_at_least_40():
+    spec = get_spec("hopper-medium")
+    out = evaluate(load_dt(EMBEDDED), spec.gym_id, 3600.0, episodes=3, refs={"d4rl": spec.refs("d4rl")})
+    assert out["score_d4rl_mean"] >= 40

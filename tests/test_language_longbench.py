@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from namm_transfer.language.longbench import (MAX_NEW_TOKENS, NAMM_TASKS, PROMPTS, build_prompt, load_longbench,
+from namm_transfer.language.longbench import (MAX_NEW_TOKENS, LongBenchSample, NAMM_TASKS, PROMPTS, build_prompt, load_longbench,
                                               longbench_path, qa_f1_score, retrieval_score, rouge_l_score,
                                               score_prediction, task_score, truncate_middle)
 from namm_transfer.language.models import tiny_tokenizer
@@ -69,7 +69,6 @@ def test_truncate_middle():
 
 def test_build_prompt_budget():
     tok = tiny_tokenizer()
-    from namm_transfer.language.longbench import LongBenchSample
     sample = LongBenchSample("narrativeqa", "Q?", "x" * 1000, ["a"], 1000, "en", None, "0")
     full = sample.prompt()
     out = build_prompt(sample, tok, max_length=400)  # 400 - 128 new tokens -> 272 prompt tokens

@@ -144,7 +144,8 @@ def test_answer_loglik_matches_manual(tok):
     res = answer_loglik(model, tok, prompt, cont)
     p = tok(prompt).input_ids
     a = tok(cont, add_special_tokens=False).input_ids
-    logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0], -1)
     manual = sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(a))
     assert isinstance(res, AnswerLogProb) and res.num_tokens == 3
     assert res.logprob == pytest.approx(manual, abs=1e-4)
@@ -153,7 +154,7 @@ def test_answer_loglik_matches_manual(tok):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_evaluate_sample_tiny(arch, tok):
     model = tiny_random_lm(arch, seed=0)
-    s = make_sample("kv_retrieval", 0, 200, tok)
+    s = make_sample("kv_retrieval", 0, 600, tok)
     r = evaluate_sample(model, tok, s, max_new_tokens=4)
     full = answer_loglik(model, tok, s.raw_prompt(), s.continuation)
     assert r.logprob == pytest.approx(full.logprob, abs=1e-3)  # cached teacher forcing == one full forward

@@ -78,7 +78,7 @@ def answer(model, processor, sample: VideoQASample, inputs: VideoInputs, policy:
         num_frames=inputs.num_frames, prompt_tokens=res.prompt_tokens, video_tokens=res.video_tokens,
         realised_fraction=res.realised_fraction, mean_fraction=res.mean_fraction, step_fraction=res.step_fraction,
         video_kept_fraction=res.video_kept_fraction, cache_lengths=res.cache_lengths,
-        peak_cache_bytes=res.peak_cache_bytes, peak_memory_bytes=res.peak_memory_bytes,
+        peak_cache_bytes=res.peak_cache_bytes, peak_kv_bytes=res.peak_kv_bytes, peak_memory_bytes=res.peak_memory_bytes,
         seconds=inputs.decode_seconds + res.seconds, decode_video_seconds=inputs.decode_seconds,
         vision_seconds=res.vision_seconds, prefill_seconds=res.prefill_seconds, generate_seconds=res.decode_seconds)
 

@@ -30,11 +30,14 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def chunk_bounds(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
-    """Split [start, end) at multiples of `chunk` of the absolute token count."""
+def chunk_bounds(start: int, end: int, chunk: int, delay: int | None = None) -> list[tuple[int, int]]:
+    """Split [start, end) at multiples of `chunk` (and of `delay`, so every eviction step sees exactly
+    `delay` new tokens) of the absolute token count."""
     bounds, s = [], start
     while s < end:
         e = min(end, (s // chunk + 1) * chunk)
+        if delay:
+            e = min(e, (s // delay + 1) * delay)
         bounds.append((s, e))
         s = e
     return bounds
@@ -47,7 +50,7 @@ def prefill(model, input_ids: torch.Tensor, cache: MemoryCache, chunk_size: int 
     and the realised cache fraction after each chunk."""
     start = cache.tokens_seen
     all_logits, fractions, logits = [], [], None
-    for s, e in chunk_bounds(start, start + input_ids.shape[1], chunk_size):
+    for s, e in chunk_bounds(start, start + input_ids.shape[1], chunk_size, cache.policy.delay):
         pos = torch.arange(s, e, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         out = model(input_ids=input_ids[:, s - start:e - start], cache=cache, use_cache=True, position_ids=pos)
         cache.assert_captured()

@@ -38,6 +38,7 @@ class VideoGenerationResult:
     #                       none ran): the float budget under which a budget policy would keep as much
     video_kept_fraction: float  # mean over layers, rows and KV heads of video tokens still stored at the end
     peak_cache_bytes: int  # max bytes the cache held (K, V, positions, policy state, buffered attention)
+    peak_kv_bytes: int  # max bytes of keys + values alone
     peak_memory_bytes: int  # CUDA: torch.cuda.max_memory_allocated during the call; CPU: process peak RSS
     vision_seconds: float
     prefill_seconds: float
@@ -96,12 +97,12 @@ def video_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class MemoryMeter:
-    """Peak bytes: the cache's stored bytes (sampled right before each eviction and after each forward, which is
+    """Peak bytes: the cache's stored bytes and its keys + values alone (sampled right before each eviction and after each forward, which is
     where its maximum lies) and the device peak (CUDA max allocated, or the process's peak RSS on CPU)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.peak_cache = 0
+        self.peak_cache = self.peak_kv = 0
         if self.cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -109,6 +110,8 @@ class MemoryMeter:
 
     def sample(self, cache: MemoryCache) -> None:
         self.peak_cache = max(self.peak_cache, cache.stored_bytes())
+        kv = sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if t is not None)
+        self.peak_kv = max(self.peak_kv, kv)
 
     def device_peak(self) -> int:
         if self.cuda:
@@ -162,19 +165,19 @@ def _kept_video_fraction(cache: MemoryCache, is_video: torch.Tensor) -> float:
 
 @torch.no_grad()
 def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32, chunk_size: int = 128,
-                   eos_token_id: int | list[int] | None = -1, tokenizer=None, keep_logits: bool = False,
+                   eos_token_id: int | list[int] | None | str = "auto", tokenizer=None, keep_logits: bool = False,
                    on_evict=None, inputs_embeds: torch.Tensor | None = None) -> VideoGenerationResult:
     """Greedy video QA with `policy` managing the language model's KV cache.
 
     inputs: the processor's output (input_ids, pixel_values_videos, attention_mask), moved to the model's device.
-    eos_token_id: -1 (default) = the model's generation_config.eos_token_id; None = never stop early.
+    eos_token_id: "auto" = the model's generation_config.eos_token_id; None = never stop early.
     on_evict(layer, keep): called before each pruning (retention maps, tests).
     inputs_embeds: precomputed `embed_inputs(...)` to skip the vision tower (vision_seconds is then 0).
     """
     enc = to_model(model, inputs)
     input_ids, device = enc["input_ids"], model.device
     enable_memory_attention(model.model.language_model)
-    if eos_token_id == -1:
+    if eos_token_id == "auto":
         eos_token_id = model.generation_config.eos_token_id
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
 
@@ -227,5 +230,6 @@ def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32
         prompt_tokens=input_ids.shape[1], video_tokens=int(is_video[0].sum()),
         realised_fraction=cache.realised_fraction(), mean_fraction=sum(fractions) / len(fractions),
         step_fraction=_step_fraction(cache), video_kept_fraction=_kept_video_fraction(cache, is_video), peak_cache_bytes=meter.peak_cache,
+        peak_kv_bytes=meter.peak_kv,
         peak_memory_bytes=meter.device_peak(), vision_seconds=t1 - t0, prefill_seconds=t2 - t1,
         decode_seconds=t3 - t2, prefill_logits=prefill_logits, step_logits=step_logits)

@@ -32,8 +32,9 @@ class SepCMAES:
         self.d_sigma = 1 + 2 * max(0.0, math.sqrt((self.mu_eff - 1) / (n_r + 1)) - 1) + self.c_sigma
         self.c_c = (4 + self.mu_eff / n_r) / (n_r + 4 + 2 * self.mu_eff / n_r)
         self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n ** 2))
-        alpha_min = min(1 + self.c1 / self.c_mu, 1 + 2 * mu_eff_neg / (self.mu_eff + 2),
-                        (1 - self.c1 - self.c_mu) / (n_r * self.c_mu))
+        inf = float("inf")
+        alpha_min = min(1 + self.c1 / self.c_mu if self.c_mu else inf, 1 + 2 * mu_eff_neg / (self.mu_eff + 2),
+                        (1 - self.c1 - self.c_mu) / (n_r * self.c_mu) if self.c_mu else inf)
         self.weights = torch.cat([pos / pos.sum(), alpha_min * neg / neg.abs().sum() if len(neg) else neg])
         self.mean = torch.zeros(n, dtype=torch.float64) if mean is None else mean.double().clone()
         self.sigma = float(sigma0)

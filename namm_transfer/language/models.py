@@ -68,12 +68,16 @@ def convert_smollm2(target: Path | None = None, force: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
+        if not _is_complete(target):  # another process may have finished first
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete leftover
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _is_complete(target):
+                    raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

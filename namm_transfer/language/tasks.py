@@ -3,10 +3,11 @@
 Three tasks, each a long context with the information needed at its end:
   passkey            a 5-digit pass key hidden once in filler prose;
   kv_retrieval       a few "secret code" key -> value sentences spread through the filler, one is asked for;
-  passage_retrieval  numbered passages of reference prose, one of them quoted at the end: which paragraph?
+  passage_retrieval  labelled passages of reference prose; one passage's last sentence is repeated at the end
+                     and the answer is its label.
 
 Every prompt ends with an answer prefix in the needle's own wording ("... The pass key is"), so the answer
-is the continuation " 12345". Samples are deterministic functions of (task, seed, target_tokens, tokenizer);
+is a short continuation (" 12345"). All answers are digit strings. Samples are deterministic functions of (task, seed, target_tokens, tokenizer);
 splits use disjoint seed ranges. Scoring: normalised exact match and per-character accuracy of the greedy
 generation, and the teacher-forced answer log-likelihood (less noisy for a 135M model).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,7 +51,7 @@ class TaskSample:
     seed: int
     context: str  # instruction + long document (filler, needles or passages)
     question: str
-    answer_prefix: str  # the prompt ends with this; the model should continue with " " + answer
+    answer_prefix: str  # the prompt ends with this; the model should continue with answer_sep + answer
     answer: str
     metadata: dict = field(default_factory=dict)
     answer_sep: str = " "  # text between the answer prefix and the answer
@@ -78,16 +80,13 @@ class TaskSample:
         raise ValueError(f"unknown style {style!r}; use one of {STYLES}")
 
 
-def _fill(rng_start: int, budget: int, count: TokenCounter, exclude_topics: set[str] = frozenset(),
-          sep_tokens: int = 1) -> list[str]:
+def _fill(rng_start: int, budget: int, count: TokenCounter, sep_tokens: int = 1) -> list[str]:
     """Consecutive prose paragraphs from index `rng_start` (wrapping) until `budget` tokens; the last one is cut
     at a word boundary so the total lands on the budget."""
     paras, out, used, i = paragraphs(), [], 0, rng_start
     while used < budget:
         p = paras[i % len(paras)]
         i += 1
-        if p.topic in exclude_topics:
-            continue
         n = count(p.text) + sep_tokens
         if used + n <= budget:
             out.append(p.text)
@@ -124,6 +123,8 @@ def _sized(build: Callable[[int], TaskSample], target_tokens: int, count: TokenC
         if abs(n - target_tokens) <= max(4, 0.005 * target_tokens):
             break
         budget += target_tokens - n
+    if abs(n - target_tokens) > LENGTH_TOLERANCE * target_tokens:
+        warnings.warn(f"{sample.task} seed {sample.seed}: {n} prompt tokens for a target of {target_tokens}")
     sample.metadata.update(prompt_tokens=n, target_tokens=target_tokens, corpus=corpus_fingerprint())
     return sample
 
@@ -231,7 +232,7 @@ def passage_retrieval_sample(seed: int, target_tokens: int = 1024, tokenizer=Non
     layout="label" (default): each passage ends, without its final full stop, with a distinct random label
     "... as follows [47]"; the prompt ends with "<quote> [" and the answer is "47". A 135M model can solve this;
     it cannot when numbers are sequential (it answers "last + 1") or when generic words separate the quote from
-    the label (measured, see the report in docs).
+    the label (measured; see namm_transfer/language/README.md).
     layout="start": LongBench style, "Paragraph k: <text>", the first sentence quoted, "The answer is: Paragraph"
     and the answer "k" (a 135M model is at chance here).
     The quoted sentence has at least 6 words and occurs once in the context."""

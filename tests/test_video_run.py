@@ -1,0 +1,91 @@
+"""scripts/run_video.py end to end on a tiny synthetic split: records, summary, resume, errors, missing data."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from namm_transfer import save_namm
+from video.synthetic import SyntheticConfig, generate_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_video():
+    spec = importlib.util.spec_from_file_location("scripts_run_video", ROOT / "scripts" / "run_video.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run_video():
+    return _run_video()
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_end_to_end_resume_and_corrupt_video(run_video, tmp_path):
+    data = tmp_path / "data"
+    generate_split(data, "test", num_samples=4, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    (data / "videos" / "test_0_00001.mp4").write_bytes(b"not a video at all")
+    namm = save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
+    out = tmp_path / "out"
+    args = ["--dataset", "synthetic", "--data-root", str(data), "--policies", "full,namm,h2o", "--namm", str(namm),
+            "--frames", "8", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+
+    assert run_video.main(args + ["--limit", "3"]) == 0
+    first = _lines(out / "records.jsonl")
+    assert len(first) == 9 and {(r["policy"], r["sample_index"]) for r in first} == {
+        (p, i) for p in ("full", "namm", "h2o") for i in range(3)}
+    errors = [r for r in first if r["error"]]
+    assert len(errors) == 3 and {r["id"] for r in errors} == {"synthetic_test_0_00001"}
+    assert all("VideoDecodeError" in r["error"] and r["prediction"] is None for r in errors)
+    h2o = {r["id"]: r for r in first if r["policy"] == "h2o" and not r["error"]}
+    namm_recs = {r["id"]: r for r in first if r["policy"] == "namm" and not r["error"]}
+    for i, r in h2o.items():  # baselines run at NAMM's realised cache on the same sample
+        assert r["budget_source"] == "NAMM's realised cache"
+        assert r["budget"] == pytest.approx(namm_recs[i]["step_fraction"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policies"]["full"]["n"] == 3 and summary["policies"]["full"]["n_errors"] == 1
+    assert summary["policies"]["full"]["realised_cache_pct"] == 100.0
+    assert "WARNING" in " ".join(summary["notes"])  # random tiny model, said loudly
+    md = (out / "summary.md").read_text()
+    assert "| namm |" in md and "realised cache %" in md and "by category" in md
+
+    assert run_video.main(args + ["--limit", "4"]) == 0  # resume: only sample 3 is new
+    second = _lines(out / "records.jsonl")
+    assert second[:9] == first and len(second) == 12
+    assert {r["sample_index"] for r in second[9:]} == {3}
+    assert run_video.main(args + ["--limit", "4"]) == 0
+    assert len(_lines(out / "records.jsonl")) == 12
+
+
+def test_synthetic_without_data_root_generates_a_split(run_video, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run_video.main(["--dataset", "synthetic", "--policies", "full,recency", "--budget", "0.5", "--limit", "1",
+                         "--frames", "8", "--synthetic-samples", "2", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert list((tmp_path / "cache").glob("video-synthetic-test-*/lvb_test.json"))
+    recs = _lines(out / "records.jsonl")
+    assert [r["policy"] for r in recs] == ["full", "recency"] and recs[1]["budget_source"] == "--budget"
+    assert "| recency | --budget (mean 0.5) |" in capsys.readouterr().out
+
+
+def test_missing_dataset_and_namm_messages(run_video, tmp_path, capsys):
+    rc = run_video.main(["--dataset", "mlvu", "--data-root", str(tmp_path / "nothing"), "--policies", "full"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MLVU not found" in err and "huggingface-cli download" in err and "--dataset synthetic" in err
+    assert "Traceback" not in err
+    data = tmp_path / "data"
+    generate_split(data, "test", num_samples=1, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    rc = run_video.main(["--dataset", "synthetic", "--data-root", str(data), "--policies", "full,namm",
+                         "--namm", str(tmp_path / "no-such-namm"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no NAMM checkpoint" in err and "Traceback" not in err
