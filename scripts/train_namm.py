@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--delay", type=int, default=d.delay)
     ap.add_argument("--no-share-prefix", action="store_true")
     ap.add_argument("--style", default=d.style)
+    ap.add_argument("--cache-weight", type=float, default=d.cache_weight,
+                    help="memory pressure: fitness -= W * max(0, realised cache - target) (default 0 = reference)")
+    ap.add_argument("--cache-target", type=float, default=d.cache_target)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +110,8 @@ def main() -> None:
                       samples_per_task=args.samples_per_task, pool_per_task=args.pool_per_task,
                       stats_samples_per_task=args.stats_samples_per_task, member_batch=args.member_batch,
                       chunk=args.chunk, delay=args.delay, share_prefix=not args.no_share_prefix,
-                      style=args.style, seed=args.seed, threads=args.threads)
+                      style=args.style, seed=args.seed, threads=args.threads, cache_weight=args.cache_weight,
+                      cache_target=args.cache_target)
     device = args.device
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"

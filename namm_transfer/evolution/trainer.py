@@ -52,6 +52,10 @@ class TrainConfig:
     style: str = "raw"
     seed: int = 0
     threads: int = 1
+    # Optional memory pressure (0 = the reference fitness): fitness -= cache_weight * max(0, cache - cache_target),
+    # with cache = the member's realised cache fraction averaged over the generation's samples.
+    cache_weight: float = 0.0
+    cache_target: float = 1.0
 
     @staticmethod
     def parse_stages(text: str) -> list[Stage]:
@@ -225,9 +229,12 @@ class Trainer:
             t0 = time.time()
             population = self.es.ask()
             res = self.evaluate(population, samples)
-            fit = self.fitness(res["score"], samples)
+            ratio = self.fitness(res["score"], samples)
+            cache = res["frac"].mean(1)
+            fit = ratio - self.cfg.cache_weight * (cache - self.cfg.cache_target).clamp_min(0)
             self.es.tell(fit)
             row = {"generation": g, "stage_tasks": stage.tasks, "fitness_max": float(fit.max()),
+                   "score_ratio_mean": float(ratio.mean()), "score_ratio_best": float(ratio[int(fit.argmax())]),
                    "fitness_mean": float(fit.mean()), "fitness_min": float(fit.min()),
                    "cache_fraction_mean": float(res["frac"].mean()),
                    "cache_fraction_best": float(res["frac"][int(fit.argmax())].mean()),
