@@ -164,10 +164,12 @@ class RunningStats:
 
 
 def flop_counts(n_tokens: int, n_new: int, n_fft: int = 32, hop: int = 16, d_in: int = 25, hidden: int = 32) -> dict:
-    """Approximate FLOPs of one NAMM step for one (row = batch x KV head) of N cache tokens."""
-    frames = n_new // hop
-    stft = n_tokens * frames * (n_fft * 2 + 5 * n_fft * math.log2(n_fft))  # window + FFT
+    """FLOPs of one NAMM step for one row (batch x KV head) of N cache tokens, as implemented: the windowed
+    DFT as a matmul (2 * n_fft * 2 bins per frame) + magnitudes + EMA, and the scorer with its full N x N
+    backward attention (QK^T and AV counted over all N^2 pairs)."""
+    frames, bins = n_new // hop, n_fft // 2 + 1
+    spectrogram = n_tokens * frames * (2 * n_fft * 2 * bins + 3 * bins + 2 * bins)
     qkv = 2 * n_tokens * d_in * 3 * hidden
-    attn = 2 * 2 * n_tokens * n_tokens * hidden  # scores + weighted sum (full N x N, masked half)
-    out = 2 * n_tokens * hidden * 2 * d_in + 2 * n_tokens * d_in
-    return {"stft": stft, "scorer": qkv + attn + out}
+    attn = 2 * 2 * n_tokens * n_tokens * hidden
+    out = 2 * n_tokens * hidden * 2 * d_in + 4 * n_tokens * d_in
+    return {"stft": spectrogram, "scorer": qkv + attn + out}
