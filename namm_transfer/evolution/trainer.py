@@ -260,9 +260,12 @@ def plot_curve(log_path: Path, png: Path) -> None:
         return
     g = [r["generation"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot(g, [r["fitness_mean"] for r in rows], label="population mean")
-    ax[0].plot(g, [r["fitness_max"] for r in rows], label="best member")
-    ax[0].set_xlabel("generation"), ax[0].set_ylabel("score / full-cache score"), ax[0].legend()
+    ratio = [r.get("score_ratio_mean", r["fitness_mean"]) for r in rows]
+    ax[0].plot(g, ratio, label="score / full cache (population mean)")
+    ax[0].plot(g, [r["fitness_max"] for r in rows], label="fitness (best member)")
+    if any(r["fitness_mean"] != q for r, q in zip(rows, ratio)):
+        ax[0].plot(g, [r["fitness_mean"] for r in rows], label="fitness (population mean)", alpha=0.6)
+    ax[0].set_xlabel("generation"), ax[0].legend(fontsize=7)
     ax[1].plot(g, [100 * r["cache_fraction_mean"] for r in rows])
     ax[1].set_xlabel("generation"), ax[1].set_ylabel("realised cache % (population mean)")
     fig.tight_layout()
