@@ -1,0 +1,132 @@
+"""Decision Transformer episodes with a KV cache managed by any memory policy, and a timed recompute episode.
+
+Two rollouts, always named in outputs:
+  * ``recompute-last-K``: the standard DT rollout (``envs.rollout.rollout_recompute``), the whole model on the last
+    K timesteps at every step;
+  * ``kv-cache``: ``namm_transfer.adapters.decision_transformer.KVStepper``, each timestep's tokens fed once into
+    a ``MemoryCache`` whose policy (full, sliding window, NAMM, H2O, ...) decides what stays.
+
+Both return an :class:`Episode`: return, length, normalised scores per named scale (``d4rl``, ``local``; never
+mixed), realised cache fraction, env steps per second (wall clock, env included) and policy milliseconds per
+step (wall time minus env time). Return-to-go and timesteps follow ``evaluate_episode_rtg``: R̂₀ = target / scale,
+R̂ₜ₊₁ = R̂ₜ − rₜ / scale; stop on termination, truncation or ``max_ep_len`` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+
+from envs.registry import RefScores
+from envs.rollout import DTPolicy, rollout_recompute
+from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper
+from namm_transfer.policies import MemoryPolicy
+
+RECOMPUTE, KV = "recompute-last-K", "kv-cache"
+ROLLOUTS = (RECOMPUTE, KV)
+
+
+@dataclass
+class Episode:
+    rollout: str  # RECOMPUTE or KV
+    ret: float
+    length: int
+    scores: dict[str, float]  # normalised 0-100 per named scale
+    realised_fraction: float  # tokens attended / kept over tokens seen, mean over steps
+    eviction_fraction: float | None  # the same right after eviction steps (what a fractional budget means)
+    final_cache_tokens: float  # tokens stored at the end (mean over layers); recompute: its context
+    steps_per_s: float  # env steps per wall-clock second, env included
+    policy_ms: float  # model time per step (milliseconds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scores(ret: float, refs: dict[str, RefScores] | None) -> dict[str, float]:
+    return {name: float(ref.normalize(ret)) for name, ref in (refs or {}).items()}
+
+
+def _capped(dt: DTPolicy, max_steps: int | None) -> DTPolicy:
+    return dt if max_steps is None or max_steps >= dt.max_ep_len else replace(dt, max_ep_len=max_steps)
+
+
+def window_fraction(length: int, context: int) -> float:
+    """Mean over steps of the recompute rollout's context (tokens its state query attends to) / tokens seen."""
+    t = np.arange(length)
+    seen = TOKENS_PER_STEP * t + 2
+    return float(np.mean((TOKENS_PER_STEP * np.minimum(t, context - 1) + 2) / seen))
+
+
+class TimedEnv:
+    """Wraps an env and accumulates the wall time of reset() and step(), so policy time = wall - env time
+    is measured the same way for both rollouts."""
+
+    def __init__(self, env):
+        self.env, self.seconds = env, 0.0
+        self.action_space, self.observation_space = env.action_space, env.observation_space
+
+    def reset(self, **kwargs):
+        t0 = time.perf_counter()
+        out = self.env.reset(**kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def step(self, action):
+        t0 = time.perf_counter()
+        out = self.env.step(action)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _timed(env) -> TimedEnv:
+    return env if isinstance(env, TimedEnv) else TimedEnv(env)
+
+
+def run_recompute(dt: DTPolicy, env, target_return: float, seed: int | None = None,
+                  refs: dict[str, RefScores] | None = None, max_steps: int | None = None) -> Episode:
+    """One timed episode of the standard recompute-last-K rollout."""
+    dt, env = _capped(dt, max_steps), _timed(env)
+    env_s, t0 = env.seconds, time.perf_counter()
+    res = rollout_recompute(dt, env, target_return, seed=seed)
+    wall, env_s = time.perf_counter() - t0, env.seconds - env_s
+    return Episode(RECOMPUTE, res.ret, res.length, _scores(res.ret, refs), window_fraction(res.length, dt.context),
+                   None, float(TOKENS_PER_STEP * min(res.length - 1, dt.context - 1) + 2),
+                   res.length / wall, 1e3 * (wall - env_s) / res.length)
+
+
+@torch.no_grad()
+def run_kv(dt: DTPolicy, env, policy: MemoryPolicy, target_return: float, seed: int | None = None,
+           refs: dict[str, RefScores] | None = None, max_steps: int | None = None, fast: bool = True) -> Episode:
+    """One episode of the KV-cache rollout with `policy` managing the encoder's cache."""
+    dt, env = _capped(dt, max_steps), _timed(env)
+    stepper = KVStepper(dt.model, policy, fast=fast)
+    dev = stepper.device
+    mean = torch.as_tensor(dt.state_mean, device=dev)
+    std = torch.as_tensor(dt.state_std, device=dev)
+    env_s, t0 = env.seconds, time.perf_counter()
+    obs, _ = env.reset(seed=seed)
+    rtg, ret, t = target_return / dt.scale, 0.0, 0
+    for t in range(dt.max_ep_len):
+        state = (torch.as_tensor(obs, dtype=torch.float32, device=dev) - mean) / std
+        action = stepper.step(state, rtg, t).cpu().numpy()
+        obs, r, terminated, truncated, _ = env.step(action)
+        ret += float(r)
+        if terminated or truncated:
+            break
+        rtg -= float(r) / dt.scale
+    wall, env_s = time.perf_counter() - t0, env.seconds - env_s
+    length = t + 1
+    return Episode(KV, ret, length, _scores(ret, refs), stepper.mean_fraction(), stepper.mean_eviction_fraction(),
+                   float(np.mean(stepper.cache.cache_lengths())), length / wall, 1e3 * (wall - env_s) / length)
+
+
+def make_env(gym_id: str, max_steps: int) -> TimedEnv:
+    import gymnasium as gym
+
+    return TimedEnv(gym.make(gym_id, max_episode_steps=max_steps))

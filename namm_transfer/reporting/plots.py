@@ -1,0 +1,134 @@
+"""Figures: score vs realised cache % from budget sweeps, and retention maps.
+
+`sweep_groups` collects, per (domain, model, metric), each benchmark's points from all result files; a group is
+a sweep when some baseline has two or more cache sizes. `plot_sweep` draws one panel per benchmark: a line per
+baseline over its budgets, NAMM as single points (its cache size is emergent), full cache as a dashed level.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .results import RENORM, ResultSet
+
+FIXED = ("full", "namm", RENORM)  # methods whose cache size is not set by a budget
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclass
+class SweepPoint:
+    method: str
+    cache_pct: float
+    score: float
+    source: str  # result file
+
+
+def sweep_groups(results: list[ResultSet]) -> dict[tuple[str, str, str], dict[str, list[SweepPoint]]]:
+    """{(domain, model, metric): {benchmark: [points]}}, only for groups where a baseline has >= 2 cache sizes."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        for m in r.methods.values():
+            if m.score is not None and m.cache_pct is not None:
+                groups[(r.domain, r.model, r.metric.name)][r.benchmark].append(
+                    SweepPoint(m.method, m.cache_pct, m.score, r.source.result_file))
+
+    def is_sweep(panels: dict) -> bool:
+        return any(len({p.cache_pct for p in pts if p.method == method}) >= 2
+                   for pts in panels.values() for method in {p.method for p in pts} if method not in FIXED)
+
+    return {k: dict(v) for k, v in groups.items() if is_sweep(v)}
+
+
+def slug(*parts: str) -> str:
+    """A file-name-safe name: each part reduced to letters, digits, dots and dashes, joined by '_'."""
+    return "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)[:120]
+
+
+def plot_sweep(panels: dict[str, list[SweepPoint]], path: str | Path, title: str, ylabel: str) -> Path:
+    """One panel per benchmark; returns the PNG path."""
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), squeeze=False)
+    for ax, (bench, pts) in zip(axes[0], panels.items()):
+        methods = list(dict.fromkeys(p.method for p in pts))
+        for method in methods:
+            mp = sorted((p for p in pts if p.method == method), key=lambda p: p.cache_pct)
+            x, y = [p.cache_pct for p in mp], [p.score for p in mp]
+            if method == "full":
+                ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="full cache")
+            elif method in ("namm", RENORM):
+                ax.scatter(x, y, s=110, marker="*" if method == "namm" else "P", zorder=5,
+                           label=f"{method.upper() if method == 'namm' else method} (emergent cache)")
+            else:
+                ax.plot(x, y, marker="o", ms=4, label=method)
+        ax.set_title(bench, fontsize=9)
+        ax.set_xlabel("realised cache %")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, int(4.6 * n * 14)), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- retention
+
+
+def plot_heatmap(matrix: np.ndarray, path: str | Path, title: str, xlabel: str, ylabel: str,
+                 yticklabels: list[str] | None = None, xticklabels: list[str] | None = None, vmax: float = 1.0,
+                 cbar: str = "share of KV heads keeping it", scored_until: float | None = None) -> Path:
+    """A (rows x columns) map of kept shares in [0, vmax]; NaN cells (nothing there) shown grey. `scored_until`:
+    a dashed line at the column after which no eviction step has scored the tokens yet."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _plt()
+    rows, cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(min(16, max(5.0, 3 + cols / 40)), min(10, max(3.0, 1.5 + rows * 0.28))))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", cmap=cmap,
+                   vmin=0, vmax=vmax)
+    if yticklabels is not None:
+        ax.set_yticks(range(rows))
+        ax.set_yticklabels(yticklabels, fontsize=7)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if scored_until is not None:
+        ax.axvline(scored_until - 0.5, color="red", ls="--", lw=1, label="after: not scored yet")
+        ax.legend(fontsize=7, loc="lower left")
+    if xticklabels is not None:
+        ax.set_xticks(range(cols))
+        ax.set_xticklabels(xticklabels, fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if rows * cols <= 64:  # small maps: print the values
+        for (i, j), v in np.ndenumerate(matrix):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 * vmax else "black")
+    width = fig.get_size_inches()[0]
+    ax.set_title(textwrap.fill(title, int(width * 11)), fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03, label=cbar)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,142 @@
+"""KV-cache DT rollout vs the standard recompute-last-K rollout: speed per policy step, as ratios.
+
+    python scripts/bench_dt.py                                  # embedded hopper-medium DT, 1 episode of 1000 steps
+    python scripts/bench_dt.py --policies full,window,namm,h2o,l2 --max-steps 500 --repeats 3
+
+For every policy one Hopper-v5 episode (reset seed --seed) runs with the KV-cache rollout; the recompute
+rollout runs the same episode before and after each policy (their mean is the reference, which evens out drift
+on a shared machine). Reported per policy: policy ms/step (wall time minus env time: input preparation,
+model, eviction), the speed-up recompute ms / kv ms (goal >= 3x), and env steps/s with the env included
+and their ratio.
+Baselines run at --budget (default: NAMM's realised fraction when namm is benchmarked, else 0.5); every
+policy evicts every --delay tokens (48 = 16 timesteps), except `window` (the K-step window, every timestep).
+With --repeats R each number is the median of R runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_dt import (BASELINES, DEFAULT_DELAY, POLICY_NAMES, UsageError, load_checkpoint,  # noqa: E402
+                    load_namm_policy, make_kv_policy)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="hopper-medium")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--state-stats", default=None)
+    ap.add_argument("--policies", default="full,window,namm,h2o,l2")
+    ap.add_argument("--namm", default=None)
+    ap.add_argument("--budget", type=float, default=None)
+    ap.add_argument("--delay", type=int, default=DEFAULT_DELAY)
+    ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-return", type=float, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu"],
+                    help="CPU only: envs.rollout's recompute rollout builds its inputs on the CPU")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-missing-namm", action="store_true", help="drop namm when no checkpoint exists")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
+    if bad:
+        ap.error(f"--policies: unknown {bad}; choose from {', '.join(POLICY_NAMES)}")
+    args.policy_list.sort(key=lambda p: (p in BASELINES, POLICY_NAMES.index(p)))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        bench(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def bench(args) -> dict:
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from envs.kv_rollout import make_env, run_kv, run_recompute
+    from envs.registry import get_spec
+
+    torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()
+    try:
+        spec = get_spec(args.env)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    namm = None
+    if "namm" in args.policy_list:
+        try:
+            namm, _ = load_namm_policy(args)
+        except UsageError:
+            if not args.skip_missing_namm:
+                raise
+            print("note: no NAMM checkpoint: namm skipped", file=sys.stderr)
+            args.policy_list.remove("namm")
+    dt = load_checkpoint(args)
+    target = args.target_return if args.target_return is not None else spec.target_returns[0]
+    steps = min(args.max_steps, dt.max_ep_len)
+    env = make_env(spec.gym_id, steps)
+    median = statistics.median
+
+    def recompute():
+        return run_recompute(dt, env, target, args.seed, max_steps=steps)
+
+    run_recompute(dt, env, target, args.seed, max_steps=min(steps, 50))  # warm-up
+    budget = args.budget if args.budget is None or args.budget <= 1 else int(args.budget)
+    rows = []
+    for name in args.policy_list:
+        if name in BASELINES and budget is None:
+            budget = next((r["eviction_fraction"] for r in rows if r["policy"] == "namm"
+                           and r["eviction_fraction"] is not None), 0.5)
+        kv, ref = [], []
+        for _ in range(args.repeats):
+            before = recompute()
+            kv.append(run_kv(dt, env, make_kv_policy(name, args, dt, namm, budget), target, args.seed,
+                             max_steps=steps))
+            after = recompute()
+            ref.append((before, after))
+        ref_ms = median((a.policy_ms + b.policy_ms) / 2 for a, b in ref)
+        ref_sps = median((a.steps_per_s + b.steps_per_s) / 2 for a, b in ref)
+        kv_ms, kv_sps = median(e.policy_ms for e in kv), median(e.steps_per_s for e in kv)
+        rows.append({"policy": name, "budget": budget if name in BASELINES else None, "steps": kv[0].length,
+                     "realised_cache_pct": 100 * kv[0].realised_fraction,
+                     "eviction_fraction": kv[0].eviction_fraction, "kv_policy_ms": kv_ms,
+                     "recompute_policy_ms": ref_ms, "speedup": ref_ms / kv_ms, "kv_steps_per_s": kv_sps,
+                     "recompute_steps_per_s": ref_sps, "speedup_with_env": kv_sps / ref_sps})
+    env.close()
+
+    device = f"cpu, {args.threads} thread(s)"
+    print(f"{spec.gym_id}, {steps}-step episode (reset seed {args.seed}), {device}, checkpoint {args.checkpoint}"
+          + (f", NAMM {args.namm}" if namm is not None else ""))
+    print(f"| policy | budget | steps | realised cache % | kv-cache ms/step | recompute-last-K ms/step | speed-up "
+          "(goal >= 3x) | kv steps/s (env incl.) | recompute steps/s | speed-up with env |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = "-" if r["budget"] is None else f"{r['budget']:.3g}"
+        print(f"| {r['policy']} | {b} | {r['steps']} | {r['realised_cache_pct']:.1f} | {r['kv_policy_ms']:.3f} | "
+              f"{r['recompute_policy_ms']:.3f} | {r['speedup']:.2f}x | {r['kv_steps_per_s']:.0f} | "
+              f"{r['recompute_steps_per_s']:.0f} | {r['speedup_with_env']:.2f}x |")
+    result = {"env": spec.gym_id, "steps": steps, "device": device, "checkpoint": args.checkpoint,
+              "namm": args.namm if namm is not None else None, "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

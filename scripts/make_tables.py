@@ -1,0 +1,64 @@
+"""Cross-domain table (markdown + CSV) and budget-sweep plots from the harnesses' result folders.
+
+    python scripts/make_tables.py runs/eval_language runs/video/synthetic_tiny_32f runs/dt/hopper-medium --out runs/tables
+    python scripts/make_tables.py runs/sweep/language/*            # a sweep: also sweep_*.png (score vs cache %)
+
+RESULTS: folders written by scripts/eval_language.py, run_video.py or run_dt.py (or their summary.json /
+records.jsonl / episodes.jsonl). Every row names its result file and the command that produced it. A domain
+without results gets a line saying so; an unreadable input is reported with what was expected, and the others
+are still tabulated (exit code 1 only when nothing could be read). Writes <out>/table.md, table.csv and, for
+groups where a baseline was run at two or more budgets, sweep_<domain>_<model>_<metric>.png.
+
+A run whose --namm is a checkpoint written by `scripts/retention_maps.py --save-renorm` (normalisation statistics
+re-estimated on the target model) is reported as NAMM variant "namm-renorm", in its own rows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from namm_transfer.reporting.plots import plot_sweep, slug, sweep_groups  # noqa: E402
+from namm_transfer.reporting.results import DOMAIN_TITLES, ResultFormatError, read_results  # noqa: E402
+from namm_transfer.reporting.tables import build_rows, missing_domains, to_csv, to_markdown  # noqa: E402
+
+
+def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], int]:
+    """(markdown, written files, exit code)."""
+    results, errors = [], []
+    for p in paths:
+        try:
+            results += read_results(p)
+        except ResultFormatError as err:
+            errors.append(str(err))
+    rows = build_rows(results)
+    md = to_markdown(rows, missing_domains(results), errors)
+    written: list[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(md)
+        to_csv(rows, out / "table.csv")
+        written += [out / "table.md", out / "table.csv"]
+        for (domain, model, metric), panels in sweep_groups(results).items():
+            title = f"{DOMAIN_TITLES[domain]} — {model}: {metric} vs realised cache % (sources: table.md)"
+            written.append(plot_sweep(panels, out / f"sweep_{slug(domain, Path(model).name, metric)}.png",
+                                      title, metric))
+    return md, written, 0 if results else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="result folders or their summary / records files")
+    ap.add_argument("--out", default="runs/tables", help="folder for table.md, table.csv, sweep_*.png")
+    args = ap.parse_args(argv)
+    md, written, code = make_tables(args.results, Path(args.out))
+    print(md, end="")
+    if written:
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Decision Transformer with a KV-cache memory: full cache vs NAMM (zero-shot) vs eviction baselines.
+
+    python scripts/run_dt.py                                    # hopper-medium, embedded DT, full vs namm, 3 episodes
+    python scripts/run_dt.py --policies full,window,namm,h2o,l2 --episodes 5
+    python scripts/run_dt.py --checkpoint edbeeching/decision-transformer-gym-hopper-medium   # needs the Hub
+
+Two rollouts, named in every output:
+  recompute-last-K  the standard DT rollout: the model re-run on the last K timesteps at every step (no policy);
+  kv-cache          each timestep's tokens (a_{t-1}, R_t, s_t) fed once into a MemoryCache managed by a policy:
+                    full    unbounded history (every token of the episode stays; longer than the DT's training K),
+                    window  the recompute rollout's K-timestep window as a KV cache (keeps 3K-4 tokens),
+                    namm    the language-trained NAMM, zero-shot (--namm PATH; default: the shipped
+                            namm_transfer/checkpoints/namm-smollm2),
+                    h2o, l2, recency, snapkv, random   baselines.
+Policies evict every --delay tokens (default 48 = 16 timesteps x 3 tokens, a multiple of NAMM's STFT hop of 16).
+Baselines run at NAMM's realised cache fraction (its mean fraction right after eviction steps over this run's
+NAMM episodes) when namm is in --policies, else at --budget (default 0.5); an explicit --budget always wins.
+
+Default: 3 episodes per (rollout, policy) to stay fast on a CPU; use --episodes 10+ for real numbers.
+Episode e of seed s resets the env with seed 1000*s + e. Scores: D4RL-normalised x100 with the D4RL refs (the
+env is Hopper-v5, D4RL's data came from v3), plus the checkpoint's own dataset scale when it is `local`.
+Writes --out/episodes.jsonl (one line per episode; a rerun skips (rollout, policy, seed, episode) already there),
+summary.json and table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = ROOT / "envs" / "checkpoints" / "dt-hopper-medium"
+BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
+POLICY_NAMES = ("full", "window", "namm") + BASELINES
+DEFAULT_DELAY = 48
+# State statistics of the public checkpoints live on their model cards, not in config.json (benchmarks.md §2.3).
+CARD_STATS = {
+    "edbeeching/decision-transformer-gym-hopper-medium": {
+        "trained_on": "D4RL hopper-medium-v2 (Hopper-v3 data; run here on Hopper-v5)",
+        "state_mean": [1.311279, -0.08469521, -0.5382719, -0.07201576, 0.04932366, 2.1066856, -0.15017354,
+                       0.00878345, -0.2848186, -0.18540096, -0.28461286],
+        "state_std": [0.17790751, 0.05444621, 0.21297139, 0.14530419, 0.6124444, 0.85174465, 1.4515252,
+                      0.6751696, 1.536239, 1.6160746, 5.6072536],
+    },
+}
+SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device")
+
+
+class UsageError(Exception):
+    """Something the user can fix; printed without a traceback."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="hopper-medium", help="task name, e.g. hopper-medium")
+    ap.add_argument("--checkpoint", default=None, help="DT folder or Hub id (default: the embedded hopper-medium DT)")
+    ap.add_argument("--state-stats", default=None, help="JSON with state_mean/state_std (checkpoints without them)")
+    ap.add_argument("--policies", default="full,namm", help=f"kv-cache policies: {','.join(POLICY_NAMES)}")
+    ap.add_argument("--rollout", default="both", choices=["kv", "recompute", "both"])
+    ap.add_argument("--episodes", type=int, default=3, help="episodes per seed (default 3: a quick look)")
+    ap.add_argument("--seeds", default="0", help="comma-separated; episode e of seed s resets with 1000*s + e")
+    ap.add_argument("--target-return", type=float, default=None, help="default: the task's first target")
+    ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="baseline budget: a fraction in (0, 1] (1 = keep all) or a token count >= 2")
+    ap.add_argument("--delay", type=int, default=DEFAULT_DELAY, help="eviction period in tokens (3 per timestep)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap episode length (tests, smoke runs)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="default runs/dt/<env>")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
+    if bad or len(set(args.policy_list)) != len(args.policy_list):
+        ap.error(f"--policies: unknown or repeated {bad or args.policy_list}; choose from {', '.join(POLICY_NAMES)}")
+    if args.rollout != "recompute" and not args.policy_list:
+        ap.error("--policies is empty")
+    # NAMM before the baselines, so they can use its realised cache fraction
+    args.policy_list.sort(key=lambda p: (p in BASELINES, POLICY_NAMES.index(p)))
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def load_checkpoint(args):
+    from envs.rollout import load_dt
+
+    ckpt = args.checkpoint or str(DEFAULT_CHECKPOINT)
+    local = Path(ckpt).exists()
+    stats = {}
+    if args.state_stats:
+        stats = json.loads(Path(args.state_stats).read_text())
+    elif ckpt in CARD_STATS:
+        stats = CARD_STATS[ckpt]
+    try:
+        dt = load_dt(ckpt, state_mean=stats.get("state_mean"), state_std=stats.get("state_std"))
+    except OSError as err:
+        where = "the folder" if local else "the Hugging Face Hub (is it reachable? HF_HUB_OFFLINE set?)"
+        raise UsageError(f"cannot load DT checkpoint {ckpt!r} from {where}: {str(err).splitlines()[0]}\n"
+                         f"Download it where the Hub is reachable (`huggingface-cli download {ckpt} --local-dir DIR`) "
+                         "and pass --checkpoint DIR.") from None
+    except ValueError as err:
+        raise UsageError(f"{err}\nPass --state-stats FILE (JSON with state_mean and state_std).") from None
+    args.checkpoint = str(Path(ckpt).resolve()) if local else ckpt
+    dt.meta.setdefault("dataset_id", stats.get("trained_on", "unknown data"))
+    return dt
+
+
+def load_namm_policy(args):
+    from namm_transfer.checkpoints import DEFAULT_NAMM, load_namm
+
+    path = args.namm or DEFAULT_NAMM
+    try:
+        namm = load_namm(path, delay=args.delay)
+    except FileNotFoundError as err:
+        hint = "" if args.namm else ("\nThe shipped language NAMM is not in this checkout: train one with "
+                                     "scripts/train_namm.py and pass --namm PATH, or drop namm from --policies.")
+        raise UsageError(f"--policies namm: {err}{hint}") from None
+    except ValueError as err:
+        raise UsageError(f"--delay {args.delay} does not suit this NAMM: {err}") from None
+    args.namm = str(Path(namm.source).resolve())
+    meta = {}
+    cfg = Path(args.namm) / "config.json"
+    if cfg.is_file():
+        meta = json.loads(cfg.read_text()).get("meta", {})
+    return namm, meta
+
+
+def make_kv_policy(name: str, args, dt, namm, budget):
+    from namm_transfer.adapters.decision_transformer import sliding_window
+    from namm_transfer.policies import make_policy
+
+    if name == "window":
+        return sliding_window(dt.context)
+    if name == "namm":
+        return namm
+    if name == "full":
+        return make_policy("full")
+    return make_policy(name, budget=budget, delay=args.delay, **({"seed": 0} if name == "random" else {}))
+
+
+def baseline_budget(args, done: dict, keys: list[tuple]) -> tuple[float | int, str]:
+    """(budget, where it came from) for the baselines: --budget, else NAMM's realised fraction over this run's
+    NAMM episodes (`keys`), else 0.5."""
+    if args.budget is not None:
+        return (int(args.budget) if args.budget > 1 else args.budget), "--budget"
+    if "namm" in args.policy_list:
+        rs = [done[k] for k in keys if k in done and k[:2] == ("kv-cache", "namm")]
+        fr = [r["eviction_fraction"] for r in rs if r["eviction_fraction"] is not None]
+        if fr:
+            return min(max(sum(fr) / len(fr), 1e-3), 1.0), "NAMM's realised cache fraction (after eviction steps)"
+        if rs:
+            return min(max(sum(r["realised_fraction"] for r in rs) / len(rs), 1e-3), 1.0), "NAMM's realised fraction"
+    return 0.5, "default 0.5"
+
+
+# ------------------------------------------------------------------------------------------ records I/O
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records already written; a torn last line (killed mid-write) is dropped so appends stay valid."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def check_settings(out: Path, args) -> None:
+    """The out folder must hold runs of the same settings, else resuming would mix results. The NAMM path may
+    be filled in later (a first run without namm)."""
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    path = out / "run.json"
+    old = json.loads(path.read_text()) if path.is_file() else settings
+    diff = {k: (old.get(k), v) for k, v in settings.items()
+            if old.get(k) != v and not (k == "namm" and None in (old.get(k), v))}
+    if diff:
+        raise UsageError(f"{out} holds a run with other settings {diff} (old, new); use another --out")
+    path.write_text(json.dumps({k: v if v is not None else old.get(k) for k, v in settings.items()}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    for key in dict.fromkeys((r["rollout"], r["policy"]) for r in records):
+        rs = [r for r in records if (r["rollout"], r["policy"]) == key]
+        rets = np.array([r["ret"] for r in rs])
+        row = {"rollout": key[0], "policy": key[1], "episodes": len(rs), "budget": rs[0].get("budget"),
+               "budget_source": rs[0].get("budget_source"), "return_mean": float(rets.mean()),
+               "return_std": float(rets.std()), "length_mean": float(np.mean([r["length"] for r in rs])),
+               "realised_cache_pct": 100 * float(np.mean([r["realised_fraction"] for r in rs])),
+               "steps_per_s": float(np.mean([r["steps_per_s"] for r in rs])),
+               "policy_ms": float(np.mean([r["policy_ms"] for r in rs])),
+               "final_cache_tokens": float(np.mean([r["final_cache_tokens"] for r in rs]))}
+        ev = [r["eviction_fraction"] for r in rs if r["eviction_fraction"] is not None]
+        row["eviction_cache_pct"] = 100 * float(np.mean(ev)) if ev else None
+        for scale in rs[0]["scores"]:
+            s = np.array([r["scores"][scale] for r in rs])
+            row[f"score_{scale}_mean"], row[f"score_{scale}_std"] = float(s.mean()), float(s.std())
+        budgets = [r["budget"] for r in rs if r.get("budget") is not None]
+        row["budget"] = sum(budgets) / len(budgets) if budgets else None  # per-episode budgets can differ on resume
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: list[str], scales: list[str]) -> str:
+    f = lambda x, fmt="{:.1f}": "-" if x is None else fmt.format(x)  # noqa: E731
+    score_cols = "".join(f" {s.upper() if s == 'd4rl' else s}-normalised ×100 |" for s in scales)
+    lines = [*(f"> {h}" for h in header), "",
+             f"| rollout | policy | budget | episodes | return |{score_cols} realised cache % | "
+             "cache % after evictions | final cache tokens | steps/s | policy ms/step |",
+             "|---|---|---|---|---|" + "---|" * len(scales) + "---|---|---|---|---|"]
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"{r['budget']:.3g}"
+        scores = "".join(f" {r[f'score_{s}_mean']:.1f} ± {r[f'score_{s}_std']:.1f} |" for s in scales)
+        lines.append(f"| {r['rollout']} | {r['policy']} | {budget} | {r['episodes']} | "
+                     f"{r['return_mean']:.1f} ± {r['return_std']:.1f} |{scores} {f(r['realised_cache_pct'])} | "
+                     f"{f(r['eviction_cache_pct'])} | {f(r['final_cache_tokens'], '{:.0f}')} | "
+                     f"{f(r['steps_per_s'], '{:.0f}')} | {f(r['policy_ms'], '{:.2f}')} |")
+    lines += ["", "realised cache %: tokens stored (kv-cache; mean over layers) or attended by the state token "
+              "(recompute-last-K) over tokens seen, averaged over steps. steps/s: env steps per wall-clock second, "
+              "env included; policy ms/step: wall time minus env time."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_recompute
+    from envs.registry import get_spec
+
+    torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()
+    try:
+        spec = get_spec(args.env)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device available")
+    namm, namm_meta = load_namm_policy(args) if "namm" in args.policy_list and args.rollout != "recompute" \
+        else (None, {})
+    dt = load_checkpoint(args)
+    dt_recompute = dt
+    if args.device != "cpu":  # envs.rollout.rollout_recompute builds its inputs on the CPU
+        dt_recompute = copy.deepcopy(dt)
+        dt.model.to(args.device)
+    args.target_return = args.target_return if args.target_return is not None else spec.target_returns[0]
+    refs = {"d4rl": spec.refs("d4rl")}
+    if dt.meta.get("dataset_source") == "local":
+        refs["local"] = spec.refs("local")
+
+    out = Path(args.out or ROOT / "runs" / "dt" / spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, args)
+    path = out / "episodes.jsonl"
+    done = {(r["rollout"], r["policy"], r["seed"], r["episode"]): r for r in read_records(path)}
+
+    jobs = [(RECOMPUTE, "full")] if args.rollout in ("recompute", "both") else []
+    jobs += [(KV, p) for p in args.policy_list] if args.rollout in ("kv", "both") else []
+    keys = [(ro, p, s, e) for ro, p in jobs for s in args.seed_list for e in range(args.episodes)]
+    todo = [k for k in keys if k not in done]
+    notes = [f"checkpoint {args.checkpoint} (K={dt.context}, trained on {dt.meta['dataset_id']}); "
+             f"{spec.gym_id}, target return {args.target_return:g}, eviction every {args.delay} tokens"]
+    if args.device != "cpu" and args.rollout != "kv":
+        notes.append("the recompute-last-K rollout runs on the CPU (envs.rollout builds its inputs there)")
+    if namm is not None:
+        notes.append(f"NAMM (zero-shot): {args.namm}" + (f" — {namm_meta}" if namm_meta else ""))
+    quick = " (3 per policy by default: a quick look; use --episodes 10+ for reportable numbers)" \
+        if args.episodes == 3 else ""
+    print(f"{len(keys)} episodes{quick}, {len(keys) - len(todo)} already in {path}", file=sys.stderr)
+
+    max_steps = min(args.max_steps or dt.max_ep_len, dt.max_ep_len)
+    env = make_env(spec.gym_id, max_steps)
+    with open(path, "a") as f, tqdm(total=len(todo), disable=args.no_progress, desc="DT episodes") as bar:
+        for key in todo:
+            rollout, name, seed, episode = key
+            budget = source = None
+            if rollout == KV and name in BASELINES:
+                budget, source = baseline_budget(args, done, keys)
+            reset_seed = 1000 * seed + episode
+            if rollout == RECOMPUTE:
+                ep = run_recompute(dt_recompute, env, args.target_return, reset_seed, refs, max_steps)
+            else:
+                policy = make_kv_policy(name, args, dt, namm, budget)
+                ep = run_kv(dt, env, policy, args.target_return, reset_seed, refs, max_steps)
+            rec = {"rollout": rollout, "policy": name, "seed": seed, "episode": episode, "reset_seed": reset_seed,
+                   "budget": budget, "budget_source": source, **{k: v for k, v in ep.to_dict().items()
+                                                                  if k != "rollout"}}
+            done[key] = rec
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix_str(f"{rollout}/{name} return {ep.ret:.0f}")
+    env.close()
+
+    rows = summarise([done[k] for k in keys])
+    header = [*notes]
+    budgets = {r["budget_source"] for r in rows if r["budget_source"]}
+    if budgets:
+        b = next(r["budget"] for r in rows if r["budget_source"])
+        header.append(f"baselines at budget {b:.3g} ({', '.join(sorted(budgets))})")
+    header.append(f"{args.episodes} episode(s) x seeds {args.seed_list}; D4RL refs {refs['d4rl'].min:g} / "
+                  f"{refs['d4rl'].max:g} applied to {spec.gym_id}" +
+                  (f"; local refs {refs['local'].min:g} / {refs['local'].max:g}" if "local" in refs else ""))
+    table = markdown(rows, header, list(refs))
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "notes": header, "rows": rows}, indent=2))
+    (out / "table.md").write_text(table)
+    print(table)
+    print(f"wrote {path}, {out / 'summary.json'}, {out / 'table.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""scripts/run_dt.py and scripts/bench_dt.py end to end on a tiny DT checkpoint (in-process, temp dirs)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+from namm_transfer import save_namm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 1-layer DT saved like scripts/train_dt.py does, plus a random NAMM."""
+    root = tmp_path_factory.mktemp("dt")
+    torch.manual_seed(0)
+    cfg = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32,
+                                    max_ep_len=1000, n_positions=64, bos_token_id=None, eos_token_id=None,
+                                    state_mean=[0.0] * 11, state_std=[1.0] * 11, return_scale=1000.0,
+                                    context_length=4, env_name="hopper-medium", gym_id="Hopper-v5",
+                                    dataset_id="namm_transfer/hopper/medium-v0", dataset_source="local")
+    DecisionTransformerModel(cfg).save_pretrained(root / "ckpt")
+    params = torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5
+    save_namm(root / "namm", params, None, meta={"note": "random test NAMM"})
+    return root
+
+
+def test_run_dt_end_to_end_and_resume(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    run_dt = _script("run_dt")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(tiny_checkpoint / "ckpt"), "--namm", str(tiny_checkpoint / "namm"),
+            "--policies", "full,h2o,window,namm,l2", "--episodes", "1", "--max-steps", "40", "--out", str(out),
+            "--no-progress"]
+    assert run_dt.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recompute-last-K" in printed and "kv-cache" in printed and "random test NAMM" in printed
+    recs = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert [(r["rollout"], r["policy"]) for r in recs] == [
+        ("recompute-last-K", "full"), ("kv-cache", "full"), ("kv-cache", "window"), ("kv-cache", "namm"),
+        ("kv-cache", "h2o"), ("kv-cache", "l2")]
+    by = {r["policy"]: r for r in recs if r["rollout"] == "kv-cache"}
+    assert by["namm"]["eviction_fraction"] is not None
+    assert by["h2o"]["budget"] == pytest.approx(by["namm"]["eviction_fraction"])
+    assert "NAMM" in by["h2o"]["budget_source"]
+    assert set(recs[0]["scores"]) == {"d4rl", "local"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["rows"]) == 6 and (out / "table.md").read_text().count("| kv-cache |") == 5
+
+    # a rerun with one more episode runs only the new (rollout, policy, seed, episode) keys
+    import envs.kv_rollout as kv
+
+    calls = []
+    real_kv, real_re = kv.run_kv, kv.run_recompute
+    monkeypatch.setattr(kv, "run_kv", lambda *a, **k: calls.append("kv") or real_kv(*a, **k))
+    monkeypatch.setattr(kv, "run_recompute", lambda *a, **k: calls.append("re") or real_re(*a, **k))
+    args[args.index("--episodes") + 1] = "2"
+    assert run_dt.main(args) == 0
+    assert calls == ["re", "kv", "kv", "kv", "kv", "kv"]
+    recs2 = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert recs2[:6] == recs and {r["episode"] for r in recs2[6:]} == {1}
+    calls.clear()
+    assert run_dt.main(args) == 0 and calls == []
+    # other settings in the same folder are refused
+    assert run_dt.main([*args, "--target-return", "1800"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_run_dt_clear_errors(tiny_checkpoint, tmp_path, capsys):
+    run_dt = _script("run_dt")
+    assert run_dt.main(["--env", "hopper-nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'hopper-nope'" in err and "hopper-medium" in err and "walker2d-expert" in err
+    assert run_dt.main(["--checkpoint", str(tiny_checkpoint / "ckpt"), "--namm", str(tmp_path / "none"),
+                        "--out", str(tmp_path)]) == 2
+    assert "no NAMM checkpoint" in capsys.readouterr().err
+    # the Hub is not reachable in tests (HF_HUB_OFFLINE=1): a clear message instead of a traceback
+    assert run_dt.main(["--checkpoint", "edbeeching/decision-transformer-gym-hopper-medium", "--policies", "full",
+                        "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load DT checkpoint" in err and "huggingface-cli download" in err
+
+
+def test_bench_dt_tiny(tiny_checkpoint, tmp_path, capsys):
+    bench = _script("bench_dt")
+    assert bench.main(["--checkpoint", str(tiny_checkpoint / "ckpt"), "--namm", str(tiny_checkpoint / "namm"),
+                       "--policies", "full,namm,l2", "--max-steps", "20", "--out", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert [r["policy"] for r in res["rows"]] == ["full", "namm", "l2"]
+    assert all(r["speedup"] > 0 for r in res["rows"]) and "speed-up" in capsys.readouterr().out

@@ -1,0 +1,73 @@
+"""Budget sweeps: the plan of harness calls, the score-vs-cache plot from result folders, and one tiny real sweep."""
+import json
+
+import torch
+from test_reporting_tables import LANG, _script, write_dt, write_language
+
+from namm_transfer.reporting import read_results
+from namm_transfer.reporting.plots import sweep_groups
+
+
+def lang_sweep(root):
+    """A NAMM run plus two baseline-only runs at other budgets, as sweep_budgets.py lays them out."""
+    write_language(root / "namm", {"full": LANG["full"], "namm": LANG["namm"]})
+    for b, fr, ap in ((0.25, 0.26, 0.3), (0.5, 0.51, 0.6)):
+        write_language(root / f"budget-{b:g}", {"h2o": (ap, 0.0, fr), "l2": (ap - 0.1, 0.0, fr)}, budget=b)
+    return [root / "namm", root / "budget-0.25", root / "budget-0.5"]
+
+
+def test_sweep_groups_and_png(tmp_path, capsys):
+    folders = lang_sweep(tmp_path)
+    groups = sweep_groups([r for f in folders for r in read_results(f)])
+    panels = groups[("language", "tiny-llama", "answer p")]
+    pts = panels["passkey (~300 tokens)"]
+    assert sorted((p.cache_pct, p.score) for p in pts if p.method == "h2o") == [(26.0, 0.3), (51.0, 0.6)]
+    assert [(p.cache_pct, p.score) for p in pts if p.method == "namm"] == [(40.0, 0.8)]  # one point: emergent
+    code = _script("make_tables").main([*map(str, folders), "--out", str(tmp_path / "t")])
+    assert code == 0
+    pngs = sorted(p.name for p in (tmp_path / "t").glob("sweep_*.png"))
+    assert pngs == ["sweep_language_tiny-llama_EM.png", "sweep_language_tiny-llama_answer-p.png"]
+    assert (tmp_path / "t" / pngs[1]).read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert md.count("| language | tiny-llama | passkey") == 6 and "--budget 0.25" in md
+
+
+def test_no_plot_without_a_sweep(tmp_path):
+    dt = write_dt(tmp_path / "dt", {"full": (3000.0, 1.0), "namm": (2500.0, 0.1), "h2o": (2000.0, 0.11)})
+    assert sweep_groups(read_results(dt)) == {}
+
+
+def test_sweep_plan_dry_run(tmp_path, capsys):
+    sb = _script("sweep_budgets")
+    code = sb.main(["--domain", "dt", "--budgets", "0.1,0.5", "--out", str(tmp_path), "--dry-run", "--",
+                    "--episodes", "1", "--n", "2"])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 0 and len(lines) == 3
+    assert "--policies full,namm --episodes 1 --n 2 --out" in lines[0] and lines[0].endswith(str(tmp_path / "namm"))
+    assert "--policies h2o,l2,recency --budget 0.1 --rollout kv --episodes 1" in lines[1]
+    assert lines[2].endswith(str(tmp_path / "budget-0.5"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_language_sweep_end_to_end(tmp_path, capsys):
+    """The real eval_language.py on a tiny model: NAMM once, H2O at two budgets, table and plot."""
+    from namm_transfer import save_namm
+    from namm_transfer.namm import NAMMConfig
+
+    save_namm(tmp_path / "ck", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None,
+              NAMMConfig(delay=128))
+    out = tmp_path / "sweep"
+    code = _script("sweep_budgets").main([
+        "--domain", "language", "--budgets", "0.3,0.6", "--methods", "h2o", "--out", str(out), "--",
+        "--model", "tiny-llama", "--namm", str(tmp_path / "ck"), "--tasks", "passkey", "--tokens", "300", "--n", "1",
+        "--delay", "128", "--no-progress"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    argv = json.loads((out / "budget-0.3" / "command.json").read_text())["argv"]
+    assert argv[argv.index("--budget") + 1] == "0.3"
+    caches = {r.source.result_file: r.methods for f in ("namm", "budget-0.3", "budget-0.6")
+              for r in read_results(out / f) if r.metric.name == "answer p"}
+    h2o = sorted(m["h2o"].cache_pct for m in caches.values() if "h2o" in m)
+    assert len(h2o) == 2 and h2o[0] < h2o[1]
+    assert (out / "sweep_language_tiny-llama_answer-p.png").is_file()
+    md = (out / "table.md").read_text()
+    assert "(recorded argv (command.json))" in md
