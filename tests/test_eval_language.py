@@ -41,3 +41,17 @@ def test_eval_language_matches_budgets_and_resumes(tmp_path):
     again = (out / "records.jsonl").read_text().splitlines()
     assert again[:-1] == lines[:-1] and len(again) == 8
     assert json.loads((out / "summary.json").read_text())
+
+
+def test_teacher_forcing_across_an_eviction_boundary():
+    """A prompt ending just before a delay multiple: the answer chunk must be cut at the boundary."""
+    from namm_transfer import NAMMPolicy
+    from namm_transfer.language.benchmark import evaluate_sample
+    from namm_transfer.language.models import tiny_random_lm, tiny_tokenizer
+    from namm_transfer.language.tasks import TaskSample
+    model, tok = tiny_random_lm("llama"), tiny_tokenizer()
+    for pad in range(4):
+        sample = TaskSample("passkey", "test", 0, "x" * (118 + pad), "q?", "a", "12345")
+        n = tok(sample.prompt(tok), return_tensors="pt").input_ids.shape[1]
+        rec = evaluate_sample(model, tok, sample, NAMMPolicy(torch.randn(4172) * 0.3, delay=128), "namm", "k")
+        assert 0 <= rec.answer_prob <= 1 and n > 0

@@ -56,10 +56,9 @@ def evaluate_sample(model, tok, sample: TaskSample, policy: MemoryPolicy, label:
     tf_cache = cache.fork(policy, 1)
     n = ids.shape[1]
     tf_logits = [logits]
-    if answer.shape[1] > 1:
-        pos = torch.arange(n, n + answer.shape[1] - 1, device=device)[None]
-        out = model(input_ids=answer[:, :-1], cache=tf_cache, use_cache=True, position_ids=pos)
-        tf_logits += list(out.logits[0].float())
+    if answer.shape[1] > 1:  # chunks cut at eviction boundaries, like the prompt
+        _, chunks, _ = prefill(model, answer[:, :-1], tf_cache, chunk, keep_logits=True)
+        tf_logits += [row for c in chunks for row in c[0]]
     logp = torch.stack([l.reshape(-1) for l in tf_logits]).log_softmax(-1)
     answer_prob = float(logp.gather(-1, answer[0][:, None]).exp().mean())
     # greedy branch
