@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer import load_namm, make_policy  # noqa: E402
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
-from namm_transfer.language.benchmark import append_record, evaluate_sample, read_records, summarise  # noqa: E402
+from namm_transfer.language.benchmark import append_record, evaluate_sample, summarise  # noqa: E402
+from namm_transfer.records import read_records  # noqa: E402
 from namm_transfer.language.tasks import make_split  # noqa: E402
 
 

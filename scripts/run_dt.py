@@ -164,17 +164,6 @@ def baseline_budget(args, done: dict, keys: list[tuple]) -> tuple[float | int, s
 # ------------------------------------------------------------------------------------------ records I/O
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records already written; a torn last line (killed mid-write) is dropped so appends stay valid."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
 def check_settings(out: Path, args) -> None:
     """The out folder must hold runs of the same settings, else resuming would mix results. The NAMM path may
     be filled in later (a first run without namm)."""
@@ -255,6 +244,7 @@ def run(args) -> int:
 
     from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_recompute
     from envs.registry import get_spec
+    from namm_transfer.records import read_records
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()

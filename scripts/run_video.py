@@ -150,17 +150,6 @@ def resolve_delay(args, model, namm, notes: list[str]) -> int:
 # ------------------------------------------------------------------------------------------ records I/O
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records already written; a torn last line (killed mid-write) is cut off so appends stay valid."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
 def check_settings(out: Path, args) -> None:
     """The out folder must hold runs of the same settings (else resuming would mix results)."""
     settings = {k: getattr(args, k) for k in SETTINGS}
@@ -279,6 +268,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from namm_transfer.records import read_records
     from video.pipeline import error_record, prepare_inputs, run_policy
     from video.decoding import VideoDecodeError
 

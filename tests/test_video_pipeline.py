@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from namm_transfer import H2O, FullCache, NAMMPolicy, Recency
-from namm_transfer.adapters.video_lm import embed_inputs, generate_video, split_points, video_positions
+from namm_transfer.adapters.causal_lm import chunk_bounds
+from namm_transfer.adapters.video_lm import embed_inputs, generate_video, video_positions
 from video.datasets import VideoQASample, load_synthetic
 from video.pipeline import run_sample
 from video.prompts import conversation, lvb_prompt
@@ -32,9 +33,9 @@ def tiny():
 
 
 def test_split_points():
-    assert split_points(0, 300, 128, 512) == [(0, 128), (128, 256), (256, 300)]
-    assert split_points(0, 100, 128, 32) == [(0, 32), (32, 64), (64, 96), (96, 100)]
-    assert split_points(10, 70, 16, 24) == [(10, 16), (16, 24), (24, 32), (32, 48), (48, 64), (64, 70)]
+    assert chunk_bounds(0, 300, 128, 512) == [(0, 128), (128, 256), (256, 300)]
+    assert chunk_bounds(0, 100, 128, 32) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert chunk_bounds(10, 70, 16, 24) == [(10, 16), (16, 24), (24, 32), (32, 48), (48, 64), (64, 70)]
 
 
 def test_keep_all_equals_model_generate():

@@ -62,6 +62,37 @@ def prefill(model, input_ids: torch.Tensor, cache: MemoryCache, chunk_size: int 
 
 
 @torch.no_grad()
+def greedy_decode(model, cache: MemoryCache, logits: torch.Tensor, max_new_tokens: int, eos: set[int], device,
+                  fractions: list[float], keep_logits: bool = False, after_step=None
+                  ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
+    """Greedy decoding from the prefill's last logits (B, V), one token per forward at its true position.
+    A row stops after emitting a token in `eos`; `fractions` gets the realised cache fraction after each step;
+    `after_step(cache)` runs after each forward. Returns (generated ids per row, step logits, last logits)."""
+    batch = logits.shape[0]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    step_logits = []
+    for _ in range(max_new_tokens):
+        if keep_logits:
+            step_logits.append(logits)
+        nxt = logits.argmax(-1)
+        for b in range(batch):
+            if not done[b]:
+                generated[b].append(int(nxt[b]))
+                done[b] = int(nxt[b]) in eos
+        if all(done) or len(generated[0]) >= max_new_tokens:
+            break
+        pos = torch.full((batch, 1), cache.tokens_seen, device=device)
+        out = model(input_ids=nxt[:, None].to(device), cache=cache, use_cache=True, position_ids=pos)
+        cache.assert_captured()
+        logits = out.logits[:, -1].float()
+        if after_step is not None:
+            after_step(cache)
+        fractions.append(cache.realised_fraction())
+    return generated, step_logits, logits
+
+
+@torch.no_grad()
 def generate(model, input_ids: torch.Tensor, policy: MemoryPolicy, max_new_tokens: int = 32,
              chunk_size: int = 128, eos_token_id: int | list[int] | None = None, tokenizer=None,
              keep_logits: bool = False) -> GenerationResult:
@@ -72,24 +103,8 @@ def generate(model, input_ids: torch.Tensor, policy: MemoryPolicy, max_new_token
     logits, _, fractions = prefill(model, input_ids, cache, chunk_size)
     t1 = time.perf_counter()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    batch = input_ids.shape[0]
-    generated = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
-    step_logits = []
-    for _ in range(max_new_tokens):
-        if keep_logits:
-            step_logits.append(logits)
-        nxt = logits.argmax(-1)
-        for b in range(batch):
-            if not done[b]:
-                generated[b].append(int(nxt[b]))
-                done[b] = int(nxt[b]) in eos
-        if bool(done.all()) or len(generated[0]) >= max_new_tokens:
-            break
-        pos = torch.full((batch, 1), cache.tokens_seen, device=input_ids.device)
-        out = model(input_ids=nxt[:, None].to(input_ids.device), cache=cache, use_cache=True, position_ids=pos)
-        logits = out.logits[:, -1].float()
-        fractions.append(cache.realised_fraction())
+    generated, step_logits, logits = greedy_decode(model, cache, logits, max_new_tokens, eos, input_ids.device,
+                                                   fractions, keep_logits)
     t2 = time.perf_counter()
     text = None
     if tokenizer is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import enable_memory_attention
+from .causal_lm import chunk_bounds, greedy_decode
 from ..cache import MemoryCache
 from ..policies import MemoryPolicy
 
@@ -49,17 +50,6 @@ class VideoGenerationResult:
     @property
     def seconds(self) -> float:
         return self.vision_seconds + self.prefill_seconds + self.decode_seconds
-
-
-def split_points(start: int, end: int, chunk: int, delay: int) -> list[tuple[int, int]]:
-    """Cut [start, end) at every absolute multiple of `chunk` and of `delay` (so eviction steps see exactly
-    `delay` new tokens, as NAMM's spectrogram needs)."""
-    bounds, s = [], start
-    while s < end:
-        e = min(end, (s // chunk + 1) * chunk, (s // delay + 1) * delay)
-        bounds.append((s, e))
-        s = e
-    return bounds
 
 
 def to_model(model, inputs) -> dict[str, torch.Tensor]:
@@ -133,7 +123,7 @@ def prefill_embeds(model, embeds: torch.Tensor, cache: MemoryCache, chunk_size: 
     when `keep_logits`, and the realised cache fraction after each chunk."""
     start, b = cache.tokens_seen, embeds.shape[0]
     logits, all_logits, fractions = None, [], []
-    for s, e in split_points(start, start + embeds.shape[1], chunk_size, cache.policy.delay):
+    for s, e in chunk_bounds(start, start + embeds.shape[1], chunk_size, cache.policy.delay):
         pos = torch.arange(s, e, device=embeds.device)[None].expand(b, -1)
         out = model(inputs_embeds=embeds[:, s - start:e - start], cache=cache, use_cache=True, position_ids=pos,
                     logits_to_keep=0 if keep_logits else 1)
@@ -198,26 +188,8 @@ def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32
     _sync(device)
     t2 = time.perf_counter()
 
-    batch = input_ids.shape[0]
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    step_logits = []
-    for _ in range(max_new_tokens):
-        if keep_logits:
-            step_logits.append(logits)
-        nxt = logits.argmax(-1)
-        for b in range(batch):
-            if not done[b]:
-                generated[b].append(int(nxt[b]))
-                done[b] = int(nxt[b]) in eos
-        if all(done) or len(generated[0]) >= max_new_tokens:
-            break
-        pos = torch.full((batch, 1), cache.tokens_seen, device=device)
-        out = model(input_ids=nxt[:, None].to(device), cache=cache, use_cache=True, position_ids=pos)
-        cache.assert_captured()
-        logits = out.logits[:, -1].float()
-        meter.sample(cache)
-        fractions.append(cache.realised_fraction())
+    generated, step_logits, logits = greedy_decode(model, cache, logits, max_new_tokens, eos, device, fractions,
+                                                   keep_logits, after_step=meter.sample)
     _sync(device)
     t3 = time.perf_counter()
 

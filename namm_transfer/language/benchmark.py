@@ -8,7 +8,6 @@ cache fraction of a reference policy (NAMM).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from ..adapters.causal_lm import prefill
 from ..attention import enable_memory_attention
 from ..cache import MemoryCache
 from ..policies import MemoryPolicy
+from .. import records
 from .tasks import TaskSample, score_generation
 
 
@@ -84,23 +84,8 @@ def evaluate_sample(model, tok, sample: TaskSample, policy: MemoryPolicy, label:
                   len(generated) / (t3 - t2) if generated else float("nan"))
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash: dropped and redone
-                pass
-    return rows
-
-
 def append_record(path: Path, rec: Record) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(asdict(rec)) + "\n")
-        f.flush()
+    records.append_record(path, asdict(rec))
 
 
 def summarise(rows: list[dict], policies: list[str]) -> tuple[list[dict], str]:

@@ -1,0 +1,24 @@
+"""Append-only JSONL result files that long evaluations resume from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records already written; a torn last line (killed mid-write) is cut off so later appends stay valid."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def append_record(path: Path, row: dict) -> None:
+    """Append one record and flush it, so an interrupted run loses at most the record being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
