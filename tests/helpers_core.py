@@ -22,11 +22,8 @@ def tiny_model(arch: str, seed: int = 0):
     raise ValueError(arch)
 
 
-@torch.no_grad()
-def run_with_policy(model, ids, policy, chunk=64, decode_from=None):
-    """Feed ids in chunks (then one token at a time from `decode_from`), logging evictions.
-    Returns (logits (1, L, V), cache, events) with events = [(layer, tokens_seen, evicted positions per head)]."""
-    enable_memory_attention(model)
+def eviction_recorder():
+    """(events, on_evict): events collects (layer, tokens_seen, evicted positions per batch row and KV head)."""
     events = []
 
     def on_evict(layer, keep):
@@ -35,6 +32,15 @@ def run_with_policy(model, ids, policy, chunk=64, decode_from=None):
                     for b in range(gone.shape[0])]
         events.append((layer.layer_idx, layer.tokens_seen, per_head))
 
+    return events, on_evict
+
+
+@torch.no_grad()
+def run_with_policy(model, ids, policy, chunk=64, decode_from=None):
+    """Feed ids in chunks (then one token at a time from `decode_from`), logging evictions.
+    Returns (logits (1, L, V), cache, events) with events = [(layer, tokens_seen, evicted positions per head)]."""
+    enable_memory_attention(model)
+    events, on_evict = eviction_recorder()
     cache = MemoryCache(policy, on_evict=on_evict)
     decode_from = decode_from or ids.shape[1]
     bounds = [(s, min(s + chunk, decode_from)) for s in range(0, decode_from, chunk)]

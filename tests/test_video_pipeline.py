@@ -15,7 +15,7 @@ from video.prompts import conversation, lvb_prompt
 from video.synthetic import SyntheticConfig, generate_split
 from video.tiny_model import build_tiny_llava_next_video
 
-from helpers_core import masked_reference_logits
+from helpers_core import eviction_recorder, masked_reference_logits
 
 SAMPLE = VideoQASample("s", "s.mp4", "What colour is the large shape when the counter shows 3?",
                        ["red", "blue", "green", "cyan", "white"], 1, "synthetic")
@@ -81,14 +81,7 @@ def _namm(seed=0, scale=0.5):
 def test_evict_equals_mask(tiny, make_policy):
     model, processor = tiny
     enc = _enc(processor, seed=1)
-    events = []
-
-    def on_evict(layer, keep):
-        gone = layer.valid & ~keep
-        per_head = [[layer.positions[b, h][gone[b, h]].tolist() for h in range(gone.shape[1])]
-                    for b in range(gone.shape[0])]
-        events.append((layer.layer_idx, layer.tokens_seen, per_head))
-
+    events, on_evict = eviction_recorder()
     res = generate_video(model, enc, make_policy(), max_new_tokens=32, chunk_size=40, eos_token_id=None,
                          keep_logits=True, on_evict=on_evict)
     n = enc["input_ids"].shape[1]
