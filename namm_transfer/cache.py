@@ -13,11 +13,12 @@ tokens at their true absolute positions.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .features import gqa_mean
 from .policies import LayerView, MemoryPolicy
 
 _CAPTURE = threading.local()  # (cache, layer_idx) awaiting its attention call
@@ -117,8 +118,7 @@ class MemoryLayer(DynamicLayer):
         policy = self.cache.policy
         if policy.attention_dtype is not None:
             probs = probs.to(policy.attention_dtype)
-        b, h, q, n = probs.shape
-        self.buffer.append(probs.float().view(b, num_kv_heads, h // num_kv_heads, q, n).mean(dim=2))
+        self.buffer.append(gqa_mean(probs.float(), num_kv_heads))
 
     def after_attention(self, q_len: int) -> None:
         """Called once the layer's attention for this forward is computed; evicts on schedule."""

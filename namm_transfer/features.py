@@ -92,25 +92,6 @@ def new_token_frame_mask(n_tokens: int, n_new: int, n_frames: int, hop: int, dev
     return (torch.arange(n_frames, device=device)[None, :] >= block[:, None]).float()
 
 
-def ema_update(
-    frames: torch.Tensor, prev: torch.Tensor, kept: torch.Tensor, frame_mask: torch.Tensor,
-    coeff: float, hop: int,
-) -> torch.Tensor:
-    """Per-token EMA over spectrogram frames, continuing the previous state.
-
-    frames: (..., N, F, B) magnitudes; prev: (..., N, B) previous EMA (ignored where not kept);
-    kept: (N,) or broadcastable bool, token existed before this step; frame_mask: (N, F).
-    E = sum_f (1 - a) a^(F-1-f) m_f S_f + kept * coeff^(F*hop) * prev, with a = coeff^hop.
-    """
-    n_frames = frames.shape[-2]
-    a = coeff ** hop
-    weights = (1 - a) * a ** torch.arange(n_frames - 1, -1, -1, dtype=torch.float32, device=frames.device)
-    w = weights * frame_mask  # (N, F)
-    fresh = (frames * w[..., None]).sum(dim=-2)
-    carry = (coeff ** (n_frames * hop)) * prev * kept[..., None].to(prev.dtype)
-    return fresh + carry
-
-
 def recency_embedding(recency: torch.Tensor, dim: int = 8, max_freq: float = 50000.0) -> torch.Tensor:
     """Sinusoidal embedding [sin(r w_0..), cos(r w_0..)], w_k = max_freq^(-k / (dim/2)). (...,) -> (..., dim)."""
     half = dim // 2
