@@ -8,7 +8,8 @@
 The map is the model's final cache after running one input with the NAMM as its memory policy (language: the
 prompt's chunked prefill; DT: one KV-cache episode; video: the multimodal prefill): for each layer, the share of
 KV heads that still hold each token. Outputs in --out (default runs/retention/<domain>):
-  language  <policy>_layers.png (layers x prompt tokens), <policy>_layer<L>.html (the prompt, kept tokens shaded)
+  language  <policy>_layers.png (layers x prompt tokens), <policy>_layer<L>_text.png and .html (the prompt,
+            kept tokens shaded)
   dt        <policy>_types.png (layers x return/state/action), <policy>_timesteps.png (type x timestep, layer L)
   video     <policy>_frames.png (frames x layers: share of each frame's video tokens kept), <policy>_layers.png
 and retention.json (the numbers, settings, the command). Tokens fed after a layer's last eviction step were never
@@ -124,7 +125,7 @@ class LanguageTarget:
             self.prefill(collector, ids)
 
     def plot(self, label, keep, extra, out: Path) -> list[Path]:
-        from namm_transfer.reporting.plots import plot_heatmap
+        from namm_transfer.reporting.plots import plot_heatmap, plot_text_retention
 
         layer = pick_layer(self.args, keep)
         tokens = [self.tok.decode([t]) for t in self.ids[0].tolist()]
@@ -134,7 +135,11 @@ class LanguageTarget:
                                            f"from {until} on were not scored by an eviction step yet"))
         png = plot_heatmap(keep, out / f"{label}_layers.png", f"{label}: tokens kept per layer — {self.describe}",
                            "prompt token", "layer", scored_until=until)
-        return [png, html_path]
+        text_png = plot_text_retention(tokens, keep[layer], out / f"{label}_layer{layer}_text.png",
+                                       f"{label}, layer {layer}: {self.describe}. Shade = share of KV heads keeping "
+                                       f"the token; grey on white = evicted; italics (token {until} on) = not "
+                                       "scored by an eviction step yet", scored_until=until)
+        return [png, html_path, text_png]
 
 
 class DTTarget:

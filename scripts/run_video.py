@@ -104,11 +104,13 @@ def load_model(args, notes: list[str]):
             name = str(TINY_SYNTH_MODEL)
         else:
             name = TINY_RANDOM
-            notes.append(f"WARNING: no trained tiny model at {TINY_SYNTH_MODEL}; using a freshly built RANDOM "
-                         "tiny Llava-Next-Video. Its answers are noise: this run only checks the pipeline.")
+            notes.append(f"no trained tiny model at {TINY_SYNTH_MODEL} (build it: scripts/train_video_model.py "
+                         "--ship)")
     args.model = name
     dtype = DTYPES[args.dtype]
     if name == TINY_RANDOM:
+        notes.append("WARNING: a freshly built RANDOM tiny Llava-Next-Video: its answers are noise, this run only "
+                     "checks the pipeline.")
         model, processor = build_tiny_llava_next_video(seed=args.seed)
         return model.to(device=args.device, dtype=dtype), processor
     try:

@@ -106,8 +106,8 @@ def test_retention_cli_language_tiny(tmp_path, capsys, monkeypatch):
                     "--renorm", "--save-renorm", str(tmp_path / "renorm"), "--calib-n", "1", "--out", str(out)])
     assert code == 0, capsys.readouterr().err[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["namm-renorm_layer1.html", "namm-renorm_layers.png", "namm_layer1.html", "namm_layers.png",
-                     "retention.json"]
+    assert names == ["namm-renorm_layer1.html", "namm-renorm_layer1_text.png", "namm-renorm_layers.png",
+                     "namm_layer1.html", "namm_layer1_text.png", "namm_layers.png", "retention.json"]
     report = json.loads((out / "retention.json").read_text())
     assert set(report["policies"]) == {"namm", RENORM} and len(report["policies"]["namm"]["kept_share_per_layer"]) == 2
     assert json.loads((tmp_path / "renorm" / "config.json").read_text())["meta"]["variant"] == RENORM

@@ -37,7 +37,8 @@ def test_end_to_end_resume_and_corrupt_video(run_video, tmp_path):
     namm = save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
     out = tmp_path / "out"
     args = ["--dataset", "synthetic", "--data-root", str(data), "--policies", "full,namm,h2o", "--namm", str(namm),
-            "--frames", "8", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+            "--frames", "8", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--model", "tiny-random"]
 
     assert run_video.main(args + ["--limit", "3"]) == 0
     first = _lines(out / "records.jsonl")

@@ -14,6 +14,7 @@ llava-hf/LLaVA-NeXT-Video-7B-hf; only the sizes and weights differ.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -99,14 +100,33 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaNe
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
+@dataclass(frozen=True)
+class ModelSize:
+    """Widths and depths of the two towers (the rest of the config is fixed)."""
+
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+
+
+TINY = ModelSize()  # tests: random weights, a fraction of a second per forward
+SMALL = ModelSize(vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=128, text_layers=4)  # trained
+
+
+def build_config(tokenizer: PreTrainedTokenizerFast, size: ModelSize = TINY) -> LlavaNextVideoConfig:
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+        num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=len(tokenizer), hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
+        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
+        num_key_value_heads=size.text_kv_heads, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return LlavaNextVideoConfig(
@@ -124,11 +144,11 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaNextVideoConfig:
 
 
 def build_tiny_llava_next_video(
-    seed: int = 0, save_dir: str | os.PathLike | None = None
+    seed: int = 0, save_dir: str | os.PathLike | None = None, size: ModelSize = TINY
 ) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
     """Random tiny model + processor (eval mode, eager attention); saved to `save_dir` when given."""
     processor = build_processor()
-    config = build_config(processor.tokenizer)
+    config = build_config(processor.tokenizer, size)
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id

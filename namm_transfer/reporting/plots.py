@@ -1,7 +1,7 @@
 """Figures: score vs realised cache % from budget sweeps, and retention maps.
 
 `sweep_groups` collects, per (domain, model, metric), each benchmark's points from all result files; a group is
-a sweep when some baseline has two or more cache sizes. `plot_sweep` draws one panel per benchmark: a line per
+a sweep when some baseline has two or more cache sizes, and only benchmarks with such a baseline get a panel. `plot_sweep` draws one panel per benchmark: a line per
 baseline over its budgets, NAMM as single points (its cache size is emergent), full cache as a dashed level.
 """
 from __future__ import annotations
@@ -45,11 +45,12 @@ def sweep_groups(results: list[ResultSet]) -> dict[tuple[str, str, str], dict[st
                 groups[(r.domain, r.model, r.metric.name)][r.benchmark].append(
                     SweepPoint(m.method, m.cache_pct, m.score, r.source.result_file))
 
-    def is_sweep(panels: dict) -> bool:
+    def swept(pts: list[SweepPoint]) -> bool:
         return any(len({p.cache_pct for p in pts if p.method == method}) >= 2
-                   for pts in panels.values() for method in {p.method for p in pts} if method not in FIXED)
+                   for method in {p.method for p in pts} if method not in FIXED)
 
-    return {k: dict(v) for k, v in groups.items() if is_sweep(v)}
+    out = {k: {bench: pts for bench, pts in v.items() if swept(pts)} for k, v in groups.items()}
+    return {k: v for k, v in out.items() if v}
 
 
 def slug(*parts: str) -> str:
@@ -128,6 +129,48 @@ def plot_heatmap(matrix: np.ndarray, path: str | Path, title: str, xlabel: str, 
     ax.set_title(textwrap.fill(title, int(width * 11)), fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.03, label=cbar)
     fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_text_retention(tokens: list[str], kept: np.ndarray, path: str | Path, title: str,
+                        chars_per_line: int = 110, scored_until: int | None = None) -> Path:
+    """The prompt as text, each token on a background shaded by its kept share (white + grey text = evicted by
+    every head); tokens from `scored_until` on (never scored) are drawn in italics."""
+    plt = _plt()
+    cmap = plt.get_cmap("Blues")
+    lines: list[list[tuple[int, str]]] = [[]]
+    width = 0
+    for i, tok in enumerate(tokens):
+        for n, part in enumerate(tok.split("\n")):
+            if n:  # a newline inside the token
+                lines.append([])
+                width = 0
+            if width + len(part) > chars_per_line and lines[-1]:
+                lines.append([])
+                width = 0
+            lines[-1].append((i, part))
+            width += len(part)
+    char_w, line_h = 0.0072, 1.0 / max(len(lines), 1)
+    fig = plt.figure(figsize=(chars_per_line * char_w * 12 + 0.4, 0.6 + 0.16 * len(lines)))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.92 if len(lines) > 20 else 0.85))
+    ax.set_xlim(0, chars_per_line)
+    ax.set_ylim(len(lines), 0)
+    ax.axis("off")
+    for row, line in enumerate(lines):
+        x = 0
+        for i, part in line:
+            if part:
+                k = float(kept[i])
+                ax.add_patch(plt.Rectangle((x, row + 0.05), len(part), 0.9, lw=0,
+                                           color=cmap(0.15 + 0.7 * k) if k > 0 else "white"))
+                ax.text(x, row + 0.5, part, va="center", ha="left", family="monospace", fontsize=7,
+                        color="black" if k > 0 else "#999999",
+                        style="italic" if scored_until is not None and i >= scored_until else "normal")
+            x += len(part)
+    fig.suptitle(textwrap.fill(title, 160), fontsize=8)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
