@@ -124,8 +124,8 @@ class MemoryLayer(DynamicLayer):
         """Called once the layer's attention for this forward is computed; evicts on schedule."""
         self.awaiting_capture = False
         _CAPTURE.pending = None
-        policy = self.cache.policy
-        if not policy.evicts:
+        policy, until = self.cache.policy, self.cache.evict_until
+        if not policy.evicts or (until is not None and self.tokens_seen > until):
             self.buffer.clear()
             return
         delay = policy.delay
@@ -161,9 +161,10 @@ class MemoryLayer(DynamicLayer):
 class MemoryCache(Cache):
     """A Cache driven by a MemoryPolicy. Create one per sequence (or batch of sequences)."""
 
-    def __init__(self, policy: MemoryPolicy, on_evict=None):
+    def __init__(self, policy: MemoryPolicy, on_evict=None, evict_until: int | None = None):
         super().__init__(layers=[])
         self.policy = policy
+        self.evict_until = evict_until  # eviction steps only at token counts <= this (None: no limit)
         self.log: list[EvictionRecord] = []
         self.on_evict = on_evict  # callback(layer, keep_mask) before pruning: retention maps, tests
 

@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--delay", type=int, default=None, help="eviction period (default: the domain's harness default)")
+    ap.add_argument("--evict-during", default="video", choices=["video", "prompt"],
+                    help="video: as run_video.py (eviction steps only while the video is read)")
     ap.add_argument("--renorm", action="store_true", help="also map namm-renorm (see above)")
     ap.add_argument("--save-renorm", default=None, help="write the namm-renorm checkpoint here")
     ap.add_argument("--calib-n", type=int, default=2, help="calibration prompts / episodes / videos for --renorm")
@@ -244,7 +246,8 @@ class VideoTarget:
         from namm_transfer.adapters.video_lm import generate_video
 
         log = ret.EvictionLog()
-        generate_video(self.model, inputs.enc, policy, max_new_tokens=1, chunk_size=self.args.chunk, on_evict=log)
+        generate_video(self.model, inputs.enc, policy, max_new_tokens=1, chunk_size=self.args.chunk, on_evict=log,
+                       evict_during=self.args.evict_during)
         return log
 
     def run(self, policy):

@@ -11,6 +11,11 @@ MLVU M-Avg, realised cache %, video tokens kept %, peak memory, seconds per samp
 Budgets: baselines (h2o, l2, recency, snapkv, random) run, per sample, at the realised cache fraction NAMM reached
 on that sample when `namm` comes before them in --policies; otherwise at --budget (0.5 if not given). An explicit
 --budget always wins. All policies share one eviction period (--delay).
+
+Eviction steps run while the video is being read (--evict-during video, the default): the policies decide which
+video tokens to keep, and the question that follows is read into the pruned cache and kept whole (with 7B-class
+models the text after the video is usually shorter than one eviction period anyway). --evict-during prompt keeps
+evicting through the question. Realised cache % always counts every token, text included.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ POLICY_NAMES = ("full", "namm") + BASELINES
 TINY_RANDOM = "tiny-random"
 TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
 SNAPKV_WINDOW = 32  # SnapKV's default observation window
-SETTINGS = ("dataset", "split", "data_root", "model", "namm", "frames", "chunk", "delay", "budget", "seed", "dtype")
+SETTINGS = ("dataset", "split", "data_root", "model", "namm", "frames", "chunk", "delay", "budget", "seed", "dtype",
+            "evict_during")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--delay", type=int, default=None, help="eviction period in tokens (default: NAMM's, 512; "
                                                            f"{TINY_DELAY} on tiny models)")
     ap.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
+    ap.add_argument("--evict-during", default="video", choices=["video", "prompt"],
+                    help="video (default): eviction steps only while the video is read, so policies decide over "
+                         "video tokens and the question after it is kept; prompt: all through the prompt")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -316,7 +325,8 @@ def run(args) -> int:
                 if failure is not None:
                     rec = error_record(sample, failure)
                 else:
-                    rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk)
+                    rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk,
+                                     args.evict_during)
                 rec = {"policy": name, "sample_index": index, "budget": budget, "budget_source": source, **rec}
                 done[(name, sample.id)] = rec
                 f.write(json.dumps(rec) + "\n")
@@ -329,7 +339,8 @@ def run(args) -> int:
     records = [r for (p, i), r in done.items() if i in ids and p in args.policy_list]
     summary = summarise(records, args.policy_list, args.dataset)
     header = [f"{args.dataset} ({args.split}), {len(samples)} samples, {args.frames} frames, "
-              f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}", *notes]
+              f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}, "
+              f"eviction during the {args.evict_during}", *notes]
     if any(p in BASELINES for p in args.policy_list):
         header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget_source']}" for p, s in summary.items()
                                                         if p in BASELINES))

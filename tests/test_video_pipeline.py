@@ -119,3 +119,24 @@ def test_corrupt_video_becomes_error_record(tiny, tmp_path):
     assert all(r["prediction"] is None and not r["correct"] and r["response"] == "" for r in broken)
     assert all(r["error"] is None and r["num_frames"] == 8 and r["video_tokens"] == 32 for r in fine)
     assert fine[1]["realised_fraction"] < 1.0 == fine[0]["realised_fraction"]
+
+
+def test_evict_during_video_stops_at_the_video_and_keeps_the_question(tiny):
+    model, processor = tiny
+    enc = _enc(processor, seed=2)
+    is_video = video_positions(model, enc["input_ids"])[0]
+    video_end = int(is_video.nonzero().max()) + 1
+    events, on_evict = eviction_recorder()
+    res = generate_video(model, enc, Recency(16, delay=32), max_new_tokens=4, chunk_size=40, eos_token_id=None,
+                         on_evict=on_evict, evict_during="video")
+    assert events and all(t <= video_end for _, t, _ in events)
+    assert {t for _, t, _ in events} == set(range(32, video_end + 1, 32))
+    n = enc["input_ids"].shape[1]
+    assert res.video_kept_fraction < 0.5  # Recency(16) at each step inside the video
+    n_video = int(is_video.sum())
+    last_step = max(t for _, t, _ in events)
+    # what is stored at the end: the 16 kept at the last step + every token read after it (prompt and generated)
+    assert res.cache_lengths == [16 + (n - last_step) + 3] * model.config.text_config.num_hidden_layers
+    assert n_video > 16
+    with pytest.raises(ValueError, match="evict_during"):
+        generate_video(model, enc, Recency(16, delay=32), max_new_tokens=1, evict_during="question")

@@ -57,6 +57,12 @@ def test_training_example_uses_run_videos_prompt_and_processor(tmp_path):
         reply = processor.tokenizer.decode(ex["input_ids"][n:])
         assert reply == sample.answer_letter + "</s>" and (ex["labels"][:n] == -100).all()
         assert ex["pixel_values_videos"].shape == ref["pixel_values_videos"][0].shape
+        ends = ex["option_pos"].tolist()  # the newline closing each option line
+        decode = processor.tokenizer.decode
+        lines = [decode(ex["input_ids"][a + 1:b + 1]) for a, b in zip(ends, ends[1:])]
+        assert lines == [f"{'ABCDE'[j]}. {o}\n" for j, o in enumerate(sample.options)][1:]
+        assert decode(ex["input_ids"][: ends[0] + 1]).endswith(f"\nA. {sample.options[0]}\n")
+        assert ex["answer"] == sample.answer
 
 
 def _script():

@@ -67,10 +67,11 @@ def record_dict(record: QARecord, **extra) -> dict:
 
 
 def answer(model, processor, sample: VideoQASample, inputs: VideoInputs, policy: MemoryPolicy, index: int = 0,
-           seed: int = 0, chunk_size: int = 128, max_new_tokens: int | None = None) -> dict:
+           seed: int = 0, chunk_size: int = 128, max_new_tokens: int | None = None,
+           evict_during: str = "prompt") -> dict:
     """Run one policy on prepared inputs; returns the JSON record."""
     res = generate_video(model, inputs.enc, policy, max_new_tokens=max_new_tokens or max_new_tokens_for(sample),
-                         chunk_size=chunk_size, tokenizer=processor.tokenizer)
+                         chunk_size=chunk_size, tokenizer=processor.tokenizer, evict_during=evict_during)
     reply = res.text[0]
     parsed = parse_answer(sample, reply, seed=seed, index=index)
     return record_dict(
@@ -90,7 +91,7 @@ def error_record(sample: VideoQASample, err: BaseException) -> dict:
 
 
 def run_sample(model, processor, sample: VideoQASample, policies: list[MemoryPolicy], index: int = 0,
-               num_frames: int = 32, seed: int = 0, chunk_size: int = 128) -> list[dict]:
+               num_frames: int = 32, seed: int = 0, chunk_size: int = 128, evict_during: str = "prompt") -> list[dict]:
     """All policies on one sample (the video is decoded once); errors become records, never exceptions."""
     try:
         inputs = prepare_inputs(sample, processor, num_frames)
@@ -98,15 +99,15 @@ def run_sample(model, processor, sample: VideoQASample, policies: list[MemoryPol
         return [error_record(sample, err) for _ in policies]
     out = []
     for policy in policies:
-        out.append(run_policy(model, processor, sample, inputs, policy, index, seed, chunk_size))
+        out.append(run_policy(model, processor, sample, inputs, policy, index, seed, chunk_size, evict_during))
     return out
 
 
 def run_policy(model, processor, sample: VideoQASample, inputs: VideoInputs, policy: MemoryPolicy, index: int = 0,
-               seed: int = 0, chunk_size: int = 128) -> dict:
+               seed: int = 0, chunk_size: int = 128, evict_during: str = "prompt") -> dict:
     """`answer`, with a CUDA out-of-memory recorded as this sample's error (the cache is freed, the run goes on)."""
     try:
-        return answer(model, processor, sample, inputs, policy, index, seed, chunk_size)
+        return answer(model, processor, sample, inputs, policy, index, seed, chunk_size, evict_during=evict_during)
     except torch.OutOfMemoryError as err:
         torch.cuda.empty_cache()
         return error_record(sample, err)

@@ -25,6 +25,9 @@ from ..cache import MemoryCache
 from ..policies import MemoryPolicy
 
 
+EVICT_DURING = ("prompt", "video")
+
+
 @dataclass
 class VideoGenerationResult:
     tokens: list[list[int]]  # generated ids per batch row (eos included when produced)
@@ -156,14 +159,20 @@ def _kept_video_fraction(cache: MemoryCache, is_video: torch.Tensor) -> float:
 @torch.no_grad()
 def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32, chunk_size: int = 128,
                    eos_token_id: int | list[int] | None | str = "auto", tokenizer=None, keep_logits: bool = False,
-                   on_evict=None, inputs_embeds: torch.Tensor | None = None) -> VideoGenerationResult:
+                   on_evict=None, inputs_embeds: torch.Tensor | None = None,
+                   evict_during: str = "prompt") -> VideoGenerationResult:
     """Greedy video QA with `policy` managing the language model's KV cache.
 
     inputs: the processor's output (input_ids, pixel_values_videos, attention_mask), moved to the model's device.
     eos_token_id: "auto" = the model's generation_config.eos_token_id; None = never stop early.
     on_evict(layer, keep): called before each pruning (retention maps, tests).
     inputs_embeds: precomputed `embed_inputs(...)` to skip the vision tower (vision_seconds is then 0).
+    evict_during: "prompt" = eviction steps all through prefill and decoding; "video" = only at steps that fall
+        within the video (the schedule's multiples of `policy.delay` up to the last video token), so the policy
+        decides over the video and the text after it is read into the pruned cache and kept.
     """
+    if evict_during not in EVICT_DURING:
+        raise ValueError(f"evict_during must be one of {EVICT_DURING}, got {evict_during!r}")
     enc = to_model(model, inputs)
     input_ids, device = enc["input_ids"], model.device
     enable_memory_attention(model.model.language_model)
@@ -178,7 +187,11 @@ def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32
         if on_evict is not None:
             on_evict(layer, keep)
 
-    cache = MemoryCache(policy, on_evict=_on_evict)
+    is_video = video_positions(model, input_ids)
+    until = None
+    if evict_during == "video":
+        until = int(is_video.any(0).nonzero().max()) + 1 if bool(is_video.any()) else 0
+    cache = MemoryCache(policy, on_evict=_on_evict, evict_until=until)
     t0 = time.perf_counter()
     if inputs_embeds is None:
         inputs_embeds = embed_inputs(model, input_ids, enc.get("pixel_values_videos"))
@@ -196,7 +209,6 @@ def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32
     text = None
     if tokenizer is not None:
         text = [tokenizer.decode([t for t in g if t not in eos], skip_special_tokens=True) for g in generated]
-    is_video = video_positions(model, input_ids)
     return VideoGenerationResult(
         tokens=generated, text=text, cache_lengths=cache.cache_lengths(), tokens_seen=cache.tokens_seen,
         prompt_tokens=input_ids.shape[1], video_tokens=int(is_video[0].sum()),
