@@ -89,3 +89,21 @@ def test_tiny_training_runs_resumes_and_saves_a_loadable_model(tmp_path, capsys)
     assert processor.tokenizer.convert_tokens_to_ids("<video>") == model.config.video_token_index
     assert script.main(base + ["--steps", "4", "--lr", "0.5"]) == 2  # other settings: refused, said why
     assert "other settings" in capsys.readouterr().err
+
+
+def test_evidence_clips_hold_the_evidence_and_keep_flashes_apart():
+    from video.training import easy_share, evidence_indices
+
+    for i in range(12):
+        scene, qa = make_sample(0, "train", i, SMALL_SYNTH)
+        idx = evidence_indices(scene, qa, 32)
+        assert len(idx) == 32 and (np.diff(idx) >= 0).all()
+        ranges = [tuple(e) for e in qa["evidence"]]
+        hit = [any(a <= t < b for t in idx) for a, b in ranges]
+        assert all(hit), "every evidence range is in the clip"
+        if qa["kind"] == "count_event":  # flashes seen in the clip = the answer
+            labels = frame_labels(scene, idx)
+            onsets = int((labels[0, 3] > 0) + ((labels[1:, 3] > 0) & (labels[:-1, 3] == 0)).sum())
+            assert onsets == qa["correct_choice"] + 1
+    cfg = VideoTrainConfig(steps=100)
+    assert easy_share(0, cfg) == 0.6 and easy_share(50, cfg) == pytest.approx(0.1) and easy_share(99, cfg) == pytest.approx(0.1)
