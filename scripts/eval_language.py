@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer import load_namm, make_policy  # noqa: E402
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.language.benchmark import append_record, evaluate_sample, summarise  # noqa: E402
-from namm_transfer.records import read_records  # noqa: E402
+from namm_transfer.records import read_records, record_command  # noqa: E402
 from namm_transfer.language.tasks import make_split  # noqa: E402
 
 
@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({**vars(args), "namm_source": getattr(namm, "source", None)}, indent=2))
+    record_command(out, "scripts/eval_language.py", argv)
     records_path = out / "records.jsonl"
     done = {(r["policy"], r["key"]): r for r in read_records(records_path)}
     samples = [(task, i, s) for task in args.tasks.split(",")

@@ -17,8 +17,8 @@ scored and count as kept.
 
 --renorm adds "namm-renorm": the same parameters with normalisation statistics re-estimated on this target model
 by a keep-all pass (zero parameters, the NAMM's config) over calibration inputs that exclude the mapped one
-(language: --calib-n validation prompts; dt: --calib-n episodes with other reset seeds; video: --calib-n other
-samples). --save-renorm DIR writes it as a checkpoint for the harnesses (--namm DIR); scripts/make_tables.py
+(language: --calib-n validation prompts; dt: --calib-n episodes with other reset seeds; video: --calib-n videos
+of the synthetic validation split, or other samples of the dataset). --save-renorm DIR writes it as a checkpoint for the harnesses (--namm DIR); scripts/make_tables.py
 names their rows namm-renorm.
 
 Default NAMM: namm_transfer/checkpoints/namm-smollm2 (pass --namm PATH when it is not there).
@@ -238,7 +238,13 @@ class VideoTarget:
         if args.index >= len(samples):
             raise UsageError(f"--index {args.index}: the dataset has {len(samples)} samples")
         self.inputs = prepare_inputs(samples[args.index], self.processor, args.frames)
-        others = [s for i, s in enumerate(samples) if i != args.index][: args.calib_n]
+        if args.dataset == "synthetic":  # calibrate on the validation split: no test video is seen twice
+            try:
+                others = rv.load_samples(rv.parse_args(flags + ["--split", "val"]), notes)[: args.calib_n]
+            except rv.UsageError as err:
+                raise UsageError(str(err)) from None
+        else:
+            others = [s for i, s in enumerate(samples) if i != args.index][: args.calib_n]
         self.calib = [prepare_inputs(s, self.processor, args.frames) for s in others]
         self.describe = f"{Path(a.model).name}, {samples[args.index].id}, {self.inputs.num_frames} frames"
 

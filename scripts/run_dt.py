@@ -230,6 +230,7 @@ def markdown(rows: list[dict], header: list[str], scales: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = argv
     try:
         return run(args)
     except UsageError as err:
@@ -244,7 +245,7 @@ def run(args) -> int:
 
     from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_recompute
     from envs.registry import get_spec
-    from namm_transfer.records import read_records
+    from namm_transfer.records import read_records, record_command
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()
@@ -269,6 +270,7 @@ def run(args) -> int:
     out = Path(args.out or ROOT / "runs" / "dt" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
+    record_command(out, "scripts/run_dt.py", getattr(args, "argv", None))
     path = out / "episodes.jsonl"
     done = {(r["rollout"], r["policy"], r["seed"], r["episode"]): r for r in read_records(path)}
 

@@ -268,6 +268,7 @@ def policy_for(name: str, args, namm, delay: int, sample_id: str, done: dict) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = argv
     try:
         return run(args)
     except UsageError as err:
@@ -279,7 +280,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from namm_transfer.records import read_records
+    from namm_transfer.records import read_records, record_command
     from video.pipeline import error_record, prepare_inputs, run_policy
     from video.decoding import VideoDecodeError
 
@@ -305,6 +306,7 @@ def run(args) -> int:
     out = Path(args.out or f"runs/video/{args.dataset}_{model_tag}_{args.frames}f")
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
+    record_command(out, "scripts/run_video.py", getattr(args, "argv", None))
     path = out / "records.jsonl"
     done = {(r["policy"], r["id"]): r for r in read_records(path)}
     todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]

@@ -117,3 +117,29 @@ def test_retention_cli_language_tiny(tmp_path, capsys, monkeypatch):
     assert rm.main(["--domain", "dt"]) == 2
     err = capsys.readouterr().err
     assert f"no NAMM checkpoint at {tmp_path / 'absent'}" in err and "pass --namm PATH" in err
+
+
+def test_retention_cli_video_tiny_calibrates_on_validation(tmp_path, capsys):
+    """Video retention maps + namm-renorm on the random tiny Llava: frames heatmap, calibration on the val split."""
+    import json
+
+    from test_reporting_tables import _script
+
+    from namm_transfer import save_namm
+    from video.synthetic import SyntheticConfig, generate_split
+
+    data = tmp_path / "data"
+    for split in ("test", "val"):
+        generate_split(data, split, num_samples=2, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    save_namm(tmp_path / "ck", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
+    rm = _script("retention_maps")
+    out = tmp_path / "maps"
+    code = rm.main(["--domain", "video", "--model", "tiny-random", "--data-root", str(data), "--frames", "16",
+                    "--delay", "32", "--namm", str(tmp_path / "ck"), "--renorm", "--save-renorm",
+                    str(tmp_path / "renorm"), "--calib-n", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert {"namm_frames.png", "namm-renorm_frames.png", "retention.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "retention.json").read_text())
+    assert len(report["policies"]["namm"]["frame_shares_mean_over_layers"]) == 16
+    meta = json.loads((tmp_path / "renorm" / "config.json").read_text())["meta"]
+    assert meta["variant"] == RENORM and meta["calibration_inputs"] == 2
