@@ -107,3 +107,15 @@ def test_evidence_clips_hold_the_evidence_and_keep_flashes_apart():
             assert onsets == qa["correct_choice"] + 1
     cfg = VideoTrainConfig(steps=100)
     assert easy_share(0, cfg) == 0.6 and easy_share(50, cfg) == pytest.approx(0.1) and easy_share(99, cfg) == pytest.approx(0.1)
+
+
+def test_caption_example_describes_the_scene():
+    from video.training import caption_text, make_caption_example
+
+    cfg = VideoTrainConfig(frames=8, synthetic=SMALL_SYNTH)
+    processor = build_processor()
+    ex = make_caption_example(processor, 3, cfg)
+    scene, _ = make_sample(0, "train", 3, SMALL_SYNTH)
+    reply = processor.tokenizer.decode(ex["input_ids"][ex["labels"] != -100])
+    assert reply == " " + caption_text(scene) + "</s>" and ex["answer"] == -100 and ex["kind"] == "caption"
+    assert caption_text(scene).startswith(f"1 {scene.segments[0][0]} {scene.segments[0][1]}, 2 ")

@@ -6,16 +6,19 @@ H.264 4:2:0 round trip (the colour loss the mp4 files have), and fed with the Lo
 model's own processor and chat template. The target is the reply "<letter></s>" (one byte-level token each).
 
 Loss = cross-entropy on the reply tokens + `aux_weight` x auxiliary cross-entropies from linear heads:
-  per frame, from the frame's projected video tokens: counter value, colour and shape of the large shape, colour
-  and shape of the flash (if any) -- what is in a frame;
+  per frame, from the language model's final (normed) states at the frame's video tokens: counter value, colour
+  and shape of the large shape, colour and shape of the flash (if any) -- what is in a frame. (Read from the
+  projector output instead, the heads drove its norm to ~80 against ~0.25 for text embeddings, and the language
+  model then attended to all video tokens alike and stayed at chance: measured here.)
   per option, from the language model's state at the end of the option line: which option is right (softmax over
   the 5) -- matching option text to the video before the letter has to be produced.
 The heads are dropped at the end: the saved model is a plain LlavaNextVideoForConditionalGeneration.
 
-Curriculum: a share of each batch (`easy_start` falling to `easy_end`) are evidence-only clips -- the same question
+Curriculum: captioning examples (prompt "Describe the video.", reply: the large shape at each counter value and
+the flashes, in order; a share `caption_start` falling to `caption_end`) align video tokens with words, as LLaVA's
+first training stage does; a share of each batch (`easy_start` falling to `easy_end`) are evidence-only clips -- the same question
 and answer, but the frames come from the evidence ranges only (`evidence_indices`), so option-to-picture matching
-is learned before finding the moment in a long video. Measured here: with uniform clips only, the reply loss and
-the option loss both stayed at chance for 1,000-1,400 steps (16-23k videos).
+is learned before finding the moment in a long video.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class VideoTrainConfig:
     easy_start: float = 0.6  # curriculum: share of evidence-only clips at step 0 ...
     easy_end: float = 0.1  # ... falling linearly to this share ...
     easy_until: float = 0.5  # ... at this fraction of the steps
+    caption_start: float = 0.5  # share of captioning examples at step 0, falling linearly ...
+    caption_end: float = 0.05  # ... to this share at easy_until x steps
     workers: int = 1  # data processes (0 = in the training process)
     threads: int = 1  # torch threads of the training process
 
@@ -127,6 +132,34 @@ def encode_example(processor, frames: np.ndarray, sample: VideoQASample) -> dict
     return dict(input_ids=ids, labels=target, pixel_values_videos=enc["pixel_values_videos"][0])
 
 
+CAPTION_PROMPT = "Describe the video."
+
+
+def caption_text(scene: Scene) -> str:
+    """What the video shows, in order: the large shape at each counter value, then the flashes."""
+    shapes = ", ".join(f"{k} {c} {s}" for k, (c, s) in enumerate(scene.segments, start=1))
+    flashes = ", ".join(f"{c} {s}" for _, c, s in scene.flashes)
+    return f"{shapes}. Flashes: {flashes}."
+
+
+def make_caption_example(processor, index: int, cfg: VideoTrainConfig) -> dict:
+    """A captioning example (alignment stage, as LLaVA's pre-training): the same video sampling and chat format,
+    prompt CAPTION_PROMPT, reply `caption_text` -- a dense signal that ties video tokens to the words for them."""
+    scene, qa = make_sample(cfg.seed, "train", index, cfg.synthetic)
+    idx = sample_indices(scene.num_frames, cfg.frames)
+    frames = yuv420_roundtrip(render(scene, cfg.synthetic.size)[idx], np.random.default_rng([cfg.seed, 7, index]))
+    text = processor.apply_chat_template(conversation(CAPTION_PROMPT), add_generation_prompt=True)
+    enc = processor(text=text, videos=frames, return_tensors="pt")
+    tok = processor.tokenizer
+    reply = tok(" " + caption_text(scene), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.cat([enc["input_ids"][0], torch.tensor(reply)])
+    target = torch.full_like(ids, -100)
+    target[-len(reply):] = torch.tensor(reply)
+    return dict(input_ids=ids, labels=target, pixel_values_videos=enc["pixel_values_videos"][0],
+                aux=torch.from_numpy(frame_labels(scene, idx)), kind="caption",
+                option_pos=torch.zeros(5, dtype=torch.long), answer=-100)
+
+
 def evidence_indices(scene: Scene, qa: dict, num_frames: int) -> np.ndarray:
     """`num_frames` frame indices drawn from the evidence only (a curriculum clip): the evidence ranges in time
     order; for flash questions each range is followed by as many frames of the empty slot after it, so separate
@@ -144,6 +177,13 @@ def easy_share(step: int, cfg: VideoTrainConfig) -> float:
     `easy_until` x steps."""
     t = min(1.0, step / max(1, cfg.easy_until * cfg.steps))
     return cfg.easy_start + (cfg.easy_end - cfg.easy_start) * t
+
+
+def caption_share(step: int, cfg: VideoTrainConfig) -> float:
+    """Share of captioning examples at `step`: `caption_start`, falling linearly to `caption_end` at
+    `easy_until` x steps."""
+    t = min(1.0, step / max(1, cfg.easy_until * cfg.steps))
+    return cfg.caption_start + (cfg.caption_end - cfg.caption_start) * t
 
 
 def make_example(processor, index: int, split: str, cfg: VideoTrainConfig, simulate_codec: bool = True,
@@ -202,12 +242,15 @@ class TrainStream(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         torch.set_num_threads(1)
         b = self.start + i
-        share = easy_share(b, self.cfg)
+        easy, caption = easy_share(b, self.cfg), caption_share(b, self.cfg)
         exs = []
         for j in range(self.cfg.batch_size):
             index = b * self.cfg.batch_size + j
-            easy = bool(np.random.default_rng([self.cfg.seed, 11, index]).random() < share)
-            exs.append(make_example(self.processor, index, "train", self.cfg, easy=easy))
+            u = np.random.default_rng([self.cfg.seed, 11, index]).random()
+            if u < caption:
+                exs.append(make_caption_example(self.processor, index, self.cfg))
+            else:
+                exs.append(make_example(self.processor, index, "train", self.cfg, easy=u < caption + easy))
         return collate(exs, self.processor.tokenizer.pad_token_id)
 
 
@@ -231,7 +274,9 @@ class AuxHeads(nn.Module):
 
     def option_loss(self, hidden: torch.Tensor, option_pos: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
         states = hidden.gather(1, option_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 5, D)
-        return F.cross_entropy(self.option(states).squeeze(-1), answer)
+        if not bool((answer >= 0).any()):  # only captioning rows
+            return states.sum() * 0.0
+        return F.cross_entropy(self.option(states).squeeze(-1), answer, ignore_index=-100)
 
 
 def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
@@ -249,9 +294,11 @@ def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tupl
     reply_loss = F.cross_entropy(logits, target)
     aux_loss = torch.zeros(())
     if aux_weight > 0:
-        aux_loss = heads.frame_loss(video, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
-                                                                             batch["answer"])
+        video_states = hidden[video_mask[..., 0]].reshape(video.shape)  # the LM's state at each video token
+        aux_loss = heads.frame_loss(video_states, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
+                                                                                    batch["answer"])
     letter_rows = letter_positions(pos[0])
+    letter_rows = letter_rows[batch["answer"][pos[0][letter_rows]] >= 0]  # QA rows only (not captions)
     correct = (logits[letter_rows].argmax(-1) == target[letter_rows]).float()
     return reply_loss + aux_weight * aux_loss, dict(reply_loss=reply_loss.item(), aux_loss=float(aux_loss.detach()),
                                                     letter_correct=correct)
@@ -346,14 +393,15 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
             opt.step()
             step += 1
             row = dict(step=step, loss=loss.item(), reply_loss=st["reply_loss"], aux_loss=st["aux_loss"],
-                       train_acc=st["letter_correct"].mean().item(), lr=opt.param_groups[0]["lr"],
+                       train_acc=st["letter_correct"].mean().item() if len(st["letter_correct"]) else None,
+                       lr=opt.param_groups[0]["lr"],
                        seconds=time.perf_counter() - t0)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row.update(evaluate_letters(model, heads, val))
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.2f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc'] or 0:.2f}",
                             **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _atomic_save(dict(model=model.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(),
@@ -391,7 +439,8 @@ def plot_training_curve(log_path: Path, png: Path) -> Path:
     a.plot(steps, smooth(np.array([r["reply_loss"] for r in rows])), label="reply loss")
     a.plot(steps, smooth(np.array([r["aux_loss"] for r in rows])), label="frame (aux) loss")
     a.set_xlabel("step"), a.set_yscale("log"), a.legend(), a.set_title("training loss (50-step mean)")
-    b.plot(steps, smooth(np.array([r["train_acc"] for r in rows])), label="train (50-step mean)")
+    acc = np.array([np.nan if r["train_acc"] is None else r["train_acc"] for r in rows])
+    b.plot(steps, smooth(np.nan_to_num(acc, nan=float(np.nanmean(acc)))), label="train (50-step mean)")
     ev = [r for r in rows if "val_acc" in r]
     b.plot([r["step"] for r in ev], [r["val_acc"] for r in ev], "o-", label="validation")
     b.axhline(0.2, color="grey", ls=":", label="chance")
