@@ -6,10 +6,11 @@ H.264 4:2:0 round trip (the colour loss the mp4 files have), and fed with the Lo
 model's own processor and chat template. The target is the reply "<letter></s>" (one byte-level token each).
 
 Loss = cross-entropy on the reply tokens + `aux_weight` x auxiliary cross-entropies from linear heads:
-  per frame, from the language model's final (normed) states at the frame's video tokens: counter value, colour
-  and shape of the large shape, colour and shape of the flash (if any) -- what is in a frame. (Read from the
-  projector output instead, the heads drove its norm to ~80 against ~0.25 for text embeddings, and the language
-  model then attended to all video tokens alike and stayed at chance: measured here.)
+  per video token, from the layer-normed projector output: counter value, colour and shape of the large shape,
+  colour and shape of the flash (if any) -- every token tells its whole frame. (Measured here: heads reading the
+  raw projector output drove its norm to ~80 against ~0.25 for text embeddings and the language model stayed at
+  chance; heads reading a frame's 4 tokens jointly left the language model a two-hop lookup -- counter in one
+  token, colour in another -- and it stayed at chance for 1,000 steps.)
   per option, from the language model's state at the end of the option line: which option is right (softmax over
   the 5) -- matching option text to the video before the letter has to be produced.
 The heads are dropped at the end: the saved model is a plain LlavaNextVideoForConditionalGeneration.
@@ -264,13 +265,17 @@ class AuxHeads(nn.Module):
     def __init__(self, video_dim: int, tokens_per_frame: int, text_dim: int):
         super().__init__()
         self.tokens_per_frame = tokens_per_frame
-        self.heads = nn.ModuleList(nn.Linear(video_dim * tokens_per_frame, n) for _, n in AUX_TARGETS)
+        self.heads = nn.ModuleList(nn.Linear(video_dim, n) for _, n in AUX_TARGETS)
         self.option = nn.Linear(text_dim, 1)
 
     def frame_loss(self, video_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Every video token of a frame must tell the whole frame (so one attention hop in the language model
+        finds, e.g., the colour at a counter value); read through a parameter-free layer norm, so the loss
+        cannot be lowered by inflating the projector's output."""
         b, f = targets.shape[:2]
-        x = video_tokens.reshape(b, f, -1)
-        return sum(F.cross_entropy(h(x).flatten(0, 1), targets[..., i].flatten()) for i, h in enumerate(self.heads))
+        x = F.layer_norm(video_tokens, video_tokens.shape[-1:]).reshape(b, f, self.tokens_per_frame, -1)
+        t = targets[:, :, None].expand(-1, -1, self.tokens_per_frame, -1)
+        return sum(F.cross_entropy(h(x).flatten(0, 2), t[..., i].flatten()) for i, h in enumerate(self.heads))
 
     def option_loss(self, hidden: torch.Tensor, option_pos: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
         states = hidden.gather(1, option_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 5, D)
@@ -294,9 +299,8 @@ def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tupl
     reply_loss = F.cross_entropy(logits, target)
     aux_loss = torch.zeros(())
     if aux_weight > 0:
-        video_states = hidden[video_mask[..., 0]].reshape(video.shape)  # the LM's state at each video token
-        aux_loss = heads.frame_loss(video_states, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
-                                                                                    batch["answer"])
+        aux_loss = heads.frame_loss(video, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
+                                                                             batch["answer"])
     letter_rows = letter_positions(pos[0])
     letter_rows = letter_rows[batch["answer"][pos[0][letter_rows]] >= 0]  # QA rows only (not captions)
     correct = (logits[letter_rows].argmax(-1) == target[letter_rows]).float()
