@@ -41,13 +41,18 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--workers", type=int, default=d.workers, help="data processes (0 = in the training process)")
+    ap.add_argument("--reply", choices=["letter", "answer-letter"], default=d.reply,
+                    help="target reply: 'B' or 'red B' (the right option's text, then its letter)")
+    ap.add_argument("--init-from", default=None, help="checkpoint.pt of another run: start from its weights")
+    ap.add_argument("--stop-after", type=int, default=None, help="end after this many steps (schedule: --steps)")
     ap.add_argument("--ship", action="store_true", help=f"copy the trained model to {TINY_SYNTH_MODEL}")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = VideoTrainConfig(out=a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, aux_weight=a.aux_weight,
                            frames=a.frames, seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples,
                            eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, workers=a.workers,
-                           warmup=min(d.warmup, max(1, a.steps // 10)))
+                           warmup=min(d.warmup, max(1, a.steps // 10)), reply=a.reply, init_from=a.init_from,
+                           stop_after=a.stop_after)
     try:
         final = train(cfg, progress=not a.no_progress)
     except ValueError as err:

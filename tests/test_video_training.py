@@ -119,3 +119,25 @@ def test_caption_example_describes_the_scene():
     reply = processor.tokenizer.decode(ex["input_ids"][ex["labels"] != -100])
     assert reply == " " + caption_text(scene) + "</s>" and ex["answer"] == -100 and ex["kind"] == "caption"
     assert caption_text(scene).startswith(f"1 {scene.segments[0][0]} {scene.segments[0][1]}, 2 ")
+
+
+def test_stop_after_then_a_second_stage_from_its_weights(tmp_path):
+    from video.training import reply_text
+
+    script = _script()
+    base = ["--size", "tiny", "--batch-size", "2", "--frames", "8", "--val-samples", "2", "--eval-every", "50",
+            "--workers", "0", "--no-progress"]
+    assert script.main(base + ["--steps", "5", "--stop-after", "2", "--out", str(tmp_path / "s1")]) == 0
+    ck = torch.load(tmp_path / "s1" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and (tmp_path / "s1" / "model" / "config.json").is_file()
+    assert script.main(base + ["--steps", "1", "--reply", "answer-letter", "--init-from",
+                               str(tmp_path / "s1" / "checkpoint.pt"), "--out", str(tmp_path / "s2")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "s2" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and "val_acc" in rows[0]
+    from video.datasets import VideoQASample
+
+    sample = VideoQASample("x", "", "q", ["red", "blue", "green", "cyan", "white"], 2, "synthetic")
+    assert reply_text(sample) == "C" and reply_text(sample, "answer-letter") == "green C"
+    from video.prompts import parse_lvb_answer
+
+    assert parse_lvb_answer("from a red circle to a blue square D").letter == "D"

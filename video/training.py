@@ -65,6 +65,7 @@ class VideoTrainConfig:
     size: ModelSize = field(default_factory=lambda: SMALL)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     val_samples: int = 128
+    stop_after: int | None = None  # end this call after this many steps (the schedule still spans `steps`)
     eval_every: int = 250
     checkpoint_every: int = 100
     easy_start: float = 0.6  # curriculum: share of evidence-only clips at step 0 ...
@@ -72,6 +73,8 @@ class VideoTrainConfig:
     easy_until: float = 0.5  # ... at this fraction of the steps
     caption_start: float = 0.5  # share of captioning examples at step 0, falling linearly ...
     caption_end: float = 0.05  # ... to this share at easy_until x steps
+    reply: str = "letter"  # "letter": "B</s>"; "answer-letter": "<option text> B</s>" (the answer, then its letter)
+    init_from: str | None = None  # checkpoint.pt whose model (+ heads) weights start this run (a new schedule)
     workers: int = 1  # data processes (0 = in the training process)
     threads: int = 1  # torch threads of the training process
 
@@ -121,12 +124,22 @@ def qa_sample(qa: dict, name: str) -> VideoQASample:
                          answer=qa["correct_choice"], dataset="synthetic", category=qa["kind"])
 
 
-def encode_example(processor, frames: np.ndarray, sample: VideoQASample) -> dict:
+def reply_text(sample: VideoQASample, style: str = "letter") -> str:
+    """The target reply: "B", or "red B" (the right option's text, then its letter). Option texts are lower-case
+    words and digits, so LongVideoBench's parser (first capital A-E) reads the letter."""
+    if style == "letter":
+        return LETTERS[sample.answer]
+    if style == "answer-letter":
+        return f"{sample.options[sample.answer]} {LETTERS[sample.answer]}"
+    raise ValueError(f"reply style must be 'letter' or 'answer-letter', got {style!r}")
+
+
+def encode_example(processor, frames: np.ndarray, sample: VideoQASample, style: str = "letter") -> dict:
     """Prompt + reply ids, reply mask, pixel values: exactly what run_video.py feeds, plus the reply."""
     text = processor.apply_chat_template(conversation(lvb_prompt(sample)), add_generation_prompt=True)
     enc = processor(text=text, videos=frames, return_tensors="pt")
     tok = processor.tokenizer
-    reply = tok(LETTERS[sample.answer], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # "B</s>"
+    reply = tok(reply_text(sample, style), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = torch.cat([enc["input_ids"][0], torch.tensor(reply)])
     target = torch.full_like(ids, -100)
     target[-len(reply):] = torch.tensor(reply)
@@ -196,7 +209,7 @@ def make_example(processor, index: int, split: str, cfg: VideoTrainConfig, simul
     frames = render(scene, cfg.synthetic.size)[idx]
     if simulate_codec:
         frames = yuv420_roundtrip(frames, np.random.default_rng([cfg.seed, 7, index]))
-    ex = encode_example(processor, frames, qa_sample(qa, f"{split}_{index}"))
+    ex = encode_example(processor, frames, qa_sample(qa, f"{split}_{index}"), cfg.reply)
     ex["aux"] = torch.from_numpy(frame_labels(scene, idx))
     ex["kind"] = qa["kind"]
     ex["option_pos"] = option_end_positions(ex["input_ids"], processor.tokenizer)
@@ -238,7 +251,7 @@ class TrainStream(torch.utils.data.Dataset):
         self.processor, self.cfg, self.start = processor, cfg, start_batch
 
     def __len__(self) -> int:
-        return self.cfg.steps - self.start
+        return last_step(self.cfg) - self.start
 
     def __getitem__(self, i: int) -> dict:
         torch.set_num_threads(1)
@@ -285,7 +298,8 @@ class AuxHeads(nn.Module):
 
 
 def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
-    """(loss, stats): reply cross-entropy + aux_weight x frame cross-entropies; accuracy of the answer letter."""
+    """(loss, stats): reply cross-entropy + aux_weight x auxiliary losses; `letter_correct`: per QA row, whether
+    the argmax is right at every reply token under teacher forcing -- i.e. greedy decoding gives the reply."""
     inner = model.model
     video = inner.get_video_features(batch["pixel_values_videos"], return_dict=True).pooler_output  # (B, F*T, D)
     embeds = inner.get_input_embeddings()(batch["input_ids"])
@@ -301,20 +315,19 @@ def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tupl
     if aux_weight > 0:
         aux_loss = heads.frame_loss(video, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
                                                                              batch["answer"])
-    letter_rows = letter_positions(pos[0])
-    letter_rows = letter_rows[batch["answer"][pos[0][letter_rows]] >= 0]  # QA rows only (not captions)
-    correct = (logits[letter_rows].argmax(-1) == target[letter_rows]).float()
+    hit = (logits.argmax(-1) == target).float()
+    rows = torch.arange(labels.shape[0])
+    per_row = torch.zeros(labels.shape[0]).index_add_(0, pos[0], hit) == torch.bincount(pos[0], minlength=len(rows))
+    correct = per_row[batch["answer"] >= 0].float()  # QA rows only (not captions)
     return reply_loss + aux_weight * aux_loss, dict(reply_loss=reply_loss.item(), aux_loss=float(aux_loss.detach()),
                                                     letter_correct=correct)
 
 
-def letter_positions(rows: torch.Tensor) -> torch.Tensor:
-    """Index of each row's first reply token among the gathered reply positions (rows sorted ascending)."""
-    _, counts = torch.unique_consecutive(rows, return_counts=True)
-    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
-
-
 # ------------------------------------------------------------------------------------------------ loop
+
+
+def last_step(cfg: VideoTrainConfig) -> int:
+    return min(cfg.steps, cfg.stop_after or cfg.steps)
 
 
 def lr_at(step: int, cfg: VideoTrainConfig) -> float:
@@ -327,7 +340,8 @@ def lr_at(step: int, cfg: VideoTrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate_letters(model, heads: AuxHeads, batches: list[dict]) -> dict:
-    """Teacher-forced answer-letter accuracy (argmax over the vocabulary), overall and per question kind."""
+    """Share of rows whose whole reply greedy decoding reproduces (teacher-forced argmax at every reply token),
+    overall and per question kind."""
     model.eval()
     hits: dict[str, list[float]] = {}
     for batch in batches:
@@ -339,7 +353,7 @@ def evaluate_letters(model, heads: AuxHeads, batches: list[dict]) -> dict:
     return {"val_acc": sum(every) / len(every), **{f"val_{k}": sum(v) / len(v) for k, v in sorted(hits.items())}}
 
 
-RUN_ONLY = ("out", "steps", "eval_every", "checkpoint_every", "workers", "threads")  # may change on resume
+RUN_ONLY = ("out", "steps", "eval_every", "checkpoint_every", "workers", "threads", "stop_after")  # may change on resume
 
 
 def _identity(cfg: dict) -> dict:
@@ -376,6 +390,10 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
         heads.load_state_dict(ckpt["heads"])
         opt.load_state_dict(ckpt["opt"])
         start = ckpt["step"]
+    elif cfg.init_from:
+        init = torch.load(cfg.init_from, weights_only=False)
+        model.load_state_dict(init["model"])
+        heads.load_state_dict(init["heads"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     pad = processor.tokenizer.pad_token_id
     val = [collate([make_example(processor, i, "val", cfg) for i in range(j, min(j + cfg.batch_size, cfg.val_samples))],
@@ -400,14 +418,14 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
                        train_acc=st["letter_correct"].mean().item() if len(st["letter_correct"]) else None,
                        lr=opt.param_groups[0]["lr"],
                        seconds=time.perf_counter() - t0)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or step == last_step(cfg):
                 row.update(evaluate_letters(model, heads, val))
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc'] or 0:.2f}",
                             **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == last_step(cfg):
                 _atomic_save(dict(model=model.state_dict(), heads=heads.state_dict(), opt=opt.state_dict(),
                                   step=step, config=json.loads(json.dumps(asdict(cfg)))), ckpt_path)
     bar.close()
