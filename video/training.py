@@ -444,7 +444,7 @@ def tokens_per_frame_of(processor) -> int:
 
 
 def plot_training_curve(log_path: Path, png: Path) -> Path:
-    """Loss (train, smoothed) and answer accuracy (train smoothed, validation) vs step."""
+    """Loss (train, smoothed) and exact-reply accuracy (train smoothed, validation) vs step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,14 +459,15 @@ def plot_training_curve(log_path: Path, png: Path) -> Path:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, smooth(np.array([r["reply_loss"] for r in rows])), label="reply loss")
-    a.plot(steps, smooth(np.array([r["aux_loss"] for r in rows])), label="frame (aux) loss")
+    a.plot(steps, smooth(np.array([r["aux_loss"] for r in rows])), label="auxiliary loss (frame + option heads)")
     a.set_xlabel("step"), a.set_yscale("log"), a.legend(), a.set_title("training loss (50-step mean)")
     acc = np.array([np.nan if r["train_acc"] is None else r["train_acc"] for r in rows])
     b.plot(steps, smooth(np.nan_to_num(acc, nan=float(np.nanmean(acc)))), label="train (50-step mean)")
     ev = [r for r in rows if "val_acc" in r]
     b.plot([r["step"] for r in ev], [r["val_acc"] for r in ev], "o-", label="validation")
     b.axhline(0.2, color="grey", ls=":", label="chance")
-    b.set_xlabel("step"), b.set_ylim(0, 1), b.legend(), b.set_title("answer-letter accuracy (teacher-forced)")
+    b.set_xlabel("step"), b.set_ylim(0, 1), b.legend()
+    b.set_title("QA replies right at every token (teacher-forced argmax)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
