@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reply", choices=["letter", "answer-letter"], default=d.reply,
                     help="target reply: 'B' or 'red B' (the right option's text, then its letter)")
     ap.add_argument("--init-from", default=None, help="checkpoint.pt of another run: start from its weights")
+    ap.add_argument("--easy-start", type=float, default=d.easy_start, help="share of evidence-only clips at step 0")
+    ap.add_argument("--caption-start", type=float, default=d.caption_start, help="share of captioning examples at step 0")
     ap.add_argument("--stop-after", type=int, default=None, help="end after this many steps (schedule: --steps)")
     ap.add_argument("--ship", action="store_true", help=f"copy the trained model to {TINY_SYNTH_MODEL}")
     ap.add_argument("--no-progress", action="store_true")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
                            frames=a.frames, seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples,
                            eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, workers=a.workers,
                            warmup=min(d.warmup, max(1, a.steps // 10)), reply=a.reply, init_from=a.init_from,
-                           stop_after=a.stop_after)
+                           stop_after=a.stop_after, easy_start=a.easy_start, caption_start=a.caption_start)
     try:
         final = train(cfg, progress=not a.no_progress)
     except ValueError as err:
