@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -27,9 +29,6 @@ def append_record(path: Path, row: dict) -> None:
 def record_command(out: Path, script: str, argv: list[str] | None) -> None:
     """Write <out>/command.json: the exact command line of this run (`argv` None = sys.argv[1:]), which
     scripts/make_tables.py cites as the result's source."""
-    import os
-    import sys
-
     argv = sys.argv[1:] if argv is None else list(argv)
     Path(out, "command.json").write_text(json.dumps({"argv": ["python", script, *map(str, argv)],
                                                      "python": sys.executable, "cwd": os.getcwd()}, indent=2))

@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="default runs/dt/<env>")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
     args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in args.policy_list if p not in POLICY_NAMES]
     if bad or len(set(args.policy_list)) != len(args.policy_list):
@@ -230,7 +231,6 @@ def markdown(rows: list[dict], header: list[str], scales: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.argv = argv
     try:
         return run(args)
     except UsageError as err:
@@ -270,7 +270,7 @@ def run(args) -> int:
     out = Path(args.out or ROOT / "runs" / "dt" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
-    record_command(out, "scripts/run_dt.py", getattr(args, "argv", None))
+    record_command(out, "scripts/run_dt.py", args.argv)
     path = out / "episodes.jsonl"
     done = {(r["rollout"], r["policy"], r["seed"], r["episode"]): r for r in read_records(path)}
 

@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--synthetic-samples", type=int, default=16, help="size of a generated synthetic split")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
     args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in args.policy_list if p not in POLICY_NAMES]
     if bad or not args.policy_list or len(set(args.policy_list)) != len(args.policy_list):
@@ -268,7 +269,6 @@ def policy_for(name: str, args, namm, delay: int, sample_id: str, done: dict) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.argv = argv
     try:
         return run(args)
     except UsageError as err:
@@ -306,7 +306,7 @@ def run(args) -> int:
     out = Path(args.out or f"runs/video/{args.dataset}_{model_tag}_{args.frames}f")
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
-    record_command(out, "scripts/run_video.py", getattr(args, "argv", None))
+    record_command(out, "scripts/run_video.py", args.argv)
     path = out / "records.jsonl"
     done = {(r["policy"], r["id"]): r for r in read_records(path)}
     todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]

@@ -18,7 +18,6 @@ so the baselines evict on its schedule.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from namm_transfer.records import record_command  # noqa: E402
 
 HARNESS = {"language": "eval_language.py", "video": "run_video.py", "dt": "run_dt.py"}
 OWNED_FLAGS = ("--policies", "--budget", "--out")
@@ -88,8 +89,7 @@ def main(argv=None) -> int:
         if args.dry_run:
             continue
         sub.mkdir(parents=True, exist_ok=True)
-        (sub / "command.json").write_text(json.dumps({"argv": cmd, "python": sys.executable, "cwd": os.getcwd()},
-                                                     indent=2))
+        record_command(sub, cmd[1], cmd[2:])
         if subprocess.run([sys.executable, *cmd[1:]]).returncode != 0:
             failed.append(sub.name)
             print(f"sweep: {sub.name} failed; going on with the others", file=sys.stderr)

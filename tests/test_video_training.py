@@ -1,8 +1,5 @@
 """Training the small video model: per-frame targets, codec simulation, prompt format, the script end to end."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +12,8 @@ from video.synthetic import COLOURS, SHAPES, SyntheticConfig, generate_split, ma
 from video.tiny_model import build_processor
 from video.training import VideoTrainConfig, frame_labels, make_example, yuv420_roundtrip
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_reporting_tables import _script
+
 SMALL_SYNTH = SyntheticConfig(frame_counts=(64, 128))
 
 
@@ -65,16 +63,8 @@ def test_training_example_uses_run_videos_prompt_and_processor(tmp_path):
         assert ex["answer"] == sample.answer
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("scripts_train_video_model", ROOT / "scripts" / "train_video_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tiny_training_runs_resumes_and_saves_a_loadable_model(tmp_path, capsys):
-    script = _script()
+    script = _script("train_video_model")
     base = ["--size", "tiny", "--batch-size", "2", "--frames", "8", "--val-samples", "2", "--eval-every", "2",
             "--checkpoint-every", "1", "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress"]
     assert script.main(base + ["--steps", "2"]) == 0
@@ -124,7 +114,7 @@ def test_caption_example_describes_the_scene():
 def test_stop_after_then_a_second_stage_from_its_weights(tmp_path):
     from video.training import reply_text
 
-    script = _script()
+    script = _script("train_video_model")
     base = ["--size", "tiny", "--batch-size", "2", "--frames", "8", "--val-samples", "2", "--eval-every", "50",
             "--workers", "0", "--no-progress"]
     assert script.main(base + ["--steps", "5", "--stop-after", "2", "--out", str(tmp_path / "s1")]) == 0

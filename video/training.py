@@ -3,7 +3,8 @@
 Each training example is drawn fresh from the generator (video.synthetic, split "train"): the scene is rendered,
 the frames that `run_video.py` would decode are picked with the same uniform rule, passed through a simulated
 H.264 4:2:0 round trip (the colour loss the mp4 files have), and fed with the LongVideoBench prompt through the
-model's own processor and chat template. The target is the reply "<letter></s>" (one byte-level token each).
+model's own processor and chat template. The target reply is the letter ("B</s>") or, with `reply="answer-letter"`,
+the right option's text and then the letter ("green B</s>").
 
 Loss = cross-entropy on the reply tokens + `aux_weight` x auxiliary cross-entropies from linear heads:
   per video token, from the layer-normed projector output: counter value, colour and shape of the large shape,
@@ -40,7 +41,7 @@ from video.datasets import LETTERS, VideoQASample
 from video.decoding import sample_indices
 from video.prompts import conversation, lvb_prompt
 from video.synthetic import COLOURS, SHAPES, Scene, SyntheticConfig, make_sample, render
-from video.tiny_model import SMALL, ModelSize, build_tiny_llava_next_video
+from video.tiny_model import SMALL, ModelSize, build_tiny_llava_next_video, tokens_per_frame
 
 COLOUR_IDS = {c: i for i, c in enumerate(COLOURS)}
 SHAPE_IDS = {s: i for i, s in enumerate(SHAPES)}
@@ -134,12 +135,13 @@ def reply_text(sample: VideoQASample, style: str = "letter") -> str:
     raise ValueError(f"reply style must be 'letter' or 'answer-letter', got {style!r}")
 
 
-def encode_example(processor, frames: np.ndarray, sample: VideoQASample, style: str = "letter") -> dict:
-    """Prompt + reply ids, reply mask, pixel values: exactly what run_video.py feeds, plus the reply."""
-    text = processor.apply_chat_template(conversation(lvb_prompt(sample)), add_generation_prompt=True)
+def encode_example(processor, frames: np.ndarray, prompt: str, reply_str: str) -> dict:
+    """Prompt + reply ids, reply labels (-100 elsewhere), pixel values: what run_video.py feeds for `prompt`
+    (one user turn with the video, through the chat template and processor), then `reply_str` + </s>."""
+    text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True)
     enc = processor(text=text, videos=frames, return_tensors="pt")
     tok = processor.tokenizer
-    reply = tok(reply_text(sample, style), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    reply = tok(reply_str, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = torch.cat([enc["input_ids"][0], torch.tensor(reply)])
     target = torch.full_like(ids, -100)
     target[-len(reply):] = torch.tensor(reply)
@@ -159,19 +161,18 @@ def caption_text(scene: Scene) -> str:
 def make_caption_example(processor, index: int, cfg: VideoTrainConfig) -> dict:
     """A captioning example (alignment stage, as LLaVA's pre-training): the same video sampling and chat format,
     prompt CAPTION_PROMPT, reply `caption_text` -- a dense signal that ties video tokens to the words for them."""
-    scene, qa = make_sample(cfg.seed, "train", index, cfg.synthetic)
+    scene, _ = make_sample(cfg.seed, "train", index, cfg.synthetic)
     idx = sample_indices(scene.num_frames, cfg.frames)
-    frames = yuv420_roundtrip(render(scene, cfg.synthetic.size)[idx], np.random.default_rng([cfg.seed, 7, index]))
-    text = processor.apply_chat_template(conversation(CAPTION_PROMPT), add_generation_prompt=True)
-    enc = processor(text=text, videos=frames, return_tensors="pt")
-    tok = processor.tokenizer
-    reply = tok(" " + caption_text(scene), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = torch.cat([enc["input_ids"][0], torch.tensor(reply)])
-    target = torch.full_like(ids, -100)
-    target[-len(reply):] = torch.tensor(reply)
-    return dict(input_ids=ids, labels=target, pixel_values_videos=enc["pixel_values_videos"][0],
-                aux=torch.from_numpy(frame_labels(scene, idx)), kind="caption",
+    ex = encode_example(processor, clip_frames(scene, idx, cfg, index), CAPTION_PROMPT, " " + caption_text(scene))
+    return dict(ex, aux=torch.from_numpy(frame_labels(scene, idx)), kind="caption",
                 option_pos=torch.zeros(5, dtype=torch.long), answer=-100)
+
+
+def clip_frames(scene: Scene, idx: np.ndarray, cfg: VideoTrainConfig, index: int, simulate_codec: bool = True
+                ) -> np.ndarray:
+    """The rendered frames `idx` of the scene, through the simulated codec (seeded by cfg.seed and `index`)."""
+    frames = render(scene, cfg.synthetic.size)[idx]
+    return yuv420_roundtrip(frames, np.random.default_rng([cfg.seed, 7, index])) if simulate_codec else frames
 
 
 def evidence_indices(scene: Scene, qa: dict, num_frames: int) -> np.ndarray:
@@ -186,18 +187,20 @@ def evidence_indices(scene: Scene, qa: dict, num_frames: int) -> np.ndarray:
     return np.array(seq)[np.linspace(0, len(seq) - 1, num_frames).astype(np.int64)]
 
 
-def easy_share(step: int, cfg: VideoTrainConfig) -> float:
-    """Share of curriculum clips in a batch at `step`: `easy_start`, falling linearly to `easy_end` at
-    `easy_until` x steps."""
+def _fading(start: float, end: float, step: int, cfg: VideoTrainConfig) -> float:
+    """`start` at step 0, falling linearly to `end` at `easy_until` x steps, then `end`."""
     t = min(1.0, step / max(1, cfg.easy_until * cfg.steps))
-    return cfg.easy_start + (cfg.easy_end - cfg.easy_start) * t
+    return start + (end - start) * t
+
+
+def easy_share(step: int, cfg: VideoTrainConfig) -> float:
+    """Share of evidence-only clips in a batch at `step`."""
+    return _fading(cfg.easy_start, cfg.easy_end, step, cfg)
 
 
 def caption_share(step: int, cfg: VideoTrainConfig) -> float:
-    """Share of captioning examples at `step`: `caption_start`, falling linearly to `caption_end` at
-    `easy_until` x steps."""
-    t = min(1.0, step / max(1, cfg.easy_until * cfg.steps))
-    return cfg.caption_start + (cfg.caption_end - cfg.caption_start) * t
+    """Share of captioning examples in a batch at `step`."""
+    return _fading(cfg.caption_start, cfg.caption_end, step, cfg)
 
 
 def make_example(processor, index: int, split: str, cfg: VideoTrainConfig, simulate_codec: bool = True,
@@ -206,10 +209,9 @@ def make_example(processor, index: int, split: str, cfg: VideoTrainConfig, simul
     the evidence frames instead of the uniform sampling `run_video.py` does."""
     scene, qa = make_sample(cfg.seed, split, index, cfg.synthetic)
     idx = evidence_indices(scene, qa, cfg.frames) if easy else sample_indices(scene.num_frames, cfg.frames)
-    frames = render(scene, cfg.synthetic.size)[idx]
-    if simulate_codec:
-        frames = yuv420_roundtrip(frames, np.random.default_rng([cfg.seed, 7, index]))
-    ex = encode_example(processor, frames, qa_sample(qa, f"{split}_{index}"), cfg.reply)
+    sample = qa_sample(qa, f"{split}_{index}")
+    ex = encode_example(processor, clip_frames(scene, idx, cfg, index, simulate_codec), lvb_prompt(sample),
+                        reply_text(sample, cfg.reply))
     ex["aux"] = torch.from_numpy(frame_labels(scene, idx))
     ex["kind"] = qa["kind"]
     ex["option_pos"] = option_end_positions(ex["input_ids"], processor.tokenizer)
@@ -298,7 +300,7 @@ class AuxHeads(nn.Module):
 
 
 def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict]:
-    """(loss, stats): reply cross-entropy + aux_weight x auxiliary losses; `letter_correct`: per QA row, whether
+    """(loss, stats): reply cross-entropy + aux_weight x auxiliary losses; `reply_correct`: per QA row, whether
     the argmax is right at every reply token under teacher forcing -- i.e. greedy decoding gives the reply."""
     inner = model.model
     video = inner.get_video_features(batch["pixel_values_videos"], return_dict=True).pooler_output  # (B, F*T, D)
@@ -315,12 +317,10 @@ def forward_loss(model, heads: AuxHeads, batch: dict, aux_weight: float) -> tupl
     if aux_weight > 0:
         aux_loss = heads.frame_loss(video, batch["aux"]) + heads.option_loss(hidden, batch["option_pos"],
                                                                              batch["answer"])
-    hit = (logits.argmax(-1) == target).float()
-    rows = torch.arange(labels.shape[0])
-    per_row = torch.zeros(labels.shape[0]).index_add_(0, pos[0], hit) == torch.bincount(pos[0], minlength=len(rows))
-    correct = per_row[batch["answer"] >= 0].float()  # QA rows only (not captions)
+    wrong = torch.bincount(pos[0][logits.argmax(-1) != target], minlength=labels.shape[0])
+    correct = (wrong == 0)[batch["answer"] >= 0].float()  # QA rows only (not captions)
     return reply_loss + aux_weight * aux_loss, dict(reply_loss=reply_loss.item(), aux_loss=float(aux_loss.detach()),
-                                                    letter_correct=correct)
+                                                    reply_correct=correct)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -339,14 +339,14 @@ def lr_at(step: int, cfg: VideoTrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate_letters(model, heads: AuxHeads, batches: list[dict]) -> dict:
+def evaluate_replies(model, heads: AuxHeads, batches: list[dict]) -> dict:
     """Share of rows whose whole reply greedy decoding reproduces (teacher-forced argmax at every reply token),
     overall and per question kind."""
     model.eval()
     hits: dict[str, list[float]] = {}
     for batch in batches:
         _, st = forward_loss(model, heads, batch, 0.0)
-        for kind, ok in zip(batch["kind"], st["letter_correct"].tolist()):
+        for kind, ok in zip(batch["kind"], st["reply_correct"].tolist()):
             hits.setdefault(kind, []).append(ok)
     model.train()
     every = [x for v in hits.values() for x in v]
@@ -376,7 +376,7 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model, processor = build_tiny_llava_next_video(cfg.seed, size=cfg.size)
     dim = model.config.text_config.hidden_size
-    heads = AuxHeads(dim, tokens_per_frame_of(processor), dim)
+    heads = AuxHeads(dim, tokens_per_frame(processor), dim)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -401,7 +401,7 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
     loader = torch.utils.data.DataLoader(TrainStream(processor, cfg, start), batch_size=None, shuffle=False,
                                          num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train video model")
+    bar = tqdm(total=last_step(cfg), initial=start, disable=not progress, desc="train video model")
     step = start
     with open(out / "log.jsonl", "a") as log:
         for batch in loader:
@@ -415,11 +415,11 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
             opt.step()
             step += 1
             row = dict(step=step, loss=loss.item(), reply_loss=st["reply_loss"], aux_loss=st["aux_loss"],
-                       train_acc=st["letter_correct"].mean().item() if len(st["letter_correct"]) else None,
+                       train_acc=st["reply_correct"].mean().item() if len(st["reply_correct"]) else None,
                        lr=opt.param_groups[0]["lr"],
                        seconds=time.perf_counter() - t0)
             if step % cfg.eval_every == 0 or step == last_step(cfg):
-                row.update(evaluate_letters(model, heads, val))
+                row.update(evaluate_replies(model, heads, val))
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(1)
@@ -435,12 +435,6 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
     model.save_pretrained(final)
     processor.save_pretrained(final)
     return final
-
-
-def tokens_per_frame_of(processor) -> int:
-    from video.tiny_model import tokens_per_frame
-
-    return tokens_per_frame(processor)
 
 
 def plot_training_curve(log_path: Path, png: Path) -> Path:

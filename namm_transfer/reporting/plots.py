@@ -153,7 +153,7 @@ def plot_text_retention(tokens: list[str], kept: np.ndarray, path: str | Path, t
                 width = 0
             lines[-1].append((i, part))
             width += len(part)
-    char_w, line_h = 0.0072, 1.0 / max(len(lines), 1)
+    char_w = 0.0072
     fig = plt.figure(figsize=(chars_per_line * char_w * 12 + 0.4, 0.6 + 0.16 * len(lines)))
     ax = fig.add_axes((0.01, 0.01, 0.98, 0.92 if len(lines) > 20 else 0.85))
     ax.set_xlim(0, chars_per_line)
