@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from video.pipeline import TINY_SYNTH_MODEL  # noqa: E402
 from video.tiny_model import SMALL, TINY  # noqa: E402
-from video.training import VideoTrainConfig, train  # noqa: E402
+from video.training import STAGES, VideoTrainConfig, train  # noqa: E402
 
 SIZES = {"small": SMALL, "tiny": TINY}
 
@@ -30,10 +30,14 @@ def main(argv=None) -> int:
     d = VideoTrainConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=d.out)
-    ap.add_argument("--steps", type=int, default=d.steps)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    for stage in STAGES:
+        ap.add_argument(f"--{stage}-steps", type=int, default=getattr(d, f"{stage}_steps"))
+        ap.add_argument(f"--{stage}-lr", type=float, default=getattr(d, f"{stage}_lr"))
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="reader batch; vision and joint use half")
+    ap.add_argument("--short-share", type=float, default=d.short_share, help="reader stage: share of evidence-clip batches")
+    ap.add_argument("--pointer-weight", type=float, default=d.pointer_weight, help="answer-pointer loss weight (0 = off)")
+    ap.add_argument("--letter-weight", type=float, default=d.letter_weight, help="option-letter loss weight (0 = off)")
+    ap.add_argument("--code-weight", type=float, default=d.code_weight, help="joint stage: code-matching loss weight")
     ap.add_argument("--frames", type=int, default=d.frames, help="frames per video (use run_video.py's --frames)")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -42,19 +46,16 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--workers", type=int, default=d.workers, help="data processes (0 = in the training process)")
     ap.add_argument("--reply", choices=["letter", "answer-letter"], default=d.reply,
-                    help="target reply: 'B' or 'red B' (the right option's text, then its letter)")
-    ap.add_argument("--init-from", default=None, help="checkpoint.pt of another run: start from its weights")
-    ap.add_argument("--easy-start", type=float, default=d.easy_start, help="share of evidence-only clips at step 0")
-    ap.add_argument("--caption-start", type=float, default=d.caption_start, help="share of captioning examples at step 0")
-    ap.add_argument("--stop-after", type=int, default=None, help="end after this many steps (schedule: --steps)")
+                    help="target reply: ' red B' (the right option's text, then its letter) or 'B'")
+    ap.add_argument("--stop-after", type=int, default=None, help="end this call after this many steps in all")
     ap.add_argument("--ship", action="store_true", help=f"copy the trained model to {TINY_SYNTH_MODEL}")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    cfg = VideoTrainConfig(out=a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, aux_weight=a.aux_weight,
-                           frames=a.frames, seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples,
-                           eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, workers=a.workers,
-                           warmup=min(d.warmup, max(1, a.steps // 10)), reply=a.reply, init_from=a.init_from,
-                           stop_after=a.stop_after, easy_start=a.easy_start, caption_start=a.caption_start)
+    cfg = VideoTrainConfig(out=a.out, **{f"{s}_{k}": getattr(a, f"{s}_{k}") for s in STAGES for k in ("steps", "lr")},
+                           batch_size=a.batch_size, short_share=a.short_share, pointer_weight=a.pointer_weight, letter_weight=a.letter_weight, code_weight=a.code_weight, frames=a.frames,
+                           seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples, eval_every=a.eval_every,
+                           checkpoint_every=a.checkpoint_every, workers=a.workers, reply=a.reply,
+                           stop_after=a.stop_after)
     try:
         final = train(cfg, progress=not a.no_progress)
     except ValueError as err:

@@ -84,3 +84,9 @@ def test_render_draws_the_scene():
     assert not (counter[0] == counter[1]).all()
     with pytest.raises(ValueError):
         generate_split("unused", "holdout", 1)
+
+
+def test_render_of_some_frames_equals_those_frames_of_the_whole_video():
+    scene, _ = make_sample(0, "train", 1, SyntheticConfig())
+    idx = np.array([0, 5, 5, scene.num_frames - 1])
+    assert np.array_equal(render(scene, 64, idx), render(scene, 64)[idx])

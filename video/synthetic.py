@@ -235,21 +235,32 @@ def _digits_mask(text: str, size: int, scale: int, x0: int, y0: int) -> np.ndarr
     return mask
 
 
-def render(scene: Scene, size: int) -> np.ndarray:
-    """Frames (T, size, size, 3) uint8 of the scene, drawn with numpy masks."""
-    frames = np.empty((scene.num_frames, size, size, 3), np.uint8)
+def _paint(frames: np.ndarray, rows: np.ndarray, mask: np.ndarray, colour) -> None:
+    """frames[rows][:, mask] = colour, in place."""
+    ys, xs = mask.nonzero()
+    frames[rows.nonzero()[0][:, None], ys[None, :], xs[None, :]] = colour
+
+
+def render(scene: Scene, size: int, indices: np.ndarray | None = None) -> np.ndarray:
+    """Frames (T, size, size, 3) uint8 of the scene, drawn with numpy masks; only frames `indices` if given."""
+    t = np.arange(scene.num_frames) if indices is None else np.asarray(indices)
+    frames = np.empty((len(t), size, size, 3), np.uint8)
     frames[:] = BACKGROUND
     scale = max(1, size // 32)
     n_digits = len(str(len(scene.segments)))
     box = (2 * scale + 5 * scale + 2 * scale, 2 * scale + n_digits * 4 * scale)  # (height, width)
     for k, (colour, shape) in enumerate(scene.segments, start=1):
         a, b = scene.segment_range(k)
-        frames[a:b, : box[0], : box[1]] = 0
-        frames[a:b][:, _digits_mask(str(k).rjust(n_digits, "0"), size, scale, 2 * scale, 2 * scale)] = 255
-        frames[a:b][:, _shape_mask(shape, size, 0.3 * size, 0.6 * size, 0.2 * size)] = COLOURS[colour]
+        rows = (t >= a) & (t < b)
+        if not rows.any():
+            continue
+        frames[rows, : box[0], : box[1]] = 0
+        _paint(frames, rows, _digits_mask(str(k).rjust(n_digits, "0"), size, scale, 2 * scale, 2 * scale), 255)
+        _paint(frames, rows, _shape_mask(shape, size, 0.3 * size, 0.6 * size, 0.2 * size), COLOURS[colour])
     for start, colour, shape in scene.flashes:
-        end = min(start + scene.unit, scene.num_frames)
-        frames[start:end][:, _shape_mask(shape, size, 0.76 * size, 0.6 * size, 0.13 * size)] = COLOURS[colour]
+        rows = (t >= start) & (t < min(start + scene.unit, scene.num_frames))
+        if rows.any():
+            _paint(frames, rows, _shape_mask(shape, size, 0.76 * size, 0.6 * size, 0.13 * size), COLOURS[colour])
     return frames
 
 

@@ -56,10 +56,15 @@ _CORPUS = [
     "red green blue yellow magenta cyan white circle square triangle diamond cross 0 1 2 3 4 5 6 7 8 9",
     "The best answer is The correct answer is the video shows a person who is doing something in the scene.",
 ]
+# the synthetic set's answer words, weighted so that each becomes one token (" red", " 3"): a word split into
+# pieces shared with other words ("re"+"d", "g"+"re"+"en") is a needless hurdle for a small language model
+_WORDS = ("red green blue yellow magenta cyan white circle square triangle diamond cross 0 1 2 3 4 5 6 7 8 9 "
+          "A B C D E").split()
 
 
-def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on a small built-in corpus, with <video>/<image> as special tokens."""
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on a small built-in corpus, with <video>/<image> as special tokens; the synthetic
+    set's colours, shapes, digits and option letters are single tokens (with a leading space)."""
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -69,7 +74,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tk.train_from_iterator(_CORPUS * 4 + [" ".join(" " + w for w in _WORDS)] * 40, trainer=trainer)
     bos = tk.token_to_id("<s>")
     tk.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
