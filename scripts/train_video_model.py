@@ -1,13 +1,14 @@
 """Train the small Llava-Next-Video that `run_video.py --dataset synthetic` uses, offline on synthetic QA.
 
-    python scripts/train_video_model.py                       # ~1.5 h on 2 CPU cores; resumes when rerun
-    python scripts/train_video_model.py --ship                # + copy the model to video/checkpoints/llava-tiny-synth
-    python scripts/train_video_model.py --size tiny --steps 3 --batch-size 2 --val-samples 2 --out /tmp/v   # smoke
+    python scripts/train_video_model.py --ship     # ~40 min on 2 CPU cores; resumes when rerun; ships the model
+    python scripts/train_video_model.py --size tiny --text-steps 2 --reader-steps 2 --vision-steps 2 \
+        --joint-steps 2 --batch-size 4 --val-samples 4 --out /tmp/v                                # smoke
 
-Writes to --out: log.jsonl (one line per step, validation accuracy every --eval-every steps), curve.png,
-checkpoint.pt (model + optimiser, every --checkpoint-every steps: rerunning the same command resumes) and
-model/ (save_pretrained: LlavaNextVideoForConditionalGeneration + LlavaNextVideoProcessor). See video/training.py
-for the data, the loss and the auxiliary per-frame heads.
+Four stages in one run (text, reader, vision, joint; see video/training.py). Writes to --out: log.jsonl (one
+line per step: stage, losses, validation every --eval-every steps and at each stage's end), curve.png,
+checkpoint.pt (model + optimiser, every --checkpoint-every steps: rerunning the same command resumes) and model/
+(save_pretrained: LlavaNextVideoForConditionalGeneration + LlavaNextVideoProcessor); --ship copies model/ and
+curve.png to video/checkpoints/llava-tiny-synth.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     if a.ship:
         shutil.rmtree(TINY_SYNTH_MODEL, ignore_errors=True)
         shutil.copytree(final, TINY_SYNTH_MODEL)
+        shutil.copy(Path(a.out) / "curve.png", TINY_SYNTH_MODEL / "curve.png")
         print(f"shipped to {TINY_SYNTH_MODEL}")
     return 0
 

@@ -59,10 +59,10 @@ STAGES = ("text", "reader", "vision", "joint")
 @dataclass
 class VideoTrainConfig:
     out: str = "runs/video-model"
-    text_steps: int = 2000
-    reader_steps: int = 3000
-    vision_steps: int = 600
-    joint_steps: int = 600
+    text_steps: int = 1500
+    reader_steps: int = 2000
+    vision_steps: int = 400
+    joint_steps: int = 400
     text_lr: float = 1.5e-3
     reader_lr: float = 1.5e-3
     vision_lr: float = 2e-3
@@ -633,20 +633,22 @@ def plot_training_curve(log_path: Path, png: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, smooth(column("reply_loss")), label="reply loss")
     a.plot(steps, smooth(column("code_error")), label="code error (relative)")
-    a.set_xlabel("step"), a.set_yscale("log"), a.legend(), a.set_title("training loss (50-step mean)")
+    a.set_xlabel("step"), a.set_yscale("log"), a.legend(), a.set_title("training loss (50-step mean)", pad=14)
     b.plot(steps, smooth(column("train_acc")), label="train (50-step mean)")
     ev = [r for r in rows if "val_acc" in r]
     b.plot([r["step"] for r in ev], [r["val_acc"] for r in ev], "o-", label="validation")
     b.axhline(0.2, color="grey", ls=":", label="chance")
     b.set_xlabel("step"), b.set_ylim(0, 1), b.legend(fontsize=8)
-    b.set_title("QA replies right at every token (teacher-forced argmax)", fontsize=10)
+    b.set_title("QA replies right at every token (teacher-forced argmax)", fontsize=10, pad=14)
+    bounds = np.cumsum([0, *[sum(1 for r in rows if r.get("stage") == name) for name in STAGES]])
     for ax in (a, b):
-        start = 0
         for i, name in enumerate(STAGES):
-            end = start + sum(1 for r in rows if r.get("stage") == name)
-            if end > start and i % 2 == 1:
-                ax.axvspan(steps[start] if start < len(steps) else start, steps[end - 1], color="grey", alpha=0.1)
-            start = end
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                if i % 2 == 1:
+                    ax.axvspan(steps[lo], steps[hi - 1], color="grey", alpha=0.1)
+                ax.text((steps[lo] + steps[hi - 1]) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center",
+                        va="bottom", fontsize=8, color="grey")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
