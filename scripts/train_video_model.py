@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=d.workers, help="data processes (0 = in the training process)")
     ap.add_argument("--reply", choices=["letter", "answer-letter"], default=d.reply,
                     help="target reply: ' red B' (the right option's text, then its letter) or 'B'")
+    ap.add_argument("--init-from", default=None, help="checkpoint.pt of another run: start from its weights")
     ap.add_argument("--stop-after", type=int, default=None, help="end this call after this many steps in all")
     ap.add_argument("--ship", action="store_true", help=f"copy the trained model to {TINY_SYNTH_MODEL}")
     ap.add_argument("--no-progress", action="store_true")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                            batch_size=a.batch_size, short_share=a.short_share, pointer_weight=a.pointer_weight, letter_weight=a.letter_weight, code_weight=a.code_weight, frames=a.frames,
                            seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples, eval_every=a.eval_every,
                            checkpoint_every=a.checkpoint_every, workers=a.workers, reply=a.reply,
-                           stop_after=a.stop_after)
+                           stop_after=a.stop_after, init_from=a.init_from)
     try:
         final = train(cfg, progress=not a.no_progress)
     except ValueError as err:

@@ -80,6 +80,9 @@ def test_reply_styles_are_read_by_the_longvideobench_parser():
     a, b = (int(w) for w in qa["question"].rstrip("?").split() if w.isdigit())
     words = lambda k: f"{k} {scene.segments[k - 1][0]} {scene.segments[k - 1][1]}"  # noqa: E731
     assert reply_text(sample, "reasoned", scene, qa["evidence"]) == f" {words(a)} {words(b)} {qa['candidates'][qa['correct_choice']]} {sample.answer_letter}"
+    scene, qa = make_sample(0, "train", 2, SyntheticConfig())  # a count question: the answer, then its letter
+    sample = VideoQASample("x", "", qa["question"], qa["candidates"], qa["correct_choice"], "synthetic", category=qa["kind"])
+    assert reply_text(sample, "reasoned", scene, qa["evidence"]) == f" {qa['correct_choice'] + 1} {sample.answer_letter}"
     assert parse_lvb_answer(" from a red circle to a blue square D").letter == "D"
 
 
@@ -153,6 +156,11 @@ def test_tiny_training_runs_resumes_and_saves_a_loadable_model(tmp_path, capsys)
     assert processor.tokenizer.convert_tokens_to_ids("<video>") == model.config.video_token_index
     assert script.main(base + ["--reader-lr", "0.5"]) == 2  # other settings: refused, said why
     assert "other settings" in capsys.readouterr().err
+    more = base[:-8] + ["--text-steps", "0", "--reader-steps", "1", "--vision-steps", "0", "--joint-steps", "0"]
+    more[more.index("--out") + 1] = str(tmp_path / "more")
+    assert script.main(more + ["--init-from", str(tmp_path / "run" / "checkpoint.pt")]) == 0  # a new schedule
+    rows = [json.loads(x) for x in (tmp_path / "more" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in rows] == [(1, "reader")]
 
 
 def test_answer_pointer_goes_from_the_token_before_the_letter_to_the_right_option_line():

@@ -82,6 +82,7 @@ class VideoTrainConfig:
     size: ModelSize = field(default_factory=lambda: SMALL)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     reply: str = "reasoned"  # see reply_text: "reasoned", "answer-letter" or "letter"
+    init_from: str | None = None  # checkpoint.pt of another run: start from its weights (a new schedule)
     val_samples: int = 128
     stop_after: int | None = None  # end this call after this many steps in all (resumable)
     eval_every: int = 250
@@ -560,6 +561,12 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
             opt = _optimizer(model, letters, stage, cfg)
             if ckpt["stage"] == stage:
                 opt.load_state_dict(ckpt["opt"])
+    elif cfg.init_from:
+        init = torch.load(cfg.init_from, weights_only=False)
+        model.load_state_dict(init["model"])
+        saved = init.get("letters")
+        if letters is not None and saved is not None and saved["head.weight"].shape == letters.head.weight.shape:
+            letters.load_state_dict(saved)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     pad = processor.tokenizer.pad_token_id
     val = [stage_batch(processor, cfg, "joint", "val", range(j, min(j + cfg.batch_size // 2 or 1, cfg.val_samples)))
