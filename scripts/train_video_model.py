@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from video.pipeline import TINY_SYNTH_MODEL  # noqa: E402
 from video.tiny_model import SMALL, TINY  # noqa: E402
-from video.training import STAGES, VideoTrainConfig, train  # noqa: E402
+from video.training import REPLY_STYLES, STAGES, VideoTrainConfig, train  # noqa: E402
 
 SIZES = {"small": SMALL, "tiny": TINY}
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     for stage in STAGES:
         ap.add_argument(f"--{stage}-steps", type=int, default=getattr(d, f"{stage}_steps"))
         ap.add_argument(f"--{stage}-lr", type=float, default=getattr(d, f"{stage}_lr"))
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="reader batch; vision and joint use half")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="text and reader batch; vision and joint use half")
     ap.add_argument("--short-share", type=float, default=d.short_share, help="reader stage: share of evidence-clip batches")
     ap.add_argument("--pointer-weight", type=float, default=d.pointer_weight, help="answer-pointer loss weight (0 = off)")
     ap.add_argument("--letter-weight", type=float, default=d.letter_weight, help="option-letter loss weight (0 = off)")
@@ -46,15 +46,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=d.eval_every)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--workers", type=int, default=d.workers, help="data processes (0 = in the training process)")
-    ap.add_argument("--reply", choices=["letter", "answer-letter"], default=d.reply,
-                    help="target reply: ' red B' (the right option's text, then its letter) or 'B'")
+    ap.add_argument("--reply", choices=REPLY_STYLES, default=d.reply,
+                    help="target reply: ' 3 red B' (what was read, then the letter), ' red B' (the right option's "
+                         "text, then its letter) or 'B'")
     ap.add_argument("--init-from", default=None, help="checkpoint.pt of another run: start from its weights")
     ap.add_argument("--stop-after", type=int, default=None, help="end this call after this many steps in all")
     ap.add_argument("--ship", action="store_true", help=f"copy the trained model to {TINY_SYNTH_MODEL}")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     cfg = VideoTrainConfig(out=a.out, **{f"{s}_{k}": getattr(a, f"{s}_{k}") for s in STAGES for k in ("steps", "lr")},
-                           batch_size=a.batch_size, short_share=a.short_share, pointer_weight=a.pointer_weight, letter_weight=a.letter_weight, code_weight=a.code_weight, frames=a.frames,
+                           batch_size=a.batch_size, short_share=a.short_share, pointer_weight=a.pointer_weight,
+                           letter_weight=a.letter_weight, code_weight=a.code_weight, frames=a.frames,
                            seed=a.seed, size=SIZES[a.size], val_samples=a.val_samples, eval_every=a.eval_every,
                            checkpoint_every=a.checkpoint_every, workers=a.workers, reply=a.reply,
                            stop_after=a.stop_after, init_from=a.init_from)

@@ -169,11 +169,14 @@ def test_answer_pointer_goes_from_the_token_before_the_letter_to_the_right_optio
     processor = build_processor()
     tok = processor.tokenizer
     cfg = VideoTrainConfig(frames=4, synthetic=SMALL_SYNTH)
+    from video.training import collate
+
+    batch = collate([make_example(processor, i, "val", cfg, pixels=False) for i in range(8)], tok.pad_token_id)
+    sources, targets = answer_positions(batch["labels"], batch["option_ends"], batch["answer"])  # right-padded rows
     for i in range(8):
-        ex = make_example(processor, i, "val", cfg, pixels=False)
         _, qa = make_sample(0, "val", i, SMALL_SYNTH)
-        ids = ex["input_ids"]
-        src, dst = ex["pointer_src"], ex["pointer_dst"]
+        ids = batch["input_ids"][i]
+        src, dst = int(sources[i]), int(targets[i])
         assert tok.decode(ids[src + 1]).strip() == "ABCDE"[qa["correct_choice"]] and ids[src + 2] == tok.eos_token_id
         line_start = int((ids[:dst] == tok.convert_tokens_to_ids("\u010a")).nonzero().max()) + 1
         assert tok.decode(ids[line_start:dst + 1]) == f"{'ABCDE'[qa['correct_choice']]}. {qa['candidates'][qa['correct_choice']]}"

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +169,12 @@ def reply_text(sample: VideoQASample, style: str = "answer-letter", scene: Scene
         return answer
     if style != "reasoned":
         raise ValueError(f"reply style must be one of {REPLY_STYLES}, got {style!r}")
+    counters = [start // scene.segment_len + 1 for start, _ in evidence]  # counter value(s) of the evidence
     if sample.category == "colour_at_count":
-        k = evidence[0][0] // scene.segment_len + 1
+        k = counters[0]
         return f" {k} {scene.segments[k - 1][0]} {LETTERS[sample.answer]}"
     if sample.category == "change":
-        steps = []
-        for start, _ in evidence:
-            k = start // scene.segment_len + 1
-            steps.append(f"{k} {' '.join(scene.segments[k - 1])}")
-        return " " + " ".join(steps) + answer
+        return " " + " ".join(f"{k} {' '.join(scene.segments[k - 1])}" for k in counters) + answer
     return answer
 
 
@@ -191,11 +188,14 @@ def prompt_ids(processor, prompt: str, num_frames: int) -> list[int]:
     return ids[:at] + [video] * (num_frames * tokens_per_frame(processor)) + ids[at + 1:]
 
 
-def with_reply(processor, ids: list[int], reply_str: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids + reply + </s>, labels that are -100 except on the reply)."""
+def with_reply(processor, ids: list[int], reply_str: str, answer: int) -> dict:
+    """input_ids = ids + reply + </s>, labels (-100 except on the reply), the option lines' last tokens
+    (`option_ends`) and the right option's index (`answer`)."""
     tok = processor.tokenizer
     reply = tok(reply_str, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return torch.tensor(ids + reply), torch.tensor([-100] * len(ids) + reply)
+    input_ids = torch.tensor(ids + reply)
+    return dict(input_ids=input_ids, labels=torch.tensor([-100] * len(ids) + reply), answer=answer,
+                option_ends=option_ends(input_ids, tok.convert_tokens_to_ids("\u010a")))  # byte-level BPE's "\n"
 
 
 def clip_frames(scene: Scene, idx: np.ndarray, cfg: VideoTrainConfig, index: int, simulate_codec: bool = True
@@ -229,12 +229,7 @@ def make_example(processor, index: int, split: str, cfg: VideoTrainConfig, pixel
     if text:
         sample = qa_sample(qa, f"{split}_{index}")
         ids = prompt_ids(processor, lvb_prompt(sample), len(idx))
-        reply = reply_text(sample, cfg.reply, scene, qa["evidence"])
-        ex["input_ids"], ex["labels"] = with_reply(processor, ids, reply)
-        newline = processor.tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
-        src, dst = answer_positions(ex["input_ids"][None], ex["labels"][None], torch.tensor([sample.answer]), newline)
-        ex["pointer_src"], ex["pointer_dst"] = int(src[0]), int(dst[0])
-        ex["option_ends"] = option_ends(ex["input_ids"], newline)
+        ex.update(with_reply(processor, ids, reply_text(sample, cfg.reply, scene, qa["evidence"]), sample.answer))
     if pixels:
         frames = clip_frames(scene, idx, cfg, index, simulate_codec)
         ex["pixel_values_videos"] = processor.video_processor(videos=frames, return_tensors="pt")["pixel_values_videos"][0]
@@ -249,13 +244,8 @@ def make_text_example(processor, index: int, split: str, cfg: VideoTrainConfig) 
     text = f"\nThe answer is {sample.options[sample.answer]}.\n" + lvb_prompt(sample).split("\n", 1)[1]
     chat = [{"role": "user", "content": [{"type": "text", "text": text}]}]
     ids = processor.tokenizer(processor.apply_chat_template(chat, add_generation_prompt=True))["input_ids"]
-    ex = dict(frame_labels=torch.zeros((0, len(FRAME_LABELS)), dtype=torch.long), kind=qa["kind"])
-    ex["input_ids"], ex["labels"] = with_reply(processor, ids, reply_text(sample, "answer-letter"))
-    newline = processor.tokenizer.convert_tokens_to_ids("\u010a")
-    src, dst = answer_positions(ex["input_ids"][None], ex["labels"][None], torch.tensor([sample.answer]), newline)
-    ex["pointer_src"], ex["pointer_dst"] = int(src[0]), int(dst[0])
-    ex["option_ends"] = option_ends(ex["input_ids"], newline)
-    return ex
+    return dict(frame_labels=torch.zeros((0, len(FRAME_LABELS)), dtype=torch.long), kind=qa["kind"],
+                **with_reply(processor, ids, reply_text(sample, "answer-letter"), sample.answer))
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -275,9 +265,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             out["input_ids"][i, : len(e["input_ids"])] = e["input_ids"]
             out["labels"][i, : len(e["labels"])] = e["labels"]
             out["attention_mask"][i, : len(e["input_ids"])] = 1
-        out["pointer_src"] = torch.tensor([e["pointer_src"] for e in examples])
-        out["pointer_dst"] = torch.tensor([e["pointer_dst"] for e in examples])
         out["option_ends"] = torch.stack([e["option_ends"] for e in examples])
+        out["answer"] = torch.tensor([e["answer"] for e in examples])
     if "pixel_values_videos" in examples[0]:
         out["pixel_values_videos"] = torch.stack([e["pixel_values_videos"] for e in examples])
     return out
@@ -355,17 +344,13 @@ def option_ends(input_ids: torch.Tensor, newline_id: int) -> torch.Tensor:
     return (input_ids == newline_id).nonzero().flatten()[2:2 + NUM_OPTIONS] - 1
 
 
-def answer_positions(input_ids: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor, newline_id: int
+def answer_positions(labels: torch.Tensor, option_ends: torch.Tensor, answer: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position that predicts the reply's letter, last token of the right option's line) per row: the letter is
-    the reply's second-to-last token (before </s>); option lines are the 3rd to 7th lines of the prompt ("USER:
-    <video>", the question, "A. red", ..., "E. cyan")."""
-    src, dst = [], []
-    for ids, lab, a in zip(input_ids, labels, answer.tolist()):
-        reply = (lab != -100).nonzero().flatten()
-        src.append(int(reply[-2]) - 1)
-        dst.append(int(option_ends(ids, newline_id)[a]))
-    return torch.tensor(src), torch.tensor(dst)
+    """(position that predicts the reply's letter, last token of the right option's line) per row of (B, T) labels:
+    the letter is the reply's second-to-last token (before </s>), the reply the last labelled tokens."""
+    positions = torch.arange(labels.shape[1]).expand_as(labels)
+    last = torch.where(labels != -100, positions, -1).amax(dim=1)  # the </s> of each reply
+    return last - 2, option_ends.gather(1, answer[:, None]).squeeze(1)
 
 
 def pointer_loss(attention: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -381,10 +366,9 @@ class OptionLetters(nn.Module):
     """Training-only read-out: the last token of each option line ("B. cyan\n": " cyan"), as it enters the
     pointer layer, names its line's letter -- so what the pointer finds holds the letter to write."""
 
-    def __init__(self, dim: int, weight: float = 1.0):
+    def __init__(self, dim: int):
         super().__init__()
         self.head = nn.Linear(dim, NUM_OPTIONS)
-        self.weight = weight  # relative to the pointer loss
 
     def forward(self, states: torch.Tensor, option_ends: torch.Tensor) -> torch.Tensor:
         """states (B, T, D), option_ends (B, 5) -> cross-entropy of each option's letter."""
@@ -403,57 +387,57 @@ def code_error(features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return ((features - codes) ** 2).sum(-1) / (codes ** 2).sum(-1)
 
 
-def reply_loss(model, batch: dict, video_tokens: torch.Tensor, pointer_layer: int | None = None,
+def reply_loss(model, batch: dict, video_tokens: torch.Tensor, cfg: VideoTrainConfig,
                letters: OptionLetters | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cross-entropy on the reply tokens, per row: is the teacher-forced argmax right at every reply token -- i.e.
-    does greedy decoding give the reply, the answer-pointer loss of `pointer_layer` + the `letters` loss, or 0)
-    with `video_tokens` (N, D), row after row, in place of the <video> placeholders."""
+    does greedy decoding give the reply, the weighted letter losses: cfg.pointer_weight x pointer_loss +
+    cfg.letter_weight x `letters`, or 0 when cfg.pointer_weight is 0) with `video_tokens` (N, D), row after row,
+    in place of the <video> placeholders."""
+    pointer_on = cfg.pointer_weight > 0
     inner = model.model
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     mask = (batch["input_ids"] == model.config.video_token_index).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(mask, video_tokens.to(embeds.dtype))
     out = inner.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                               output_attentions=pointer_layer is not None, output_hidden_states=letters is not None)
+                               output_attentions=pointer_on, output_hidden_states=pointer_on and letters is not None)
     hidden = out.last_hidden_state
-    pointer = torch.zeros(())
-    if pointer_layer is not None:
-        pointer = pointer_loss(out.attentions[pointer_layer], batch["pointer_src"], batch["pointer_dst"])
+    aux = torch.zeros(())
+    if pointer_on:
+        src, dst = answer_positions(batch["labels"], batch["option_ends"], batch["answer"])
+        aux = cfg.pointer_weight * pointer_loss(out.attentions[cfg.pointer_layer], src, dst)
         if letters is not None:  # hidden_states[i] enters layer i
-            layer = pointer_layer % len(out.attentions)
-            pointer = pointer + letters.weight * letters(out.hidden_states[layer], batch["option_ends"])
+            layer = cfg.pointer_layer % len(out.attentions)
+            aux = aux + cfg.letter_weight * letters(out.hidden_states[layer], batch["option_ends"])
     labels = batch["labels"]
     pos = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # positions whose next token is a reply token
     logits = model.lm_head(hidden[:, :-1][pos])
     target = labels[:, 1:][pos]
     wrong = torch.bincount(pos[0][logits.argmax(-1) != target], minlength=labels.shape[0])
-    return F.cross_entropy(logits, target), (wrong == 0).float(), pointer
+    return F.cross_entropy(logits, target), (wrong == 0).float(), aux
 
 
 def stage_loss(model, codes: FrameCodes, batch: dict, stage: str, cfg: VideoTrainConfig,
                letters: OptionLetters | None = None) -> tuple[torch.Tensor, dict]:
-    """(loss, stats) of one batch of `stage`; `letters`: with the option-letter loss (part of pointer_loss)."""
-    layer = cfg.pointer_layer if cfg.pointer_weight > 0 else None
+    """(loss, stats) of one batch of `stage`; `letters`: with the option-letter loss. The language model reads no
+    video (text), the frames' codes with noise (reader) or the video features (joint); vision fits the codes."""
     target = codes(batch["frame_labels"], model.get_input_embeddings().weight)
-    if stage == "text":
-        loss, correct, pointer = reply_loss(model, batch, target.new_zeros((0, target.shape[-1])), layer, letters)
-        return loss + cfg.pointer_weight * pointer, dict(reply_loss=loss.item(), pointer_loss=pointer.item(),
-                                                         reply_correct=correct)
-    if stage == "reader":
+    loss, stats = torch.zeros(()), {}
+    if stage in ("vision", "joint"):
+        features = video_features(model, batch["pixel_values_videos"])
+        err = code_error(features, target.detach()).mean()
+        if stage == "vision":
+            return err, dict(code_error=err.item())
+        loss, stats, tokens = cfg.code_weight * err, dict(code_error=err.item()), features.flatten(0, 1)
+    elif stage == "reader":
         per_frame = target.shape[1] // batch["frame_labels"].shape[1]
         frames = torch.arange(batch["frame_labels"].shape[1])[None, :] < batch["num_frames"][:, None]
         target = target[frames.repeat_interleave(per_frame, dim=1)]  # (N, D): the real frames' codes, row by row
-        noisy = target + cfg.code_noise * torch.randn_like(target) * target.norm(dim=-1, keepdim=True) / math.sqrt(
+        tokens = target + cfg.code_noise * torch.randn_like(target) * target.norm(dim=-1, keepdim=True) / math.sqrt(
             target.shape[-1])
-        loss, correct, pointer = reply_loss(model, batch, noisy, layer, letters)
-        return loss + cfg.pointer_weight * pointer, dict(reply_loss=loss.item(), pointer_loss=pointer.item(),
-                                                         reply_correct=correct)
-    features = video_features(model, batch["pixel_values_videos"])
-    err = code_error(features, target.detach()).mean()
-    if stage == "vision":
-        return err, dict(code_error=err.item())
-    loss, correct, pointer = reply_loss(model, batch, features.flatten(0, 1), layer, letters)
-    return loss + cfg.code_weight * err + cfg.pointer_weight * pointer, dict(
-        reply_loss=loss.item(), code_error=err.item(), pointer_loss=pointer.item(), reply_correct=correct)
+    else:
+        tokens = target.new_zeros((0, target.shape[-1]))
+    reply, correct, aux = reply_loss(model, batch, tokens, cfg, letters)
+    return loss + reply + aux, dict(reply_loss=reply.item(), **stats, pointer_loss=aux.item(), reply_correct=correct)
 
 
 def trainable(model, stage: str, letters: OptionLetters | None = None) -> list[nn.Parameter]:
@@ -493,8 +477,7 @@ def evaluate(model, codes: FrameCodes, batches: list[dict], stage: str, cfg: Vid
     hits: dict[str, list[float]] = {}
     errors = []
     for batch in batches:
-        b = batch if stage != "vision" else {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-        _, st = stage_loss(model, codes, b, stage, dataclass_replace(cfg, code_noise=0.0))
+        _, st = stage_loss(model, codes, batch, stage, replace(cfg, code_noise=0.0))
         if "code_error" in st:
             errors.append(st["code_error"])
         for kind, ok in zip(batch["kind"], st.get("reply_correct", torch.zeros(0)).tolist()):
@@ -505,12 +488,6 @@ def evaluate(model, codes: FrameCodes, batches: list[dict], stage: str, cfg: Vid
         every = [x for v in hits.values() for x in v]
         out.update(val_acc=sum(every) / len(every), **{f"val_{k}": sum(v) / len(v) for k, v in sorted(hits.items())})
     return out
-
-
-def dataclass_replace(cfg: VideoTrainConfig, **changes) -> VideoTrainConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
 
 
 RUN_ONLY = ("out", "eval_every", "checkpoint_every", "workers", "threads", "stop_after", "val_samples")
@@ -542,7 +519,7 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
     model, processor = build_tiny_llava_next_video(cfg.seed, size=cfg.size)
     dim = model.config.text_config.hidden_size
     codes = FrameCodes(processor.tokenizer, dim, tokens_per_frame(processor), cfg.seed)
-    letters = OptionLetters(dim, cfg.letter_weight / max(cfg.pointer_weight, 1e-9)) if cfg.letter_weight > 0 else None
+    letters = OptionLetters(dim) if cfg.letter_weight > 0 else None
     step = 0
     ckpt_path = out / "checkpoint.pt"
     stage = cfg.stage_at(0)[0]
@@ -568,11 +545,16 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
         if letters is not None and saved is not None and saved["head.weight"].shape == letters.head.weight.shape:
             letters.load_state_dict(saved)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    pad = processor.tokenizer.pad_token_id
-    val = [stage_batch(processor, cfg, "joint", "val", range(j, min(j + cfg.batch_size // 2 or 1, cfg.val_samples)))
-           for j in range(0, cfg.val_samples, cfg.batch_size // 2 or 1)]
-    val_text = [stage_batch(processor, cfg, "text", "val", range(j, min(j + cfg.batch_size, cfg.val_samples)))
-                for j in range(0, cfg.val_samples, cfg.batch_size)]
+    val: dict[str, list[dict]] = {}  # validation batches, built when first needed: "text", or "joint" for the rest
+
+    def validation(stage: str) -> list[dict]:
+        kind = "text" if stage == "text" else "joint"
+        if kind not in val:
+            n = batch_size(cfg, kind)
+            val[kind] = [stage_batch(processor, cfg, kind, "val", range(j, min(j + n, cfg.val_samples)))
+                         for j in range(0, cfg.val_samples, n)]
+        return val[kind]
+
     loader = torch.utils.data.DataLoader(TrainStream(processor, cfg, step), batch_size=None, shuffle=False,
                                          num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
     model.train()
@@ -588,7 +570,7 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
             loss, st = stage_loss(model, codes, batch, stage, cfg, letters)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable(model, stage, letters), 1.0)
+            torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
             opt.step()
             step += 1
             correct = st.pop("reply_correct", None)
@@ -597,7 +579,7 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
                        seconds=time.perf_counter() - t0)
             stage_end = step == cfg.total_steps or cfg.stage_at(step)[0] != stage
             if step % cfg.eval_every == 0 or step == last_step(cfg) or stage_end:
-                row.update(evaluate(model, codes, val_text if stage == "text" else val, stage, cfg))
+                row.update(evaluate(model, codes, validation(stage), stage, cfg))
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(1)
