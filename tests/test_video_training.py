@@ -10,7 +10,7 @@ from video.decoding import read_video, sample_indices
 from video.pipeline import prepare_inputs
 from video.synthetic import COLOURS, SHAPES, SyntheticConfig, generate_split, make_sample, render, write_mp4
 from video.tiny_model import build_processor
-from video.training import VideoTrainConfig, frame_labels, make_example, yuv420_roundtrip
+from video.training import TALLY, VideoTrainConfig, frame_labels, make_example, yuv420_roundtrip
 
 from test_reporting_tables import _script
 
@@ -80,9 +80,20 @@ def test_reply_styles_are_read_by_the_longvideobench_parser():
     a, b = (int(w) for w in qa["question"].rstrip("?").split() if w.isdigit())
     words = lambda k: f"{k} {scene.segments[k - 1][0]} {scene.segments[k - 1][1]}"  # noqa: E731
     assert reply_text(sample, "reasoned", scene, qa["evidence"]) == f" {words(a)} {words(b)} {qa['candidates'][qa['correct_choice']]} {sample.answer_letter}"
-    scene, qa = make_sample(0, "train", 2, SyntheticConfig())  # a count question: the answer, then its letter
-    sample = VideoQASample("x", "", qa["question"], qa["candidates"], qa["correct_choice"], "synthetic", category=qa["kind"])
-    assert reply_text(sample, "reasoned", scene, qa["evidence"]) == f" {qa['correct_choice'] + 1} {sample.answer_letter}"
+    for index in (2, 6, 10, 14):  # count questions: what flashed at each counter value with a tally, then the count
+        scene, qa = make_sample(0, "train", index, SyntheticConfig())
+        sample = VideoQASample("x", "", qa["question"], qa["candidates"], qa["correct_choice"], "synthetic",
+                               category=qa["kind"])
+        idx = sample_indices(scene.num_frames, 32)
+        words = reply_text(sample, "reasoned", scene, qa["evidence"], idx).split()
+        count = qa["correct_choice"] + 1
+        assert words[-2:] == [str(count), sample.answer_letter] and parse_lvb_answer(" ".join(words)).letter == sample.answer_letter
+        assert [w for w in words if w in TALLY] == list(TALLY[:count])
+        target = qa["question"].split(" did a ")[1].split()[:2]
+        assert [words[i - 2:i] for i, w in enumerate(words) if w in TALLY] == [target] * count
+        counters = [int(w) for w in words[:-2] if w.isdigit()]
+        assert counters == list(range(1, len(scene.segments) + 1))  # every counter value, in order
+        assert sum(w in COLOURS_IDX for w in words) == len(scene.flashes)  # every flash once
     assert parse_lvb_answer(" from a red circle to a blue square D").letter == "D"
 
 
