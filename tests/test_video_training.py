@@ -87,7 +87,8 @@ def test_reply_styles_are_read_by_the_longvideobench_parser():
         idx = sample_indices(scene.num_frames, 32)
         words = reply_text(sample, "reasoned", scene, qa["evidence"], idx).split()
         count = qa["correct_choice"] + 1
-        assert words[-2:] == [str(count), sample.answer_letter] and parse_lvb_answer(" ".join(words)).letter == sample.answer_letter
+        assert words[-2:] == [str(count), sample.answer_letter]
+        assert parse_lvb_answer(" ".join(words)).letter == sample.answer_letter
         assert [w for w in words if w in TALLY] == list(TALLY[:count])
         target = qa["question"].split(" did a ")[1].split()[:2]
         assert [words[i - 2:i] for i, w in enumerate(words) if w in TALLY] == [target] * count

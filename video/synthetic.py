@@ -75,6 +75,14 @@ class Scene:
     def segment_len(self) -> int:
         return 2 * self.unit
 
+    def counter_at(self, t: int) -> int:
+        """The counter value (1-based) that frame t shows."""
+        return min(int(t) // self.segment_len + 1, len(self.segments))
+
+    def flash_at(self, t: int) -> tuple[int, str, str] | None:
+        """The flash (start frame, colour, shape) that frame t shows, or None (flashes never overlap)."""
+        return next((f for f in self.flashes if f[0] <= t < f[0] + self.unit), None)
+
     def segment_range(self, k: int) -> tuple[int, int]:
         """Frames [start, end) during which the counter shows k (1-based); the last segment runs to the end."""
         start = (k - 1) * self.segment_len

@@ -56,8 +56,9 @@ _CORPUS = [
     "red green blue yellow magenta cyan white circle square triangle diamond cross 0 1 2 3 4 5 6 7 8 9",
     "The best answer is The correct answer is the video shows a person who is doing something in the scene.",
 ]
-# the synthetic set's answer words (and the tally words of count replies), weighted so that each becomes one token (" red", " 3"): a word split into
-# pieces shared with other words ("re"+"d", "g"+"re"+"en") is a needless hurdle for a small language model
+# the synthetic set's answer words (and the tally words of count replies), weighted so that each becomes one token
+# (" red", " 3"): a word split into pieces shared with other words ("re"+"d", "g"+"re"+"en") is a needless hurdle
+# for a small language model
 _WORDS = ("red green blue yellow magenta cyan white circle square triangle diamond cross 0 1 2 3 4 5 6 7 8 9 "
           "one two three four five A B C D E").split()
 

@@ -120,14 +120,13 @@ class VideoTrainConfig:
 def frame_labels(scene: Scene, indices: np.ndarray) -> np.ndarray:
     """(F, 5) int64 per decoded frame: counter, large colour, large shape, flash colour + 1, flash shape + 1."""
     out = np.zeros((len(indices), len(FRAME_LABELS)), np.int64)
-    seg_len = scene.segment_len
     for row, t in enumerate(indices):
-        k = min(int(t) // seg_len + 1, len(scene.segments))
+        k = scene.counter_at(t)
         colour, shape = scene.segments[k - 1]
         out[row, :3] = (min(k, MAX_COUNTER - 1), COLOUR_IDS[colour], SHAPE_IDS[shape])
-        for start, c, s in scene.flashes:
-            if start <= t < start + scene.unit:
-                out[row, 3:] = (COLOUR_IDS[c] + 1, SHAPE_IDS[s] + 1)
+        flash = scene.flash_at(t)
+        if flash is not None:
+            out[row, 3:] = (COLOUR_IDS[flash[1]] + 1, SHAPE_IDS[flash[2]] + 1)
     return out
 
 
@@ -171,17 +170,17 @@ def flash_listing(scene: Scene, indices: np.ndarray, target: tuple[str, str] | N
     flash of `target` followed by the running tally (TALLY words: "one", "two", ...)."""
     out, last_counter, seen, tally = [], None, set(), 0
     for t in indices:
-        k = min(int(t) // scene.segment_len + 1, len(scene.segments))
+        k = scene.counter_at(t)
         if k != last_counter:
             out.append(str(k))
             last_counter = k
-        for start, c, s in scene.flashes:
-            if start <= t < start + scene.unit and start not in seen:
-                seen.add(start)
-                out += [c, s]
-                if (c, s) == target:
-                    out.append(TALLY[min(tally, len(TALLY) - 1)])
-                    tally += 1
+        flash = scene.flash_at(t)
+        if flash is not None and flash[0] not in seen:
+            seen.add(flash[0])
+            out += list(flash[1:])
+            if flash[1:] == target:
+                out.append(TALLY[tally])  # count questions exist for counts 1..5 only
+                tally += 1
     return " " + " ".join(out)
 
 
@@ -202,7 +201,7 @@ def reply_text(sample: VideoQASample, style: str = "answer-letter", scene: Scene
         return answer
     if style != "reasoned":
         raise ValueError(f"reply style must be one of {REPLY_STYLES}, got {style!r}")
-    counters = [start // scene.segment_len + 1 for start, _ in evidence]  # counter value(s) of the evidence
+    counters = [scene.counter_at(start) for start, _ in evidence]  # counter value(s) of the evidence
     if sample.category == "colour_at_count":
         k = counters[0]
         return f" {k} {scene.segments[k - 1][0]} {LETTERS[sample.answer]}"
