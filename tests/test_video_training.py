@@ -7,7 +7,7 @@ import torch
 
 from video.datasets import load_synthetic
 from video.decoding import read_video, sample_indices
-from video.pipeline import prepare_inputs
+from video.pipeline import max_new_tokens_for, prepare_inputs
 from video.synthetic import COLOURS, SHAPES, SyntheticConfig, generate_split, make_sample, render, write_mp4
 from video.tiny_model import build_processor
 from video.training import TALLY, VideoTrainConfig, frame_labels, make_example, yuv420_roundtrip
@@ -78,8 +78,9 @@ def test_reply_styles_are_read_by_the_longvideobench_parser():
     scene, qa = make_sample(0, "train", 3, SyntheticConfig())  # a change question
     sample = VideoQASample("x", "", qa["question"], qa["candidates"], qa["correct_choice"], "synthetic", category=qa["kind"])
     a, b = (int(w) for w in qa["question"].rstrip("?").split() if w.isdigit())
-    words = lambda k: f"{k} {scene.segments[k - 1][0]} {scene.segments[k - 1][1]}"  # noqa: E731
+    words = lambda k: f"{k} {scene.segments[k - 1][0]} {k} {scene.segments[k - 1][1]}"  # noqa: E731 -- k again
     assert reply_text(sample, "reasoned", scene, qa["evidence"]) == f" {words(a)} {words(b)} {qa['candidates'][qa['correct_choice']]} {sample.answer_letter}"
+    tok = build_processor().tokenizer
     for index in (2, 6, 10, 14):  # count questions: what flashed at each counter value with a tally, then the count
         scene, qa = make_sample(0, "train", index, SyntheticConfig())
         sample = VideoQASample("x", "", qa["question"], qa["candidates"], qa["correct_choice"], "synthetic",
@@ -91,10 +92,15 @@ def test_reply_styles_are_read_by_the_longvideobench_parser():
         assert parse_lvb_answer(" ".join(words)).letter == sample.answer_letter
         assert [w for w in words if w in TALLY] == list(TALLY[:count])
         target = qa["question"].split(" did a ")[1].split()[:2]
-        assert [words[i - 2:i] for i, w in enumerate(words) if w in TALLY] == [target] * count
+        flashes = [(i, words[i - 2:i + 1]) for i, w in enumerate(words) if w in SHAPES]  # colour, counter, shape
+        assert [f[::2] for i, f in flashes if words[i + 1] in TALLY] == [target] * count
         counters = [int(w) for w in words[:-2] if w.isdigit()]
-        assert counters == list(range(1, len(scene.segments) + 1))  # every counter value, in order
-        assert sum(w in COLOURS_IDX for w in words) == len(scene.flashes)  # every flash once
+        assert len(flashes) == len(scene.flashes)  # every flash once ...
+        assert [int(f[1]) for _, f in flashes] == [scene.counter_at(s) for s, _, _ in scene.flashes]  # ... its counter
+        assert sorted(set(counters)) == list(range(1, len(scene.segments) + 1))  # every counter value, in order
+        assert counters == sorted(counters)
+        reply_ids = tok(reply_text(sample, "reasoned", scene, qa["evidence"], idx), add_special_tokens=False)["input_ids"]
+        assert len(reply_ids) <= max_new_tokens_for(sample)  # run_video generates the whole reply
     assert parse_lvb_answer(" from a red circle to a blue square D").letter == "D"
 
 
