@@ -1,6 +1,6 @@
 """Train the small Llava-Next-Video that `run_video.py --dataset synthetic` uses, offline on synthetic QA.
 
-    # the shipped model (the defaults: 6,800 steps, 56 min on this machine's CPU next to other runs; resumes):
+    # the shipped model (the defaults: 6,800 steps, 55 min of training steps on this machine's CPU; resumes):
     python scripts/train_video_model.py --out runs/video-one --ship
     python scripts/train_video_model.py --size tiny --text-steps 2 --reader-steps 2 --vision-steps 2 \
         --joint-steps 2 --batch-size 4 --val-samples 4 --out /tmp/v                                # smoke

@@ -34,15 +34,14 @@ shape words were the weak point (colour then shape, " 2 red circle"): teacher-fo
 after 1,500 reader steps, the two shape words a change reply reads were right 57% of the time (the shape at the
 *other* counter value asked about was the commonest mistake) and the count listings' 73%, while every colour word
 was right -- the word read right after a counter value was read well, the one after it not. Writing the counter
-value again before the shape (" 2 red 2 circle") made them 255 of 256 and 100% at the same point (same text
-stage, same 1,500 reader steps); marking the
-large shape's and the flash's frame-code tokens with role vectors did not help (random role vectors: shape words
-73-74%; E[" left"] / E[" right"]: 44% of validation replies exact vs 52% without), and repeating the counter
-in change replies only (not in the count listings) left change replies behind (22% exact on validation after
-1,000 reader steps vs 66%). Selection on 200 validation videos through run_video.py: one run with the defaults
-(text 1,500, reader 4,500, vision 400, joint 400 steps; the shipped model) 96.0%; the same reader length split
-1,500 + 3,000 with the schedule restarted 85.0% (colour at a counter value 80%, count 64%). The saved model is a
-plain LlavaNextVideoForConditionalGeneration; codes and heads are training-only.
+value again before the shape (" 2 red 2 circle") made them 255 of 256 and 100% at the same point (same text stage,
+same 1,500 reader steps); marking the large shape's and the flash's frame-code tokens with role vectors did not
+help (random role vectors: shape words 73-74%; E[" left"] / E[" right"]: 44% of validation replies exact vs 52%
+without), and repeating the counter in change replies only (not in the count listings) left change replies behind
+(22% exact on validation after 1,000 reader steps vs 66%). Selection on 200 validation videos through run_video.py:
+one run with the defaults (text 1,500, reader 4,500, vision 400, joint 400 steps; the shipped model) 96.0%; the
+same reader length split 1,500 + 3,000 with the schedule restarted 85.0% (colour at a counter value 80%, count
+64%). The saved model is a plain LlavaNextVideoForConditionalGeneration; codes and heads are training-only.
 """
 
 from __future__ import annotations
@@ -173,11 +172,17 @@ REPLY_STYLES = ("reasoned", "answer-letter", "letter")
 TALLY = ("one", "two", "three", "four", "five")
 
 
+def seen_at(k: int, colour: str, shape: str) -> str:
+    """An object as a reply names it, read at counter value k: "red 2 square" -- the counter value again right
+    before the shape word, so the shape is read at k (see the module docstring for what that fixed)."""
+    return f"{colour} {k} {shape}"
+
+
 def flash_listing(scene: Scene, indices: np.ndarray, target: tuple[str, str] | None = None) -> str:
-    """What flashed, counter value by counter value, as the frames `indices` show it: " 1 2 red 2 square one 3 4
-    blue 4 circle ..." -- each counter value seen, then each flash that starts showing while it is on (time order)
-    as colour, the counter value again, shape; each flash of `target` followed by the running tally (TALLY words:
-    "one", "two", ...)."""
+    """What flashed, counter value by counter value, as the frames `indices` show it: " 1 2 red 2 square one 3 4 blue
+    4 circle ..." -- each counter value seen, then each flash that starts showing while it is on (time order)
+    (seen_at: colour, the counter value again, shape); each flash of `target` followed by the running tally
+    (TALLY words: "one", "two", ...)."""
     out, last_counter, seen, tally = [], None, set(), 0
     for t in indices:
         k = scene.counter_at(t)
@@ -187,7 +192,7 @@ def flash_listing(scene: Scene, indices: np.ndarray, target: tuple[str, str] | N
         flash = scene.flash_at(t)
         if flash is not None and flash[0] not in seen:
             seen.add(flash[0])
-            out += [flash[1], str(k), flash[2]]  # the counter again before the shape: see reply_text
+            out.append(seen_at(k, *flash[1:]))
             if flash[1:] == target:
                 out.append(TALLY[tally])  # count questions exist for counts 1..5 only
                 tally += 1
@@ -199,12 +204,11 @@ def reply_text(sample: VideoQASample, style: str = "answer-letter", scene: Scene
     """The target reply. "letter": "B". "answer-letter": " red B" (the right option's text, then its letter).
     "reasoned" (needs the scene, the evidence ranges and the frames shown): for questions about counter values,
     first the counter value(s) and what the large shape was then -- " 3 red B", " 2 red 2 circle 5 blue 5 square
-    from a red circle to a blue square D" (the counter value again before each shape word: read at one counter
-    value, not mixed up with the other); for count questions, first what flashed at each counter value with a
-    running tally of the asked-about flash (flash_listing), then the count -- " 1 2 red 2 square one 3 4 blue 4
-    circle 5 red 5 square two 6 2 B"; otherwise as
-    "answer-letter". Option texts are lower-case words and digits, so LongVideoBench's parser (first capital A-E)
-    reads the letter."""
+    from a red circle to a blue square D" (seen_at: the counter value again before each shape word); for count
+    questions, first what flashed at each counter value with a running tally of the asked-about flash
+    (flash_listing), then the count -- " 1 2 red 2 square one 3 4 blue 4 circle 5 red 5 square two 6 2 B";
+    otherwise as "answer-letter". Option texts are lower-case words and digits, so LongVideoBench's parser (first
+    capital A-E) reads the letter."""
     if style == "letter":
         return LETTERS[sample.answer]
     answer = f" {sample.options[sample.answer]} {LETTERS[sample.answer]}"
@@ -217,7 +221,7 @@ def reply_text(sample: VideoQASample, style: str = "answer-letter", scene: Scene
         k = counters[0]
         return f" {k} {scene.segments[k - 1][0]} {LETTERS[sample.answer]}"
     if sample.category == "change":
-        return " " + " ".join(f"{k} {scene.segments[k - 1][0]} {k} {scene.segments[k - 1][1]}" for k in counters) + answer
+        return " " + " ".join(f"{k} {seen_at(k, *scene.segments[k - 1])}" for k in counters) + answer
     if sample.category == "count_event":
         target = next((c, s) for start, c, s in scene.flashes if start == evidence[0][0])  # a flash counted
         return flash_listing(scene, indices, target) + answer
