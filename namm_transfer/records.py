@@ -6,6 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_repo(text: str | Path) -> str:
+    """`text` with this checkout's absolute prefix removed: paths inside the checkout are recorded relative to
+    it, so result files read the same from any clone and a moved checkout can still resume them."""
+    return str(text).replace(str(REPO_ROOT) + os.sep, "")
+
 
 def read_records(path: Path) -> list[dict]:
     """Records already written; a torn last line (killed mid-write) is cut off so later appends stay valid."""

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer import load_namm, make_policy  # noqa: E402
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.language.benchmark import append_record, evaluate_sample, summarise  # noqa: E402
-from namm_transfer.records import read_records, record_command  # noqa: E402
+from namm_transfer.records import in_repo, read_records, record_command  # noqa: E402
 from namm_transfer.language.tasks import make_split  # noqa: E402
 
 
@@ -60,7 +60,9 @@ def main(argv=None) -> None:
         model, tok = load_causal_lm(args.model, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({**vars(args), "namm_source": getattr(namm, "source", None)}, indent=2))
+    run = {**vars(args), "namm": in_repo(Path(args.namm).resolve()),
+           "namm_source": namm and in_repo(Path(namm.source).resolve())}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
     record_command(out, "scripts/eval_language.py", argv)
     records_path = out / "records.jsonl"
     done = {(r["policy"], r["key"]): r for r in read_records(records_path)}
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     bar.close()
     rows = read_records(records_path)
     table, md = summarise(rows, policies)
-    note = (f"\nModel {args.model}; NAMM {getattr(namm, 'source', '-')}; test split, {args.n} samples per task of "
+    note = (f"\nModel {args.model}; NAMM {run['namm_source'] or '-'}; test split, {args.n} samples per task of "
             f"~{args.tokens} prompt tokens; baselines at the cache fraction NAMM kept after its last eviction step on each sample.\n")
     (out / "summary.json").write_text(json.dumps(table, indent=2))
     (out / "summary.md").write_text(md + note)

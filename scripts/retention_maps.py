@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import numpy as np  # noqa: E402
 
+from namm_transfer.records import in_repo  # noqa: E402
 from namm_transfer.reporting import retention as ret  # noqa: E402
 
 
@@ -342,7 +343,8 @@ def run(args, argv=None) -> int:
     for label, policy in policies.items():
         keep, extra = target.run(policy)
         written += target.plot(label, keep, extra, out)
-        report["policies"][label] = {"source": getattr(policy, "source", None), "delay": policy.delay,
+        source = getattr(policy, "source", None)
+        report["policies"][label] = {"source": source and in_repo(source), "delay": policy.delay,
                                      "kept_share_per_layer": keep.mean(1).tolist(),
                                      "kept_share": float(keep.mean()), **extra}
         print(f"{label}: kept {100 * keep.mean():.1f}% of {keep.shape[1]} tokens (mean over {keep.shape[0]} layers)")

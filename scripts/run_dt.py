@@ -92,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_checkpoint(args):
     from envs.rollout import load_dt
+    from namm_transfer.records import in_repo
 
     ckpt = args.checkpoint or str(DEFAULT_CHECKPOINT)
     local = Path(ckpt).exists()
@@ -109,13 +110,14 @@ def load_checkpoint(args):
                          "and pass --checkpoint DIR.") from None
     except ValueError as err:
         raise UsageError(f"{err}\nPass --state-stats FILE (JSON with state_mean and state_std).") from None
-    args.checkpoint = str(Path(ckpt).resolve()) if local else ckpt
+    args.checkpoint = in_repo(Path(ckpt).resolve()) if local else ckpt
     dt.meta.setdefault("dataset_id", stats.get("trained_on", "unknown data"))
     return dt
 
 
 def load_namm_policy(args):
     from namm_transfer.checkpoints import DEFAULT_NAMM, load_namm
+    from namm_transfer.records import in_repo
 
     path = args.namm or DEFAULT_NAMM
     try:
@@ -126,9 +128,9 @@ def load_namm_policy(args):
         raise UsageError(f"--policies namm: {err}{hint}") from None
     except ValueError as err:
         raise UsageError(f"--delay {args.delay} does not suit this NAMM: {err}") from None
-    args.namm = str(Path(namm.source).resolve())
+    args.namm = in_repo(Path(namm.source).resolve())
     meta = {}
-    cfg = Path(args.namm) / "config.json"
+    cfg = Path(namm.source) / "config.json"
     if cfg.is_file():
         meta = json.loads(cfg.read_text()).get("meta", {})
     return namm, meta

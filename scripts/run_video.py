@@ -104,6 +104,7 @@ def load_samples(args, notes: list[str]):
 def load_model(args, notes: list[str]):
     import torch
     from video.pipeline import DEFAULT_MODEL, DTYPES, TINY_SYNTH_MODEL, load_video_model
+    from namm_transfer.records import in_repo
     from video.tiny_model import build_tiny_llava_next_video
 
     name = args.model
@@ -116,7 +117,7 @@ def load_model(args, notes: list[str]):
             name = TINY_RANDOM
             notes.append(f"no trained tiny model at {TINY_SYNTH_MODEL} (build it: scripts/train_video_model.py "
                          "--ship)")
-    args.model = name
+    args.model = in_repo(name)  # recorded in run.json: relative inside this checkout
     dtype = DTYPES[args.dtype]
     if name == TINY_RANDOM:
         notes.append("WARNING: a freshly built RANDOM tiny Llava-Next-Video: its answers are noise, this run only "
@@ -280,7 +281,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from namm_transfer.records import read_records, record_command
+    from namm_transfer.records import in_repo, read_records, record_command
     from video.pipeline import error_record, prepare_inputs, run_policy
     from video.decoding import VideoDecodeError
 
@@ -297,7 +298,7 @@ def run(args) -> int:
     if namm is not None and namm.delay != args.delay:
         namm = load_namm_policy(args, args.delay)
     if namm is not None:
-        args.namm = str(Path(namm.source).resolve())
+        args.namm = in_repo(Path(namm.source).resolve())
         notes.append(f"NAMM: {args.namm}")
     for n in notes:
         print(("\n!!! " + n + "\n") if n.startswith("WARNING") else f"note: {n}", file=sys.stderr)

@@ -221,3 +221,19 @@ def test_renorm_results_get_their_own_named_row(tmp_path):
     assert len(rows) == 2 and "| namm |" in rows[0] and "| namm-renorm |" in rows[1]
     assert "namm-renorm: the language NAMM with normalisation statistics re-estimated" in md
     assert to_csv(build_rows(read_results(b))).splitlines()[1].split(",")[4] == "namm-renorm"
+
+
+def test_paths_inside_the_checkout_are_recorded_relative_to_it(tmp_path, monkeypatch):
+    """Result files name checkpoints of this checkout relative to it (same text from any clone); other paths and
+    hub ids are kept; a recorded relative NAMM path is still recognised as a renormalised one from another cwd."""
+    from namm_transfer.records import REPO_ROOT, in_repo
+    from namm_transfer.reporting.results import namm_variant
+
+    assert in_repo(REPO_ROOT / "video" / "checkpoints" / "llava-tiny-synth") == "video/checkpoints/llava-tiny-synth"
+    assert in_repo(f"{REPO_ROOT}/namm_transfer/checkpoints/x (renormalised on 8 token-steps)") == \
+        "namm_transfer/checkpoints/x (renormalised on 8 token-steps)"
+    assert in_repo(tmp_path / "ckpt") == str(tmp_path / "ckpt")
+    assert in_repo("llava-hf/LLaVA-NeXT-Video-7B-hf") == "llava-hf/LLaVA-NeXT-Video-7B-hf"
+    monkeypatch.chdir(tmp_path)
+    assert namm_variant("results/video/namm-renorm-video") == "namm-renorm"
+    assert namm_variant("namm_transfer/checkpoints/namm-smollm2") == "namm"

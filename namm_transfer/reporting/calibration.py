@@ -19,6 +19,7 @@ import torch
 from ..checkpoints import save_namm
 from ..features import RunningStats
 from ..policies import NAMMPolicy
+from ..records import in_repo
 from .results import RENORM
 
 
@@ -52,4 +53,4 @@ def renormalise(trained: NAMMPolicy, run_keep_all: Callable[[NAMMPolicy], object
 def save_renormalised(policy: NAMMPolicy, path: str | Path, meta: dict | None = None) -> Path:
     """A checkpoint the harnesses load with --namm; its meta marks it so tables name its rows namm-renorm."""
     return save_namm(path, policy.params[0], policy.stats, policy.config,
-                     {**(meta or {}), "variant": RENORM, "base": str(getattr(policy, "source", ""))})
+                     {**(meta or {}), "variant": RENORM, "base": in_repo(getattr(policy, "source", ""))})

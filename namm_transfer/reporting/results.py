@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..records import in_repo
+
 DOMAINS = ("language", "video", "dt")
 DOMAIN_TITLES = {"language": "language", "video": "video", "dt": "decision transformer"}
 RENORM = "namm-renorm"
@@ -200,7 +202,7 @@ def namm_variant(checkpoint: str | None) -> str:
     """'namm-renorm' for a checkpoint written by `calibration.save_renormalised` (meta variant), else 'namm'."""
     if not checkpoint:
         return "namm"
-    cfg = Path(checkpoint) / "config.json"
+    cfg = ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
     if cfg.is_file():
         try:
             if json.loads(cfg.read_text()).get("meta", {}).get("variant") == RENORM:
@@ -261,7 +263,7 @@ def read_language(folder: Path, file: Path) -> list[ResultSet]:
             methods = {r["policy"]: MethodScore(r["policy"], scale * r[key], r["realised_cache_pct"], r.get("n"),
                                                 budget if r["policy"] not in ("full", "namm") else "-")
                        for r in sel}
-            out.append(ResultSet("language", str(run.get("model", "model unknown")), f"{task}{tokens}", metric,
+            out.append(ResultSet("language", in_repo(run.get("model", "model unknown")), f"{task}{tokens}", metric,
                                  _rename_namm(methods, variant), source))
     return out
 
@@ -308,7 +310,7 @@ def read_video(folder: Path, file: Path) -> list[ResultSet]:
     source = provenance(file, folder, "run_video.py", settings or None, extra)
     bench = f"{dataset} ({settings.get('split', '?')}, {settings.get('frames', '?')} frames)"
     notes = [n for n in summary.get("notes", []) if n.startswith("WARNING")]
-    return [ResultSet("video", str(settings.get("model", "model unknown")), bench, metric,
+    return [ResultSet("video", in_repo(settings.get("model", "model unknown")), bench, metric,
                       _rename_namm(methods, namm_variant(settings.get("namm"))), source, notes)]
 
 
@@ -360,8 +362,7 @@ def read_dt(folder: Path, file: Path) -> list[ResultSet]:
     extra = {"policies": ",".join(dict.fromkeys(r["policy"] for r in rows if _rollout(r["rollout"]) == "kv-cache")),
              "out": str(folder)}
     source = provenance(file, folder, "run_dt.py", settings or None, extra)
-    ckpt = str(settings.get("checkpoint") or "checkpoint unknown")
-    model = Path(ckpt).name if Path(ckpt).is_absolute() else ckpt
+    model = in_repo(settings.get("checkpoint") or "checkpoint unknown")
     variant = namm_variant(settings.get("namm"))
     out = []
     for rollout in dict.fromkeys(_rollout(r["rollout"]) for r in rows):
