@@ -130,6 +130,7 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
     """Train (or resume) until the target score or ``max_train_steps``; return the SB3 model."""
     import gymnasium as gym
     from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.logger import Logger
 
     from envs.registry import normalized_score
 
@@ -150,6 +151,7 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
         log(f"resumed {cfg.algo} policy at {state['timesteps']} steps")
     else:
         model = algo_cls("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes a /tmp/SB3-* folder per learn()
     t0 = time.time()
     while not state["done"]:
         model.learn(cfg.eval_every, reset_num_timesteps=False, progress_bar=False)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,8 @@ def test_make_dataset_then_train_dt(tmp_path, monkeypatch):
 
 def test_make_dataset_medium_replay_and_medium_expert(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # SB3 would put its log folders here
     md = _script("make_dataset")
     common = ["--env", "hopper", "--data-dir", str(tmp_path / "minari"), *TINY_PPO]
     md.main([*common, "--quality", "medium-replay", "--workdir", str(tmp_path / "r")])
@@ -78,6 +81,7 @@ def test_make_dataset_medium_replay_and_medium_expert(tmp_path, monkeypatch):
     both = load_minari("namm_transfer/hopper/medium-expert-v0")
     assert len(both.trajectories) == len(med.trajectories) + len(exp.trajectories)
     assert both.num_steps == med.num_steps + exp.num_steps
+    assert not list((tmp_path / "tmp").glob("SB3-*"))  # policy training leaves no empty log folders behind
 
 
 def test_train_dt_rejects_two_sources(tmp_path):
