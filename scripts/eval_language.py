@@ -60,8 +60,8 @@ def main(argv=None) -> None:
         model, tok = load_causal_lm(args.model, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {**vars(args), "namm": in_repo(Path(args.namm).resolve()),
-           "namm_source": namm and in_repo(Path(namm.source).resolve())}
+    namm_path = in_repo(Path(args.namm).resolve())  # load_namm's source is this same path
+    run = {**vars(args), "namm": namm_path, "namm_source": namm_path if namm else None}
     (out / "run.json").write_text(json.dumps(run, indent=2))
     record_command(out, "scripts/eval_language.py", argv)
     records_path = out / "records.jsonl"

@@ -24,12 +24,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..records import in_repo
+from ..records import REPO_ROOT, in_repo
 
 DOMAINS = ("language", "video", "dt")
 DOMAIN_TITLES = {"language": "language", "video": "video", "dt": "decision transformer"}
 RENORM = "namm-renorm"
-ROOT = Path(__file__).resolve().parents[2]
 COMMAND_FILE = "command.json"
 
 
@@ -162,9 +161,9 @@ def _need(row: dict, keys, path: Path, expected: str) -> None:
 
 def _import_script(name: str):
     """A harness script as a module (to reuse its own `summarise` on records-only input)."""
-    spec = importlib.util.spec_from_file_location(f"_namm_script_{name}", ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_namm_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(REPO_ROOT))
     spec.loader.exec_module(module)
     return module
 
@@ -202,7 +201,7 @@ def namm_variant(checkpoint: str | None) -> str:
     """'namm-renorm' for a checkpoint written by `calibration.save_renormalised` (meta variant), else 'namm'."""
     if not checkpoint:
         return "namm"
-    cfg = ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
+    cfg = REPO_ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
     if cfg.is_file():
         try:
             if json.loads(cfg.read_text()).get("meta", {}).get("variant") == RENORM:
