@@ -3,7 +3,8 @@
     python scripts/train_namm.py --out runs/namm-smollm2 --stages passkey:20,passkey+kv_retrieval:20
     torchrun --nproc_per_node 2 scripts/train_namm.py ...        # members sharded across ranks (gloo / nccl)
 
-Re-running the same command resumes from <out>/state.pt. Outputs: <out>/namm (safetensors + JSON, the CMA-ES
+`--out DIR` alone resumes whatever DIR holds (its saved settings are the defaults; a flag that changes the search
+is refused unless --change-settings). State: <out>/state.safetensors + state.json (data only), every generation. Outputs: <out>/namm (safetensors + JSON, the CMA-ES
 mean), <out>/log.jsonl, <out>/curve.png. `--ship` copies the result into namm_transfer/checkpoints/namm-smollm2.
 `--measure-speedup` prints the throughput ratio of batched + shared-prefix evaluation vs member-by-member.
 """
@@ -75,54 +76,97 @@ def measure_speedup(trainer: Trainer, n_samples: int = 2) -> None:
           f"throughput ratio {(t2 - t1) / (t1 - t0):.2f}x   (max score difference {diff:.2e})")
 
 
+SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's value when --out holds one
+    "model": "model", "stages": "stages", "tokens": "tokens", "popsize": "popsize", "sigma0": "sigma0",
+    "elite_ratio": "elite_ratio", "samples_per_task": "samples_per_task", "pool_per_task": "pool_per_task",
+    "stats_samples_per_task": "stats_samples_per_task", "member_batch": "member_batch", "chunk": "chunk",
+    "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
+    "seed": "seed", "threads": "threads", "val_every": "val_every", "val_per_task": "val_per_task",
+    "val_baselines": "val_baselines",
+}
+
+
+def build_config(args) -> TrainConfig:
+    """Settings = TrainConfig defaults, overridden by the run saved in --out (if any), overridden by the flags
+    given on this command line. `--out DIR` alone therefore resumes whatever DIR holds."""
+    import json
+    base = TrainConfig().to_dict()
+    state = Path(args.out) / "state.json"
+    if state.exists():
+        try:
+            base = json.loads(state.read_text())["config"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{state}: unreadable ({err}); restore it from git or use another --out") from err
+    given = {k: v for k, v in vars(args).items() if k in SEARCH_FLAGS and v is not None}
+    if "stages" in given:
+        given["stages"] = [{"tasks": s.tasks, "generations": s.generations}
+                           for s in TrainConfig.parse_stages(given["stages"])]
+    if "val_baselines" in given:
+        given["val_baselines"] = [b for b in given["val_baselines"].split(",") if b]
+    if args.no_share_prefix:
+        given["share_prefix"] = False
+    return TrainConfig.from_dict({**base, **given, "out": args.out})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig()
-    ap.add_argument("--model", default=d.model)
-    ap.add_argument("--out", default=d.out)
-    ap.add_argument("--stages", default="passkey:10", help='curriculum, e.g. "passkey:10,passkey+kv_retrieval:20"')
-    ap.add_argument("--tokens", type=int, default=d.tokens)
-    ap.add_argument("--popsize", type=int, default=d.popsize)
-    ap.add_argument("--sigma0", type=float, default=d.sigma0)
-    ap.add_argument("--elite-ratio", type=float, default=d.elite_ratio)
-    ap.add_argument("--samples-per-task", type=int, default=d.samples_per_task)
-    ap.add_argument("--pool-per-task", type=int, default=d.pool_per_task)
-    ap.add_argument("--stats-samples-per-task", type=int, default=d.stats_samples_per_task)
-    ap.add_argument("--member-batch", type=int, default=d.member_batch)
-    ap.add_argument("--chunk", type=int, default=d.chunk)
-    ap.add_argument("--delay", type=int, default=d.delay)
+    ap.add_argument("--out", default=d.out, help=f"run folder (default {d.out}); resumed if it holds a run")
+    ap.add_argument("--model", help=f"default {d.model}")
+    ap.add_argument("--stages", help='curriculum, e.g. "passkey:10,passkey+kv_retrieval:20" (default passkey:10)')
+    ap.add_argument("--tokens", type=int, help=f"prompt length (default {d.tokens})")
+    ap.add_argument("--popsize", type=int, help=f"default {d.popsize}")
+    ap.add_argument("--sigma0", type=float, help=f"default {d.sigma0}")
+    ap.add_argument("--elite-ratio", type=float, help=f"default {d.elite_ratio}")
+    ap.add_argument("--samples-per-task", type=int, help=f"prompts per task per generation (default {d.samples_per_task})")
+    ap.add_argument("--pool-per-task", type=int, help=f"default {d.pool_per_task}")
+    ap.add_argument("--stats-samples-per-task", type=int, help=f"default {d.stats_samples_per_task}")
+    ap.add_argument("--member-batch", type=int, help="members per batched forward (default 0 = all)")
+    ap.add_argument("--chunk", type=int, help=f"default {d.chunk}")
+    ap.add_argument("--delay", type=int, help=f"eviction period in tokens (default {d.delay})")
     ap.add_argument("--no-share-prefix", action="store_true")
-    ap.add_argument("--style", default=d.style)
-    ap.add_argument("--cache-weight", type=float, default=d.cache_weight,
+    ap.add_argument("--style", help=f"default {d.style}")
+    ap.add_argument("--cache-weight", type=float,
                     help="memory pressure: fitness -= W * max(0, realised cache - target) (default 0 = reference)")
-    ap.add_argument("--cache-target", type=float, default=d.cache_target)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--threads", type=int, default=d.threads)
+    ap.add_argument("--cache-target", type=float, help=f"default {d.cache_target}")
+    ap.add_argument("--seed", type=int, help=f"default {d.seed}")
+    ap.add_argument("--threads", type=int, help=f"default {d.threads}")
+    ap.add_argument("--val-every", type=int, help=f"validation every N generations (default {d.val_every}; 0 = off)")
+    ap.add_argument("--val-per-task", type=int, help=f"validation prompts per task (default {d.val_per_task})")
+    ap.add_argument("--val-baselines", help="baselines scored at the NAMM's cache in validation (default h2o,recency)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--max-generations", type=int, default=None, help="stop after this many (resumable)")
+    ap.add_argument("--max-generations", type=int, default=None, help="stop at this generation (resumable)")
+    ap.add_argument("--more-generations", type=int, default=None,
+                    help="stop after this many more generations (for runs done in pieces)")
+    ap.add_argument("--change-settings", action="store_true",
+                    help="continue a saved search under changed settings (the change is recorded in its state)")
     ap.add_argument("--measure-speedup", action="store_true")
     ap.add_argument("--ship", action="store_true", help=f"copy <out>/namm to {DEFAULT_NAMM}")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    for flag in ("max_generations", "more_generations"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 0")
+    try:
+        cfg = build_config(args)
+    except ValueError as err:
+        ap.error(str(err))
+    torch.set_num_threads(cfg.threads)
     setup_distributed(args.device)
-    cfg = TrainConfig(model=args.model, out=args.out, stages=TrainConfig.parse_stages(args.stages),
-                      tokens=args.tokens, popsize=args.popsize, sigma0=args.sigma0, elite_ratio=args.elite_ratio,
-                      samples_per_task=args.samples_per_task, pool_per_task=args.pool_per_task,
-                      stats_samples_per_task=args.stats_samples_per_task, member_batch=args.member_batch,
-                      chunk=args.chunk, delay=args.delay, share_prefix=not args.no_share_prefix,
-                      style=args.style, seed=args.seed, threads=args.threads, cache_weight=args.cache_weight,
-                      cache_target=args.cache_target)
     device = args.device
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"
     model, tok = load_model(cfg.model, device)
     trainer = Trainer(cfg, model, tok, device)
-    if args.measure_speedup:
-        trainer.try_resume() or trainer.measure_stats()
-        measure_speedup(trainer)
-        return
-    t0 = time.time()
-    trainer.train(args.max_generations)
+    try:
+        if args.measure_speedup:
+            trainer.try_resume(args.change_settings) or trainer.measure_stats()
+            measure_speedup(trainer)
+            return
+        t0 = time.time()
+        trainer.train(args.max_generations, accept_changes=args.change_settings,
+                      more_generations=args.more_generations)
+    except ValueError as err:  # settings refused / unreadable state: a message, not a traceback
+        ap.exit(2, f"error: {err}\n")
     if world()[0] == 0:
         print(f"done: generation {trainer.es.generation}/{trainer.total_generations} in {time.time() - t0:.0f}s; "
               f"NAMM (CMA-ES mean) at {Path(cfg.out) / 'namm'}")

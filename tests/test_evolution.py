@@ -43,15 +43,18 @@ def test_cmaes_optimises_and_resumes_exactly():
     assert a.mean.norm() < 0.1
 
 
-def train(out, *extra, nproc=1):
+def run_train(args, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "scripts/train_namm.py")]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", "29533", str(ROOT / "scripts/train_namm.py")]
-    res = subprocess.run(cmd + TINY + ["--out", str(out), *extra], capture_output=True, text=True, env=env,
-                         timeout=600)
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def train(out, *extra, nproc=1, flags=TINY):
+    res = run_train([*flags, "--out", out, *extra], nproc=nproc)
     assert res.returncode == 0, res.stderr[-3000:]
     return load_file(str(out / "namm" / "namm.safetensors"))["params"]
 
@@ -59,7 +62,7 @@ def train(out, *extra, nproc=1):
 def test_trainer_resume_is_identical_and_writes_outputs(tmp_path):
     full = train(tmp_path / "a")
     train(tmp_path / "b", "--max-generations", "1")  # "killed" after one generation
-    resumed = train(tmp_path / "b")
+    resumed = train(tmp_path / "b", flags=[])  # --out alone resumes with the saved settings
     assert torch.equal(full, resumed)
     log = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in log] == [0, 1, 2]
@@ -72,3 +75,69 @@ def test_torchrun_two_ranks_equals_one_rank(tmp_path):
     one = train(tmp_path / "one")
     two = train(tmp_path / "two", nproc=2)
     assert torch.equal(one, two)
+
+
+def test_state_is_data_only_and_other_settings_are_refused(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max-generations", "1")
+    names = sorted(p.name for p in out.iterdir())
+    assert "state.safetensors" in names and "state.json" in names and not any(n.endswith(".pt") for n in names)
+    before = (out / "state.json").read_text()
+    res = run_train(["--out", out, "--sigma0", "0.2", "--seed", "5"])
+    assert res.returncode == 2
+    assert "sigma0: 0.065 (saved) != 0.2 (now)" in res.stderr and "seed: 0 (saved) != 5 (now)" in res.stderr
+    assert "--change-settings" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "state.json").read_text() == before  # nothing written
+    # a deliberate change is accepted and recorded
+    train(out, "--seed", "5", "--change-settings", flags=[])
+    state = json.loads((out / "state.json").read_text())
+    assert state["config"]["seed"] == 5
+    assert state["settings_changes"] == [{"generation": 1, "changes": ["seed: 0 (saved) != 5 (now)"]}]
+
+
+def test_pickle_state_and_bad_settings_are_refused(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    torch.save({"es": {}}, out / "state.pt")
+    res = run_train([*TINY, "--out", out])
+    assert res.returncode == 2 and "pickle" in res.stderr and "Traceback" not in res.stderr
+    for bad, msg in [(["--popsize", "1"], "at least 2 members"), (["--delay", "100"], "multiple of"),
+                     (["--stages", "passkey"], "TASK[+TASK...]:GENERATIONS"), (["--tokens", "0"], "tokens 0")]:
+        res = run_train([*TINY, *bad, "--out", tmp_path / "x"])
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+        assert not (tmp_path / "x").exists()
+
+
+def test_torn_state_is_detected(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--max-generations", "2")
+    # tensors from the previous generation beside the newer JSON: a pair from two different saves
+    (out / "state.safetensors").write_bytes((out / "prev.state.safetensors").read_bytes())
+    res = run_train(["--out", out])
+    assert res.returncode == 2 and "different saves" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_validation_curve_and_ranking_agreement(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--val-every", "1", "--val-per-task", "1", "--max-generations", "2")
+    val = [json.loads(l) for l in (out / "val.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in val] == [1, 2]
+    for r in val:
+        assert r["n"] == 2  # one validation prompt for each of the two tasks
+        for name in ("namm", "h2o", "recency"):
+            assert 0 <= r[f"{name}_cache"] <= 1 and len(r[f"{name}_scores"]) == 2
+        assert r["namm_ratio"] == pytest.approx(r["namm_ratio"])  # finite
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["member_scores"]) == 4 and len(r["member_cache"]) == 4 for r in log)
+    # resume does not redo a validation that is already recorded
+    train(out, "--max-generations", "2", flags=[])
+    assert len((out / "val.jsonl").read_text().splitlines()) == 2
+
+
+def test_spearman_matches_hand_values():
+    from namm_transfer.evolution.trainer import spearman
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # ties get average ranks: ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4) -> 0.9486833
+    assert spearman(torch.tensor([1.0, 1.0, 3.0, 4.0]), a) == pytest.approx(0.9486833, abs=1e-6)

@@ -39,6 +39,8 @@ class MemberScores:
     score: torch.Tensor  # (rows,) mean p(gold answer token)
     token_accuracy: torch.Tensor  # (rows,) fraction of answer tokens that are the argmax
     cache_fraction: torch.Tensor  # (rows,) stored / seen tokens at the end, mean over layers and KV heads
+    kept_fraction: torch.Tensor  # (rows,) stored / seen right after each layer's last eviction step, mean over
+    #                              layers (and over rows: the cache logs batch means); 1 when nothing was evicted
 
 
 @torch.no_grad()
@@ -74,4 +76,6 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
     acc = (logp.argmax(-1) == gold[None]).float()
     frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
-    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu())
+    last = {r.layer: r.after / r.tokens_seen for r in cache.log}
+    kept = torch.full((rows,), sum(last.values()) / len(last) if last else 1.0)
+    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), kept)

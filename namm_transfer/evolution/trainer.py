@@ -3,26 +3,31 @@
 One generation: every member of the population is scored on the same samples (task score = teacher-forced
 probability of the gold answer), fitness = mean over the stage's tasks of member score / full-cache score on
 those samples (a ratio of means, as the reference). Normalisation statistics come from a generation-0 keep-all
-pass and are frozen. The state is checkpointed atomically after every generation; a killed run resumes to the
-identical state. Under torchrun, member groups are sharded across ranks and results all-reduced.
+pass and are frozen. The state is checkpointed atomically after every generation as data only
+(state.safetensors + state.json, never pickle); a killed run resumes to the identical state, and a resume with
+other search settings is refused with the differences listed. Every `val_every` generations the CMA-ES mean is
+scored on a fixed validation set together with H2O and recency at its cache size (the curve that says whether
+the search learns). Under torchrun, member groups and validation samples are sharded across ranks.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from ..attention import enable_memory_attention
 from ..checkpoints import save_namm
 from ..features import RunningStats
 from ..namm import NAMMConfig
-from ..policies import FullCache, NAMMPolicy
+from ..policies import FullCache, NAMMPolicy, make_policy
 from .cmaes import SepCMAES
 from .fitness import EncodedSample, encode_sample, score_rows
 
@@ -56,15 +61,79 @@ class TrainConfig:
     # with cache = the member's realised cache fraction averaged over the generation's samples.
     cache_weight: float = 0.0
     cache_target: float = 1.0
+    # Validation curve (does not change the search): every `val_every` generations (0 = never) the CMA-ES mean
+    # is scored on `val_per_task` validation-split prompts per task, with `val_baselines` at its cache size.
+    val_every: int = 10
+    val_per_task: int = 8
+    val_baselines: list[str] = field(default_factory=lambda: ["h2o", "recency"])
+
+    # settings that do not change what the search computes (may differ on resume)
+    RUNTIME_FIELDS = ("out", "threads", "member_batch", "val_every", "val_per_task", "val_baselines")
+
+    def __post_init__(self):
+        problems = []
+        if self.popsize < 2:
+            problems.append(f"popsize {self.popsize}: CMA-ES needs at least 2 members (the reference uses 32)")
+        if not 0 < self.elite_ratio < 1 or math.floor(self.popsize * self.elite_ratio) < 1:
+            problems.append(f"elite ratio {self.elite_ratio}: must lie in (0, 1) and select at least one member")
+        if not (self.sigma0 > 0 and math.isfinite(self.sigma0)):
+            problems.append(f"sigma0 {self.sigma0}: must be a positive finite number")
+        for name in ("tokens", "samples_per_task", "pool_per_task", "stats_samples_per_task", "chunk", "delay",
+                     "threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.samples_per_task > self.pool_per_task:
+            problems.append(f"samples per task {self.samples_per_task} > pool per task {self.pool_per_task}")
+        if self.delay % 16:
+            problems.append(f"delay {self.delay}: must be a multiple of the NAMM's STFT hop (16)")
+        if self.member_batch < 0 or self.val_every < 0 or self.val_per_task < 1:
+            problems.append("member batch and val every must be >= 0, val per task >= 1")
+        if not (self.cache_weight >= 0 and math.isfinite(self.cache_weight)) or not math.isfinite(self.cache_target):
+            problems.append(f"cache weight {self.cache_weight} / target {self.cache_target}: finite, weight >= 0")
+        if not self.stages or any(s.generations < 1 or not s.tasks for s in self.stages):
+            problems.append("stages: each needs tasks and >= 1 generation, e.g. passkey:10,passkey+kv_retrieval:20")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
 
     @staticmethod
     def parse_stages(text: str) -> list[Stage]:
         """"passkey:10,passkey+kv_retrieval:20" -> stages."""
         stages = []
         for part in text.split(","):
-            tasks, gens = part.rsplit(":", 1)
+            tasks, sep, gens = part.rpartition(":")
+            if not sep or not tasks or not gens.isdigit():
+                raise ValueError(f"stage {part!r}: expected TASK[+TASK...]:GENERATIONS, e.g. passkey+kv_retrieval:20")
             stages.append(Stage(tasks.split("+"), int(gens)))
         return stages
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"training settings carry unknown fields {unknown}")
+        d = dict(d)
+        d["stages"] = [Stage(list(s["tasks"]), int(s["generations"])) for s in d.get("stages", [])]
+        return cls(**d)
+
+
+def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Search settings that differ between a saved run and a new command. Extending the last stage is allowed."""
+    diffs = []
+    a, b = saved.to_dict(), new.to_dict()
+    for key in a:
+        if key in TrainConfig.RUNTIME_FIELDS or key == "stages":
+            continue
+        if a[key] != b[key]:
+            diffs.append(f"{key}: {a[key]!r} (saved) != {b[key]!r} (now)")
+    sa, sb = a["stages"], b["stages"]
+    same_head = len(sa) == len(sb) and sa[:-1] == sb[:-1] and sa[-1]["tasks"] == sb[-1]["tasks"]
+    if not same_head:
+        diffs.append(f"stages: {sa} (saved) != {sb} (now); only the last stage's generations may change")
+    return diffs
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -84,10 +153,56 @@ def setup_distributed(device: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ state
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_state(folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """state.safetensors (tensors) + state.json (the rest): data only. The JSON names the tensor file's hash
+    of contents so a torn pair (one file from another save) is detected on load."""
+    tmp = folder / "state.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, folder / "state.safetensors")
+    import hashlib
+    info = {**info, "tensors_sha256": hashlib.sha256((folder / "state.safetensors").read_bytes()).hexdigest()}
+    atomic_write_text(folder / "state.json", json.dumps(info, indent=1))
+
+
+def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    import hashlib
+    try:
+        info = json.loads((folder / "state.json").read_text())
+        digest = hashlib.sha256((folder / "state.safetensors").read_bytes()).hexdigest()
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: unreadable training state ({err}); restore it from git "
+                         f"(training/ is committed) or start a new --out folder") from err
+    if info.get("tensors_sha256") != digest:
+        raise ValueError(f"{folder}: state.json and state.safetensors come from different saves; restore both "
+                         "from git or start a new --out folder")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{folder}/state.safetensors: tensor {k!r} holds NaN/inf")
+    return tensors, info
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = x.double()
+        order = torch.argsort(x, stable=True)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in torch.unique(x):  # average ties
+            m = x == v
+            r[m] = r[m].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
 
 
 class Trainer:
@@ -100,42 +215,78 @@ class Trainer:
         self.stats = RunningStats(self.namm_cfg.num_bins)
         self.refs: dict[str, float] = {}
         self.history: list[dict] = []
+        self.validation: list[dict] = []
+        self.settings_changes: list[dict] = []
         enable_memory_attention(model)
         from ..language.tasks import make_split
-        tasks = sorted({t for s in cfg.stages for t in s.tasks})
+        self.tasks = sorted({t for s in cfg.stages for t in s.tasks})
         self.pool = {t: [encode_sample(s, tokenizer, cfg.style, cfg.tokens)
-                         for s in make_split(t, "train", cfg.pool_per_task, cfg.tokens, tokenizer)] for t in tasks}
+                         for s in make_split(t, "train", cfg.pool_per_task, cfg.tokens, tokenizer)]
+                     for t in self.tasks}
+        self._val: list[EncodedSample] | None = None
         self.total_generations = sum(s.generations for s in cfg.stages)
 
     # ---- checkpoint ---------------------------------------------------------------------------------
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out / "state.pt"
-
     def save(self) -> None:
         if self.rank:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_save({"es": self.es.state_dict(), "stats": {"count": self.stats.count, "mean": self.stats.mean,
-                     "m2": self.stats.m2, "frozen": self.stats.frozen}, "refs": self.refs,
-                     "history": self.history, "config": asdict(self.cfg)}, self.ckpt_path)
-        tmp = self.out / "log.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, self.out / "log.jsonl")
+        es = self.es.state_dict()
+        tensors = {"es_mean": es["mean"], "es_diag_c": es["diag_c"], "es_p_sigma": es["p_sigma"],
+                   "es_p_c": es["p_c"], "es_rng": es["rng"], "stats_mean": self.stats.mean,
+                   "stats_m2": self.stats.m2}
+        if es["y"] is not None:
+            tensors["es_y"] = es["y"]
+        info = {"format": "namm_transfer.train_state/1", "config": self.cfg.to_dict(),
+                "es": {"sigma": es["sigma"], "generation": es["generation"], "popsize": es["popsize"],
+                       "dim": es["dim"]},
+                "stats": {"count": self.stats.count, "frozen": self.stats.frozen}, "refs": self.refs,
+                "history": self.history, "validation": self.validation, "settings_changes": self.settings_changes}
+        save_state(self.out, tensors, info)
+        atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        atomic_write_text(self.out / "val.jsonl", "".join(json.dumps(r) + "\n" for r in self.validation))
         if self.history:
-            plot_curve(self.out / "log.jsonl", self.out / "curve.png")
+            plot_curve(self.out / "log.jsonl", self.out / "curve.png", self.out / "val.jsonl")
         save_namm(self.out / "namm", self.es.mean.float(), self.stats, self.namm_cfg,
                   meta={"generation": self.es.generation, "model": self.cfg.model, "sigma": self.es.sigma})
 
-    def try_resume(self) -> bool:
-        if not self.ckpt_path.exists():
+    def keep_previous(self) -> None:
+        """Keep the state before the next generation as prev.state.* (lets a test replay the last generation
+        from the committed state and check that it lands exactly on the saved one)."""
+        if self.rank or not (self.out / "state.json").exists():
+            return
+        import shutil
+        for name in ("state.safetensors", "state.json"):  # copies: the live state is never missing
+            tmp = self.out / f"prev.{name}.tmp"
+            shutil.copyfile(self.out / name, tmp)
+            os.replace(tmp, self.out / f"prev.{name}")
+
+    def try_resume(self, accept_changes: bool = False) -> bool:
+        """Load <out>/state.*; refuse a run whose search settings differ unless `accept_changes` (then the
+        change is recorded in the state's settings_changes)."""
+        if not (self.out / "state.json").exists():
+            if (self.out / "state.pt").exists():
+                raise ValueError(f"{self.out}/state.pt is the old pickle format, which is no longer loaded (a "
+                                 "pickle can run code); start a new --out folder")
             return False
-        state = torch.load(self.ckpt_path, weights_only=False)
-        self.es.load_state_dict(state["es"])
-        st = state["stats"]
-        self.stats.count, self.stats.mean, self.stats.m2, self.stats.frozen = st["count"], st["mean"], st["m2"], \
-            st["frozen"]
-        self.refs, self.history = state["refs"], state["history"]
+        tensors, info = load_state(self.out)
+        saved = TrainConfig.from_dict(info["config"])
+        diffs = settings_differences(saved, self.cfg)
+        if diffs and not accept_changes:
+            raise ValueError(f"{self.out} holds a run with other search settings:\n  " + "\n  ".join(diffs) +
+                             "\nresume with the saved settings (pass only --out), use another --out, or pass "
+                             "--change-settings to continue this search under the new settings (recorded)")
+        es = info["es"]
+        self.es.load_state_dict({"mean": tensors["es_mean"], "sigma": es["sigma"], "diag_c": tensors["es_diag_c"],
+                                 "p_sigma": tensors["es_p_sigma"], "p_c": tensors["es_p_c"],
+                                 "generation": es["generation"], "rng": tensors["es_rng"],
+                                 "y": tensors.get("es_y"), "popsize": es["popsize"], "dim": es["dim"]})
+        self.stats.count, self.stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
+        self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
+        self.refs, self.history = info["refs"], info["history"]
+        self.validation, self.settings_changes = info.get("validation", []), info.get("settings_changes", [])
+        if diffs:
+            self.settings_changes.append({"generation": self.es.generation, "changes": diffs})
         return True
 
     # ---- generation 0: normalisation statistics + full-cache references ----------------------------
@@ -176,6 +327,17 @@ class Trainer:
         size = self.cfg.member_batch or -(-p // self.world)
         return [list(range(i, min(i + size, p))) for i in range(0, p, size)]
 
+    def full_cache_refs(self, samples: list[EncodedSample]) -> None:
+        """Full-cache answer probability of every sample not yet measured (sharded, then shared)."""
+        missing = [s for s in samples if s.key not in self.refs]
+        ref = torch.zeros(len(missing), dtype=torch.float64)
+        for k, s in enumerate(missing):
+            if k % self.world == self.rank:
+                ref[k] = float(score_rows(self.model, s, FullCache(), 1, self.cfg.chunk).score[0])
+        all_sum(ref)
+        for k, s in enumerate(missing):
+            self.refs[s.key] = float(ref[k])
+
     def evaluate(self, population: torch.Tensor, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
         p, n = population.shape[0], len(samples)
         score = torch.zeros(p, n, dtype=torch.float64)
@@ -187,14 +349,8 @@ class Trainer:
             for j, sample in enumerate(samples):
                 res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix)
                 score[group, j], frac[group, j] = res.score.double(), res.cache_fraction.double()
-        missing = [j for j, s in enumerate(samples) if s.key not in self.refs]
-        ref = torch.zeros(n, dtype=torch.float64)
-        for k, j in enumerate(missing):
-            if k % self.world == self.rank:
-                ref[j] = float(score_rows(self.model, samples[j], FullCache(), 1, self.cfg.chunk).score[0])
-        all_sum(score), all_sum(frac), all_sum(ref)
-        for j in missing:
-            self.refs[samples[j].key] = float(ref[j])
+        all_sum(score), all_sum(frac)
+        self.full_cache_refs(samples)
         return {"score": score, "frac": frac}
 
     def fitness(self, score: torch.Tensor, samples: list[EncodedSample]) -> torch.Tensor:
@@ -206,9 +362,78 @@ class Trainer:
             per_task.append(score[:, idx].mean(1) / (ref + 1e-7))
         return torch.stack(per_task).mean(0)
 
+    def ranking_agreement(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]) -> float:
+        """Spearman correlation of the members' fitness on two disjoint halves of the generation's prompts
+        (each half holds half of every task's samples): how repeatable the ranking is at half the prompts."""
+        halves = [[], []]
+        for t in sorted({s.task for s in samples}):
+            idx = [j for j, s in enumerate(samples) if s.task == t]
+            halves[0] += idx[: len(idx) // 2]
+            halves[1] += idx[len(idx) // 2:]
+        if not halves[0] or not halves[1]:
+            return float("nan")
+        fit = []
+        for h in halves:
+            sub = [samples[j] for j in h]
+            ratio = self.fitness(score[:, h], sub)
+            cache = frac[:, h].mean(1)
+            fit.append(ratio - self.cfg.cache_weight * (cache - self.cfg.cache_target).clamp_min(0))
+        return spearman(fit[0], fit[1])
+
+    # ---- validation curve -------------------------------------------------------------------------------
+    def validation_samples(self) -> list[EncodedSample]:
+        if self._val is None:
+            from ..language.tasks import make_split
+            self._val = [encode_sample(s, self.tok, self.cfg.style, self.cfg.tokens) for t in self.tasks
+                         for s in make_split(t, "validation", self.cfg.val_per_task, self.cfg.tokens, self.tok)]
+        return self._val
+
+    def validate(self) -> dict:
+        """Score the CMA-ES mean on the validation prompts, and each baseline at the mean's realised cache on
+        each prompt (same eviction delay). Ratios are to the full cache on the same prompts."""
+        samples = self.validation_samples()
+        self.full_cache_refs(samples)
+        names = ["namm", *self.cfg.val_baselines]
+        n = len(samples)
+        score = torch.zeros(len(names), n, dtype=torch.float64)
+        frac = torch.zeros(len(names), n, dtype=torch.float64)
+        namm = NAMMPolicy(self.es.mean.float(), self.namm_cfg, self.stats)
+        for j, sample in enumerate(samples):
+            if j % self.world != self.rank:
+                continue
+            res = score_rows(self.model, sample, namm, 1, self.cfg.chunk, share_prefix=False)
+            score[0, j], frac[0, j] = float(res.score[0]), float(res.cache_fraction[0])
+            for i, name in enumerate(self.cfg.val_baselines, start=1):
+                budget = min(max(float(res.kept_fraction[0]), 1e-3), 1.0)
+                policy = make_policy(name, budget=budget, delay=self.cfg.delay)
+                r = score_rows(self.model, sample, policy, 1, self.cfg.chunk, share_prefix=False)
+                score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
+        all_sum(score), all_sum(frac)
+        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks}
+        for i, name in enumerate(names):
+            row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], samples)[0])
+            row[f"{name}_cache"] = float(frac[i].mean())
+            row[f"{name}_scores"] = [round(float(x), 6) for x in score[i]]
+        return row
+
+    def maybe_validate(self) -> None:
+        g = self.es.generation
+        every = self.cfg.val_every
+        if not every or g == 0 or g % every or any(r["generation"] == g for r in self.validation):
+            return
+        t0 = time.time()
+        row = self.validate()
+        row["seconds"] = time.time() - t0
+        self.validation.append(row)
+        self.save()
+        base = ", ".join(f"{b} {row[f'{b}_ratio']:.3f}" for b in self.cfg.val_baselines)
+        self.log(f"validation at generation {g}: NAMM {row['namm_ratio']:.3f} of full at "
+                 f"{100 * row['namm_cache']:.1f}% cache; {base} ({row['seconds']:.0f}s)")
+
     # ---- loop ----------------------------------------------------------------------------------------------
-    def train(self, max_generations: int | None = None, progress: bool = True) -> None:
-        resumed = self.try_resume()
+    def train(self, max_generations: int | None = None, progress: bool = True, accept_changes: bool = False,
+              more_generations: int | None = None) -> None:
+        resumed = self.try_resume(accept_changes)
         if not self.stats.frozen:
             t0 = time.time()
             self.measure_stats()
@@ -216,12 +441,15 @@ class Trainer:
             self.log(f"generation-0 keep-all pass: normalisation from {self.stats.count} token-steps, "
                      f"{len(self.refs)} full-cache references ({time.time() - t0:.0f}s)")
         elif resumed:
-            self.log(f"resumed at generation {self.es.generation} from {self.ckpt_path}")
+            self.log(f"resumed at generation {self.es.generation} from {self.out}")
         end = self.total_generations if max_generations is None else min(self.total_generations, max_generations)
+        if more_generations is not None:
+            end = min(end, self.es.generation + more_generations)
+        self.maybe_validate()
         bar = None
         if progress and self.rank == 0:
             from tqdm import tqdm
-            bar = tqdm(total=end, initial=self.es.generation, desc="NAMM CMA-ES", unit="gen")
+            bar = tqdm(total=end, initial=min(self.es.generation, end), desc="NAMM CMA-ES", unit="gen")
         while self.es.generation < end:
             g = self.es.generation
             stage = self.stage_of(g)
@@ -232,16 +460,28 @@ class Trainer:
             ratio = self.fitness(res["score"], samples)
             cache = res["frac"].mean(1)
             fit = ratio - self.cfg.cache_weight * (cache - self.cfg.cache_target).clamp_min(0)
+            if not torch.isfinite(fit).all():
+                raise FloatingPointError(f"generation {g}: non-finite fitness {fit.tolist()}; the state on disk "
+                                         "is the last good generation")
             self.es.tell(fit)
+            if not torch.isfinite(self.es.mean).all() or not math.isfinite(self.es.sigma):
+                raise FloatingPointError(f"generation {g}: CMA-ES state became non-finite; not saved")
+            best = int(fit.argmax())
             row = {"generation": g, "stage_tasks": stage.tasks, "fitness_max": float(fit.max()),
-                   "score_ratio_mean": float(ratio.mean()), "score_ratio_best": float(ratio[int(fit.argmax())]),
+                   "score_ratio_mean": float(ratio.mean()), "score_ratio_best": float(ratio[best]),
                    "fitness_mean": float(fit.mean()), "fitness_min": float(fit.min()),
                    "cache_fraction_mean": float(res["frac"].mean()),
-                   "cache_fraction_best": float(res["frac"][int(fit.argmax())].mean()),
+                   "cache_fraction_best": float(res["frac"][best].mean()),
+                   "rank_agreement_halves": self.ranking_agreement(res["score"], res["frac"], samples),
                    "sigma": self.es.sigma, "mean_norm": float(self.es.mean.norm()),
-                   "samples": [s.key for s in samples], "seconds": time.time() - t0}
+                   "samples": [s.key for s in samples],
+                   "member_scores": [[round(float(x), 6) for x in r] for r in res["score"]],
+                   "member_cache": [round(float(x), 5) for x in cache],
+                   "seconds": time.time() - t0}
             self.history.append(row)
+            self.keep_previous()
             self.save()
+            self.maybe_validate()
             if bar is not None:
                 bar.set_postfix(fit=f"{row['fitness_mean']:.3f}/{row['fitness_max']:.3f}",
                                 cache=f"{row['cache_fraction_mean']:.2f}")
@@ -250,24 +490,39 @@ class Trainer:
             bar.close()
 
 
-def plot_curve(log_path: Path, png: Path) -> None:
-    """Fitness (mean / best member) and mean realised cache fraction per generation."""
+def plot_curve(log_path: Path, png: Path, val_path: Path | None = None) -> None:
+    """Training fitness (mean / best member), the validation curve (CMA-ES mean vs baselines at its cache) and
+    realised cache per generation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
     if not rows:
         return
+    val = []
+    if val_path is not None and val_path.exists():
+        val = [json.loads(l) for l in val_path.read_text().splitlines() if l.strip()]
     g = [r["generation"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, ax = plt.subplots(1, 3 if val else 2, figsize=(13 if val else 9, 3.4))
     ratio = [r.get("score_ratio_mean", r["fitness_mean"]) for r in rows]
     ax[0].plot(g, ratio, label="score / full cache (population mean)")
     ax[0].plot(g, [r["fitness_max"] for r in rows], label="fitness (best member)")
     if any(r["fitness_mean"] != q for r, q in zip(rows, ratio)):
         ax[0].plot(g, [r["fitness_mean"] for r in rows], label="fitness (population mean)", alpha=0.6)
-    ax[0].set_xlabel("generation"), ax[0].legend(fontsize=7)
-    ax[1].plot(g, [100 * r["cache_fraction_mean"] for r in rows])
-    ax[1].set_xlabel("generation"), ax[1].set_ylabel("realised cache % (population mean)")
+    ax[0].set_xlabel("generation"), ax[0].set_title("training (noisy: fresh prompts each generation)", fontsize=8)
+    ax[0].legend(fontsize=7)
+    if val:
+        vg = [r["generation"] for r in val]
+        names = [k.removesuffix("_ratio") for k in val[-1] if k.endswith("_ratio")]
+        for name in names:
+            ax[1].plot(vg, [r.get(f"{name}_ratio", float("nan")) for r in val], marker="o", ms=3,
+                       label=("NAMM (CMA-ES mean)" if name == "namm" else f"{name} at NAMM's cache"))
+        ax[1].set_xlabel("generation"), ax[1].set_ylabel("answer p / full cache")
+        ax[1].set_title(f"validation ({val[-1]['n']} fixed prompts)", fontsize=8), ax[1].legend(fontsize=7)
+    ax[-1].plot(g, [100 * r["cache_fraction_mean"] for r in rows], label="population mean (training)")
+    if val:
+        ax[-1].plot(vg, [100 * r["namm_cache"] for r in val], marker="o", ms=3, label="CMA-ES mean (validation)")
+    ax[-1].set_xlabel("generation"), ax[-1].set_ylabel("realised cache %"), ax[-1].legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)

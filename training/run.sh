@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Continue the two language-NAMM searches (cache targets 0.5 and 0.75), round-robin, at low priority, one core.
+# Start it at the beginning of every working period, in the background:
+#     nohup training/run.sh > runs/training.log 2>&1 &
+# Each call of train_namm.py resumes its folder exactly (state saved every generation); the folders' small state
+# is committed at the end of the period so a fresh clone continues from it. First call creates a folder with
+# the settings below; later calls pass only --out (the saved settings are the run's settings).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STEP=${STEP:-2}           # generations per run per turn
+NICE=${NICE:-19}
+COMMON="--stages passkey+kv_retrieval+passage_retrieval:1000 --tokens 768 --delay 256 --chunk 128 \
+  --popsize 16 --samples-per-task 2 --pool-per-task 64 --stats-samples-per-task 4 --cache-weight 1.0 \
+  --val-every 10 --val-per-task 8 --threads 1"
+declare -A CREATE=(
+  [training/namm-c50]="$COMMON --cache-target 0.5 --seed 0"
+  [training/namm-c75]="$COMMON --cache-target 0.75 --seed 1"
+)
+RUNS=${RUNS:-"training/namm-c50 training/namm-c75"}
+# Run from a snapshot of the committed code, so edits in the work tree never reach a running search.
+SNAP=runs/train-code
+rm -rf "$SNAP" && mkdir -p "$SNAP" && git archive HEAD namm_transfer scripts | tar -x -C "$SNAP" || exit 1
+echo "training code: $(git rev-parse --short HEAD)"
+while true; do
+  for d in $RUNS; do
+    extra=""
+    [ -f "$d/state.json" ] || extra="${CREATE[$d]}"
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 nice -n "$NICE" .venv/bin/python "$SNAP/scripts/train_namm.py" --out "$d" $extra \
+      --more-generations "$STEP" || { echo "train_namm.py failed for $d"; exit 1; }
+  done
+done
