@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from namm_transfer import save_namm
@@ -40,7 +41,7 @@ def test_eval_language_matches_budgets_and_resumes(tmp_path):
     run(out, tmp_path / "namm")
     again = (out / "records.jsonl").read_text().splitlines()
     assert again[:-1] == lines[:-1] and len(again) == 8
-    assert json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "summary.json").read_text()) and json.loads((out / "paired.json").read_text())
 
 
 def test_teacher_forcing_across_an_eviction_boundary():
@@ -55,3 +56,57 @@ def test_teacher_forcing_across_an_eviction_boundary():
         n = tok(sample.prompt(tok), return_tensors="pt").input_ids.shape[1]
         rec = evaluate_sample(model, tok, sample, NAMMPolicy(torch.randn(4172) * 0.3, delay=128), "namm", "k")
         assert 0 <= rec.answer_prob <= 1 and n > 0
+
+
+def test_protocols_say_where_eviction_steps_run():
+    """context-only: no eviction step after the context; query-aware: none inside the answer; None: anywhere."""
+    from namm_transfer import H2O
+    from namm_transfer.language import benchmark
+    from namm_transfer.language.models import tiny_random_lm, tiny_tokenizer
+    from namm_transfer.language.tasks import context_token_count, eviction_limit, make_split
+    model, tok = tiny_random_lm("llama"), tiny_tokenizer()
+    sample = make_split("passkey", "test", 1, 300, tok)[0]
+    n = len(tok(sample.prompt(tok)).input_ids)
+    ctx = context_token_count(sample, tok)
+    ids = tok(sample.prompt(tok)).input_ids
+    assert tok.decode(ids[ctx:]).lstrip().startswith(sample.question.split()[0])
+    assert sample.context.endswith(tok.decode(ids[:ctx]).strip()[-10:])
+    seen = {}
+    real = benchmark.MemoryCache
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen["cache"] = self
+    benchmark.MemoryCache = Spy
+    try:
+        for protocol, limit in (("context-only", ctx), ("query-aware", n)):
+            assert eviction_limit(sample, tok, protocol) == limit
+            benchmark.evaluate_sample(model, tok, sample, H2O(0.5, delay=16), "h2o", "k", max_new_tokens=4,
+                                      evict_until=limit)
+            steps = {r.tokens_seen for r in seen["cache"].log}
+            assert steps and max(steps) <= limit and max(steps) > limit - 16
+        benchmark.evaluate_sample(model, tok, sample, H2O(0.5, delay=16), "h2o", "k", max_new_tokens=16)
+        assert max(r.tokens_seen for r in seen["cache"].log) > n  # unrestricted: steps run in the answer too
+    finally:
+        benchmark.MemoryCache = real
+    with pytest.raises(ValueError, match="unknown protocol"):
+        eviction_limit(sample, tok, "everywhere")
+
+
+def test_summary_has_intervals_and_paired_differences():
+    from namm_transfer.language.benchmark import paired_differences, summarise
+    rows = []
+    for i in range(20):
+        for pol, p in (("full", 0.8), ("namm", 0.7), ("h2o", 0.5 + 0.4 * (i % 2))):
+            rows.append({"policy": pol, "task": "passkey" if i < 10 else "kv", "key": f"k{i}", "em": float(p > 0.6),
+                         "char_acc": p, "answer_prob": p, "realised_fraction": 0.5, "prefill_tokens_per_s": 1.0})
+    table, md = summarise(rows, ["full", "namm", "h2o"])
+    namm_all = next(r for r in table if r["task"] == "all" and r["policy"] == "namm")
+    assert namm_all["relative_to_full"] == pytest.approx(0.875) and namm_all["relative_to_full_ci95"][0] == \
+        pytest.approx(0.875)
+    assert "[95% CI]" in md
+    diffs, md2 = paired_differences(rows, "namm", ["h2o"])
+    d = next(r for r in diffs if r["task"] == "all")
+    assert d["answer_prob_diff"] == pytest.approx(0.0) and d["answer_prob_diff_ci95"][0] < 0 < \
+        d["answer_prob_diff_ci95"][1] and d["verdict"] == "inside the noise (answer p)"

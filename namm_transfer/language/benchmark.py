@@ -38,17 +38,20 @@ class Record:
     budget: float | None
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    evict_until: int | None = None  # last token count at which an eviction step could run (protocol)
 
 
 @torch.no_grad()
 def evaluate_sample(model, tok, sample: TaskSample, policy: MemoryPolicy, label: str, key: str,
                     style: str = "raw", chunk: int = 128, max_new_tokens: int = 8,
-                    budget: float | None = None) -> Record:
+                    budget: float | None = None, evict_until: int | None = None) -> Record:
+    """`evict_until`: eviction steps only at token counts <= this (see tasks.eviction_limit); None = anywhere,
+    the answer included."""
     enable_memory_attention(model)
     device = next(model.parameters()).device
     ids = tok(sample.prompt(tok, style), return_tensors="pt").input_ids.to(device)
     answer = tok(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    cache = MemoryCache(policy)
+    cache = MemoryCache(policy, evict_until=evict_until)
     t0 = time.perf_counter()
     logits, _, _ = prefill(model, ids, cache, chunk)
     t1 = time.perf_counter()
@@ -81,32 +84,77 @@ def evaluate_sample(model, tok, sample: TaskSample, policy: MemoryPolicy, label:
     kept = sum(last.values()) / len(last) if last else 1.0
     return Record(label, sample.task, key, n, sample.answer, prediction, scores["em"], scores["char_acc"],
                   answer_prob, cache.realised_fraction(), kept, budget, n / (t1 - t0),
-                  len(generated) / (t3 - t2) if generated else float("nan"))
+                  len(generated) / (t3 - t2) if generated else float("nan"), evict_until)
 
 
 def append_record(path: Path, rec: Record) -> None:
     records.append_record(path, asdict(rec))
 
 
+def _paired(rows: list[dict], policy: str, task: str) -> dict[str, dict]:
+    return {r["key"]: r for r in rows if r["policy"] == policy and (task == "all" or r["task"] == task)}
+
+
 def summarise(rows: list[dict], policies: list[str]) -> tuple[list[dict], str]:
-    """Per (task, policy) and overall means; markdown table with each policy's score relative to full cache."""
+    """Per (task, policy) and overall means with bootstrap 95% intervals (stratified by task for "all"); the
+    ratio to full cache is paired with full cache on the same samples. Markdown table."""
+    from ..reporting.bootstrap import mean_ci, ratio_ci
     tasks = sorted({r["task"] for r in rows})
-    table, lines = [], ["| task | policy | n | EM | char acc | answer p | answer p / full | realised cache % "
-                        "| prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    table, lines = [], ["| task | policy | n | EM [95% CI] | char acc | answer p [95% CI] | answer p / full [95% CI] "
+                        "| realised cache % | prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks + ["all"]:
-        full = [r for r in rows if r["policy"] == "full" and (task == "all" or r["task"] == task)]
-        full_p = sum(r["answer_prob"] for r in full) / len(full) if full else float("nan")
+        full = _paired(rows, "full", task)
         for pol in policies:
-            sel = [r for r in rows if r["policy"] == pol and (task == "all" or r["task"] == task)]
-            if not sel:
+            by_key = _paired(rows, pol, task)
+            if not by_key:
                 continue
+            sel = list(by_key.values())
+            groups = [r["task"] for r in sel]
             m = lambda k: sum(r[k] for r in sel) / len(sel)  # noqa: E731
-            row = {"task": task, "policy": pol, "n": len(sel), "em": m("em"), "char_acc": m("char_acc"),
-                   "answer_prob": m("answer_prob"), "relative_to_full": m("answer_prob") / full_p if full else None,
+            em, em_lo, em_hi = mean_ci([r["em"] for r in sel], groups=groups)
+            p, p_lo, p_hi = mean_ci([r["answer_prob"] for r in sel], groups=groups)
+            row = {"task": task, "policy": pol, "n": len(sel), "em": em, "em_ci95": [em_lo, em_hi],
+                   "char_acc": m("char_acc"), "answer_prob": p, "answer_prob_ci95": [p_lo, p_hi],
+                   "relative_to_full": None, "relative_to_full_ci95": None,
                    "realised_cache_pct": 100 * m("realised_fraction"), "prefill_tokens_per_s": m("prefill_tokens_per_s")}
+            shared = [k for k in by_key if k in full]
+            if shared:
+                rel, lo, hi = ratio_ci([by_key[k]["answer_prob"] for k in shared],
+                                       [full[k]["answer_prob"] for k in shared],
+                                       groups=[by_key[k]["task"] for k in shared])
+                row["relative_to_full"], row["relative_to_full_ci95"] = rel, [lo, hi]
             table.append(row)
-            rel = f"{row['relative_to_full']:.3f}" if row["relative_to_full"] is not None else "-"
-            lines.append(f"| {task} | {pol} | {row['n']} | {row['em']:.3f} | {row['char_acc']:.3f} | "
-                         f"{row['answer_prob']:.3f} | {rel} | {row['realised_cache_pct']:.1f} | "
-                         f"{row['prefill_tokens_per_s']:.0f} |")
+            rel = (f"{row['relative_to_full']:.3f} [{row['relative_to_full_ci95'][0]:.3f}, "
+                   f"{row['relative_to_full_ci95'][1]:.3f}]") if shared else "-"
+            lines.append(f"| {task} | {pol} | {row['n']} | {em:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
+                         f"{row['char_acc']:.3f} | {p:.3f} [{p_lo:.3f}, {p_hi:.3f}] | {rel} | "
+                         f"{row['realised_cache_pct']:.1f} | {row['prefill_tokens_per_s']:.0f} |")
     return table, "\n".join(lines) + "\n"
+
+
+def paired_differences(rows: list[dict], method: str, baselines: list[str]) -> tuple[list[dict], str]:
+    """`method` - each baseline on the samples both ran (answer p and EM), with paired bootstrap 95% intervals
+    (stratified by task for "all"). A difference whose interval holds 0 is inside the noise."""
+    from ..reporting.bootstrap import paired_difference_ci
+    tasks = sorted({r["task"] for r in rows})
+    out, lines = [], [f"| task | {method} - baseline | n | answer p diff [95% CI] | EM diff [95% CI] | verdict |",
+                      "|---|---|---|---|---|---|"]
+    for task in tasks + ["all"]:
+        mine = _paired(rows, method, task)
+        for base in baselines:
+            theirs = _paired(rows, base, task)
+            shared = [k for k in mine if k in theirs]
+            if not shared:
+                continue
+            groups = [mine[k]["task"] for k in shared]
+            dp = paired_difference_ci([mine[k]["answer_prob"] for k in shared],
+                                      [theirs[k]["answer_prob"] for k in shared], groups=groups)
+            de = paired_difference_ci([mine[k]["em"] for k in shared], [theirs[k]["em"] for k in shared],
+                                      groups=groups)
+            verdict = ("above" if dp[1] > 0 else "below" if dp[2] < 0 else "inside the noise") + " (answer p)"
+            out.append({"task": task, "method": method, "baseline": base, "n": len(shared),
+                        "answer_prob_diff": dp[0], "answer_prob_diff_ci95": [dp[1], dp[2]],
+                        "em_diff": de[0], "em_diff_ci95": [de[1], de[2]], "verdict": verdict})
+            lines.append(f"| {task} | {base} | {len(shared)} | {dp[0]:+.3f} [{dp[1]:+.3f}, {dp[2]:+.3f}] | "
+                         f"{de[0]:+.3f} [{de[1]:+.3f}, {de[2]:+.3f}] | {verdict} |")
+    return out, "\n".join(lines) + "\n"

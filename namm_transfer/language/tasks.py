@@ -80,6 +80,30 @@ class TaskSample:
         raise ValueError(f"unknown style {style!r}; use one of {STYLES}")
 
 
+PROTOCOLS = ("context-only", "query-aware")
+
+
+def context_token_count(sample: TaskSample, tokenizer, style: str = DEFAULT_STYLE) -> int:
+    """Number of prompt tokens up to the end of the context (instruction + document), i.e. where the question
+    starts, counted in the tokenisation of the whole prompt (character offsets, so merges at the boundary are
+    assigned to the token that holds them)."""
+    text = sample.prompt(tokenizer, style)
+    end = text.index(sample.context) + len(sample.context)
+    enc = tokenizer(text, return_offsets_mapping=True)
+    return sum(1 for a, _ in enc["offset_mapping"] if a < end)
+
+
+def eviction_limit(sample: TaskSample, tokenizer, protocol: str, style: str = DEFAULT_STYLE) -> int:
+    """Last token count at which an eviction step may run. "context-only": steps only while the context is read
+    (the question and the answer are read into the pruned cache); "query-aware": the question is compressed too.
+    Never inside the answer."""
+    if protocol == "context-only":
+        return context_token_count(sample, tokenizer, style)
+    if protocol == "query-aware":
+        return len(tokenizer(sample.prompt(tokenizer, style)).input_ids)
+    raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+
+
 def _fill(rng_start: int, budget: int, count: TokenCounter, sep_tokens: int = 1) -> list[str]:
     """Consecutive prose paragraphs from index `rng_start` (wrapping) until `budget` tokens; the last one is cut
     at a word boundary so the total lands on the budget."""
