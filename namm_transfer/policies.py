@@ -219,6 +219,10 @@ class NAMMPolicy(MemoryPolicy):
         self.params = params.reshape(-1, self.config.num_params)
         self.stats = stats if stats is not None else feat.RunningStats(self.config.num_bins)
         self.member_of_row = member_of_row
+        for name, t in (("parameters", self.params), ("normalisation statistics", self.stats.mean),
+                        ("normalisation statistics", self.stats.m2)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"NAMM {name} contain NaN or inf: refusing a NAMM that would score nothing")
         self.collect_stats = collect_stats
         self.attention_dtype = getattr(torch, self.config.attention_dtype) if self.config.attention_dtype else None
 

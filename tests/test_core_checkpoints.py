@@ -62,3 +62,94 @@ def test_missing_or_mismatched_checkpoint(tmp_path):
     cfg.write_text(cfg.read_text().replace('"hidden": 32', '"hidden": 16'))
     with pytest.raises(ValueError, match="parameters but its config needs"):
         load_namm(tmp_path / "m")
+
+
+class _Exploit:
+    """Unpickling this runs a shell command (what a crafted checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted_pickle(path, marker):
+    torch.save({"evolution_state": {"mean": torch.zeros(4172)}, "payload": _Exploit(marker)}, path)
+    return path
+
+
+def test_a_crafted_pickle_is_refused_without_running_it(tmp_path):
+    from namm_transfer.checkpoints import load_torch_file
+    marker = tmp_path / "pwned"
+    crafted_pickle(tmp_path / "ckpt.pt", marker)
+    with pytest.raises(ValueError, match="refused to load .*can run code"):
+        load_namm(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="refused to load a resume file"):
+        load_torch_file(tmp_path / "ckpt.pt", "a resume file")
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a torch file")
+    with pytest.raises(ValueError, match="junk.pt is not a readable torch file"):
+        load_namm(tmp_path / "junk.pt")
+
+
+def test_official_ckpt_with_numpy_scalars_loads(tmp_path):
+    import numpy as np
+    official_ckpt(tmp_path / "ckpt.pt", torch.randn(4172), torch.rand(17), torch.rand(17) + 0.5)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)  # test-made file: rewrite it with numpy values
+    ckpt.update(iter_num=np.int64(7), best_val_loss=np.float64(0.5), history=np.zeros(3))
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert load_namm(tmp_path / "ckpt.pt").params.shape == (1, 4172)
+
+
+def test_non_finite_namm_is_refused_everywhere(tmp_path):
+    from namm_transfer import NAMMPolicy
+    from safetensors.torch import load_file, save_file
+    params = torch.randn(4172)
+    params[5] = float("nan")
+    with pytest.raises(ValueError, match="1 of 4172 values are NaN or inf"):
+        save_namm(tmp_path / "m", params, None)
+    with pytest.raises(ValueError, match="parameters contain NaN"):
+        NAMMPolicy(params)
+    save_namm(tmp_path / "m", torch.randn(4172), None)
+    t = load_file(str(tmp_path / "m" / "namm.safetensors"))
+    t["params"][0] = float("inf")
+    save_file(t, str(tmp_path / "m" / "namm.safetensors"))
+    with pytest.raises(ValueError, match=r"namm.safetensors field 'params': 1 of 4172 values are NaN or inf"):
+        load_namm(tmp_path / "m")
+    stats = RunningStats(17)
+    stats.update(torch.randn(10, 17))
+    save_namm(tmp_path / "s", torch.randn(4172), stats)
+    t = load_file(str(tmp_path / "s" / "namm.safetensors"))
+    t["norm_var"][3] = float("nan")
+    save_file(t, str(tmp_path / "s" / "namm.safetensors"))
+    with pytest.raises(ValueError, match="field 'norm_var': 1 of 17 values are NaN"):
+        load_namm(tmp_path / "s")
+    official_ckpt(tmp_path / "ckpt.pt", torch.full((4172,), float("nan")), torch.rand(17), torch.rand(17))
+    with pytest.raises(ValueError, match=r"evolution_state\['mean'\]: 4172 of 4172 values are NaN"):
+        load_namm(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("breakage", ["config not json", "no params", "truncated safetensors", "unknown field",
+                                      "bad delay"])
+def test_broken_namm_folder_is_a_clear_error(tmp_path, breakage):
+    import json
+    save_namm(tmp_path / "m", torch.randn(4172), None)
+    cfg, st = tmp_path / "m" / "config.json", tmp_path / "m" / "namm.safetensors"
+    info = json.loads(cfg.read_text())
+    if breakage == "config not json":
+        cfg.write_text("{oops")
+    elif breakage == "no params":
+        from safetensors.torch import save_file
+        save_file({"weights": torch.zeros(3)}, str(st))
+    elif breakage == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[:100])
+    elif breakage == "unknown field":
+        info["config"]["layers"] = 3
+        cfg.write_text(json.dumps(info))
+    else:
+        info["config"]["delay"] = "512"
+        cfg.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="is not a readable NAMM checkpoint"):
+        load_namm(tmp_path / "m")
