@@ -136,3 +136,29 @@ def number_list(item: Callable[[str], float | int], what: str) -> Callable[[str]
 
     parse.__name__ = "list"
     return parse
+
+
+# ------------------------------------------------------------------------------------------ shared loaders
+
+
+def load_namm_arg(path: str | None, delay: int | None = None, flag: str = "--namm"):
+    """The NAMMPolicy a script's --namm names (None = the shipped one); every loading problem (missing, broken,
+    non-finite, pickled code, a delay it cannot use) becomes a UsageError naming the file."""
+    from .checkpoints import DEFAULT_NAMM, load_namm
+
+    try:
+        return load_namm(path or DEFAULT_NAMM, **({} if delay is None else {"delay": delay}))
+    except FileNotFoundError as err:
+        hint = "" if path else ("\nThe shipped language NAMM is not in this checkout: train one with "
+                                "scripts/train_namm.py and pass --namm PATH, or drop namm from --policies.")
+        raise UsageError(f"--policies namm: {err}{hint}") from None
+    except ValueError as err:
+        raise UsageError(f"{flag} {path or DEFAULT_NAMM}: {err}") from None
+
+
+def check_device(device: str) -> None:
+    """UsageError for --device cuda without a CUDA device."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")

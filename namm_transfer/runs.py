@@ -94,12 +94,16 @@ def folder_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def check_settings(out: Path, settings: dict, fillable: tuple[str, ...] = ()) -> dict:
+def check_settings(out: Path, settings: dict, fillable: tuple[str, ...] = (), legacy: dict | None = None) -> dict:
     """The run.json record to write for `settings`, or a UsageError listing how they differ from the recorded
-    ones. `fillable` keys may be None on one side (e.g. no NAMM in a first run) and filled in later."""
+    ones. `fillable` keys may be None on one side (e.g. no NAMM in a first run) and filled in later. `legacy`:
+    values a recorded run.json without that key implicitly had (a setting added since); other missing keys are
+    filled in."""
     settings = json.loads(json.dumps(settings))
     path = Path(out) / RUN_FILE
     old = read_json(path, "the settings of the run recorded there") if path.is_file() else {}
+    if old:
+        old = {**(legacy or {}), **old}
     diff = [(k, old[k], v) for k, v in settings.items()
             if k in old and old[k] != v and not (k in fillable and None in (old[k], v))]
     if diff:
@@ -111,12 +115,13 @@ def check_settings(out: Path, settings: dict, fillable: tuple[str, ...] = ()) ->
 
 @contextmanager
 def open_run(out: str | os.PathLike, settings: dict, script: str, argv: list[str] | None,
-             fillable: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Create `out`, lock it, check `settings` against its run.json, record them and the command line
-    (command.json), and yield the folder; the lock is held until the block ends."""
+             fillable: tuple[str, ...] = (), legacy: dict | None = None, info: dict | None = None) -> Iterator[Path]:
+    """Create `out`, lock it, check `settings` against its run.json (see `check_settings`), record them, `info`
+    (not checked: e.g. this run's policy list) and the command line (command.json), and yield the folder; the
+    lock is held until the block ends."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
-        write_json(out / RUN_FILE, check_settings(out, settings, fillable))
+        write_json(out / RUN_FILE, {**check_settings(out, settings, fillable, legacy), **(info or {})})
         record_command(out, script, argv)
         yield out

@@ -13,7 +13,6 @@ bootstrap 95% intervals) and paired.json (NAMM - each baseline on the same sampl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,59 +20,93 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer import load_namm, make_policy  # noqa: E402
-from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
+from namm_transfer import make_policy  # noqa: E402
+from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
+                               name_list, out_help, run_cli)
 from namm_transfer.language.benchmark import (append_record, evaluate_sample, paired_differences,  # noqa: E402
-                                               summarise)
-from namm_transfer.records import in_repo, read_records, record_command  # noqa: E402
-from namm_transfer.language.tasks import PROTOCOLS, eviction_limit, make_split  # noqa: E402
+                                              summarise)
+from namm_transfer.language.tasks import PROTOCOLS, SPLIT_SIZE, STYLES, TASKS, eviction_limit, make_split  # noqa: E402
+from namm_transfer.policies import POLICIES  # noqa: E402
+from namm_transfer.records import in_repo, read_records, write_json, write_text  # noqa: E402
+from namm_transfer.runs import content_hash, model_hash, open_run  # noqa: E402
+
+# protocol of runs recorded before --protocol existed: eviction steps anywhere, the answer included
+LEGACY = {"protocol": "anywhere (before --protocol)"}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--namm", default=str(DEFAULT_NAMM))
-    ap.add_argument("--tasks", default="passkey,kv_retrieval,passage_retrieval")
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--n", type=int, default=8, help="test samples per task")
-    ap.add_argument("--policies", default="full,namm,h2o,l2,recency,snapkv")
-    ap.add_argument("--budget", type=float, default=0.5, help="baseline budget when NAMM is not evaluated")
-    ap.add_argument("--delay", type=int, default=512, help="baseline eviction period when NAMM is not evaluated")
+    ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt (default: the shipped "
+                                                 "namm_transfer/checkpoints/namm-smollm2)")
+    ap.add_argument("--tasks", type=name_list(TASKS), default=list(TASKS), help=", ".join(TASKS))
+    ap.add_argument("--tokens", type=int_in(64), default=1024, help="target prompt length in tokens (>= 64)")
+    ap.add_argument("--n", type=int_in(1, SPLIT_SIZE), default=8, help="test samples per task")
+    ap.add_argument("--policies", type=name_list(sorted(POLICIES)), default="full,namm,h2o,l2,recency,snapkv")
+    ap.add_argument("--budget", type=budget, default=0.5, help="baseline budget when NAMM is not evaluated")
+    ap.add_argument("--delay", type=int_in(1), default=512, help="baseline eviction period when NAMM is not evaluated")
     ap.add_argument("--protocol", default="context-only", choices=PROTOCOLS,
                     help="where eviction steps may run: while the context is read, or through the question too")
-    ap.add_argument("--style", default="raw")
-    ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--out", default="runs/eval_language")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--style", default="raw", choices=STYLES)
+    ap.add_argument("--chunk", type=int_in(1), default=128)
+    ap.add_argument("--max-new-tokens", type=int_in(1), default=8)
+    ap.add_argument("--out", default=None, help=out_help("eval_language"))
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    policies = args.policies.split(",")
-    namm = None
-    if "namm" in policies:
-        try:
-            namm = load_namm(args.namm)
-        except FileNotFoundError as err:
-            sys.exit(f"error: {err}")
-    if args.model.startswith(("tiny-", "random-")):
+    args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
+    return args
+
+
+def load_model(name: str, device: str):
+    """(model, tokenizer, content hash): tiny-/random- models are generated with a fixed seed."""
+    if name.startswith(("tiny-", "random-")):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from train_namm import load_model
-        model, tok = load_model(args.model, args.device)
-    else:
-        from namm_transfer.language.models import load_causal_lm
-        model, tok = load_causal_lm(args.model, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    namm_path = in_repo(Path(args.namm).resolve())  # load_namm's source is this same path
-    run = {**vars(args), "namm": namm_path, "namm_source": namm_path if namm else None}
-    (out / "run.json").write_text(json.dumps(run, indent=2))
-    record_command(out, "scripts/eval_language.py", argv)
+        from train_namm import load_model as load_generated
+        return (*load_generated(name, device), "generated (seed 0)")
+    from namm_transfer.language.models import load_causal_lm, resolve_model_path
+    try:
+        model, tok = load_causal_lm(name, device=device)
+    except OSError as err:
+        raise UsageError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    return model, tok, model_hash(resolve_model_path(name))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    check_device(args.device)
+    policies = args.policies
+    namm = load_namm_arg(args.namm) if "namm" in policies else None
+    namm_path = in_repo(Path(namm.source).resolve()) if namm else None
+    model, tok, model_sha = load_model(args.model, args.device)
+    settings = {"model": args.model, "model_hash": model_sha, "namm": namm_path,
+                "namm_hash": content_hash(namm.source) if namm else None, "tokens": args.tokens,
+                "protocol": args.protocol, "style": args.style, "chunk": args.chunk,
+                "max_new_tokens": args.max_new_tokens, "budget": args.budget, "delay": args.delay,
+                "device": args.device}
+    info = {"tasks": ",".join(args.tasks), "n": args.n, "policies": ",".join(policies)}
+    out = Path(args.out or default_out("eval_language"))
+    with open_run(out, settings, "scripts/eval_language.py", args.argv, fillable=("namm", "namm_hash"),
+                  legacy=LEGACY, info=info):
+        evaluate(args, out, model, tok, namm, namm_path)
+    return 0
+
+
+def evaluate(args, out: Path, model, tok, namm, namm_path: str | None) -> None:
+    """Run what records.jsonl does not hold yet; write summary.json / summary.md / paired.json of this command's
+    samples and policies."""
+    policies = args.policies
     records_path = out / "records.jsonl"
     done = {(r["policy"], r["key"]): r for r in read_records(records_path)}
-    samples = [(task, i, s) for task in args.tasks.split(",")
+    samples = [(task, i, s) for task in args.tasks
                for i, s in enumerate(make_split(task, "test", args.n, args.tokens, tok))]
+    keys = [(name, f"{task}/{sample.seed}/{args.tokens}") for task, _, sample in samples for name in policies]
     from tqdm import tqdm
     bar = tqdm(total=len(samples) * len(policies), disable=args.no_progress, desc="eval", unit="run")
     for task, i, sample in samples:
@@ -88,27 +121,27 @@ def main(argv=None) -> None:
             else:
                 ref = done.get(("namm", key))
                 budget = min(max(ref["kept_fraction"], 1e-3), 1.0) if ref else args.budget
-                policy = make_policy(name, budget=float(budget), delay=namm.delay if namm else args.delay)
+                policy = make_policy(name, budget=budget, delay=namm.delay if namm else args.delay)
             rec = evaluate_sample(model, tok, sample, policy, name, key, args.style, args.chunk,
                                   args.max_new_tokens, budget,
                                   evict_until=eviction_limit(sample, tok, args.protocol, args.style))
             append_record(records_path, rec)
             done[(name, key)] = rec.__dict__
     bar.close()
-    rows = read_records(records_path)
+    rows = [done[k] for k in keys]  # exactly this command's samples and policies
     table, md = summarise(rows, policies)
     if "namm" in policies:
         paired, paired_md = paired_differences(rows, "namm", [p for p in policies if p not in ("full", "namm")])
-        (out / "paired.json").write_text(json.dumps(paired, indent=2))
+        write_json(out / "paired.json", paired)
         md += "\nPaired differences, NAMM - baseline at NAMM's cache (same samples):\n\n" + paired_md
-    note = (f"\nModel {args.model}; NAMM {run['namm_source'] or '-'}; test split, {args.n} samples per task of "
-            f"~{args.tokens} prompt tokens; protocol {args.protocol}; baselines at the cache fraction NAMM kept "
-            f"after its last eviction step on each sample; 95% intervals: bootstrap over samples (10,000 "
+    note = (f"\nModel {args.model}; NAMM {namm_path or '-'}; test split, {args.n} samples per "
+            f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; baselines at the cache fraction NAMM "
+            f"kept after its last eviction step on each sample; 95% intervals: bootstrap over samples (10,000 "
             f"resamples, stratified by task for 'all').\n")
-    (out / "summary.json").write_text(json.dumps(table, indent=2))
-    (out / "summary.md").write_text(md + note)
+    write_json(out / "summary.json", table)
+    write_text(out / "summary.md", md + note)
     print(md + note)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

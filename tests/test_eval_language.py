@@ -110,3 +110,35 @@ def test_summary_has_intervals_and_paired_differences():
     d = next(r for r in diffs if r["task"] == "all")
     assert d["answer_prob_diff"] == pytest.approx(0.0) and d["answer_prob_diff_ci95"][0] < 0 < \
         d["answer_prob_diff_ci95"][1] and d["verdict"] == "inside the noise (answer p)"
+
+
+def test_eval_language_refuses_bad_arguments_and_other_settings(tmp_path, capsys):
+    """Arguments are checked before any work; a rerun into the folder with another model, NAMM (even rewritten at
+    the same path) or --tokens is refused with the difference named, and nothing there changes."""
+    from helpers_inputs import refused, script, snapshot
+    mod = script("eval_language")
+    save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
+    out = tmp_path / "eval"
+    base = ["--model", "tiny-llama", "--namm", str(tmp_path / "namm"), "--tasks", "passkey", "--tokens", "300",
+            "--n", "2", "--policies", "full,namm", "--out", str(out), "--no-progress"]
+    for bad, msg in ((["--n", "0"], "'0' is not an integer in [1, 1000000]"),
+                     (["--budget", "1.5"], "whole number of tokens >= 2"),
+                     (["--tasks", "passkey,passkey"], "repeated ['passkey']"),
+                     (["--policies", "full,lru"], "unknown ['lru']"), (["--chunk", "0"], "an integer >= 1"),
+                     (["--threads", "0"], "an integer >= 1"), (["--namm", str(tmp_path / "none")], "no NAMM checkpoint")):
+        refused(mod.main, base + bad, capsys, msg)
+    assert not out.exists()
+    assert mod.main(base) == 0
+    before = snapshot(out)
+    assert json.loads((out / "run.json").read_text())["model_hash"] == "generated (seed 0)"
+    refused(mod.main, [*base, "--tokens", "320"], capsys, "other settings", "tokens: recorded 300, this run 320")
+    refused(mod.main, [*base, "--model", "tiny-qwen2"], capsys, "model: recorded 'tiny-llama', this run 'tiny-qwen2'")
+    save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(1)) * 0.5, None)
+    refused(mod.main, base, capsys, "namm_hash: recorded 'sha256:")
+    assert snapshot(out) == before
+    # a smaller scope reuses its records and summarises exactly them (not every record in the folder)
+    smaller = [*base[:base.index("--n")], "--n", "1", "--policies", "full", "--out", str(out), "--no-progress"]
+    assert mod.main(smaller) == 0  # no NAMM in this run: the rewritten one is not used
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(r["task"], r["policy"], r["n"]) for r in summary} == {("passkey", "full", 1), ("all", "full", 1)}
+    assert len((out / "records.jsonl").read_text().splitlines()) == 4
