@@ -1,11 +1,18 @@
-"""LongBench loader (both file layouts), prompts, middle truncation and metrics on hand-computed examples."""
+"""LongBench loader (both file layouts), prompts, middle truncation and metrics on hand-computed examples.
+
+Expectations follow THUDM/LongBench at commit c5ea10bc (config/*.json, pred.py, eval.py, metrics.py); the two
+hashes are those of the official dataset2prompt.json / dataset2maxlen.json objects (json.dumps, sort_keys=True,
+ensure_ascii=False)."""
+import hashlib
 import json
 
 import pytest
 
-from namm_transfer.language.longbench import (MAX_NEW_TOKENS, LongBenchSample, NAMM_TASKS, PROMPTS, build_prompt, load_longbench,
-                                              longbench_path, qa_f1_score, retrieval_score, rouge_l_score,
-                                              score_prediction, task_score, truncate_middle)
+from namm_transfer.language.longbench import (CATEGORIES, MAX_NEW_TOKENS, METRICS, NAMM_TASKS, PROMPTS, LongBenchSample,
+                                              build_prompt, classification_score, code_sim_score, count_score,
+                                              fuzz_ratio, load_longbench, longbench_path, qa_f1_score,
+                                              qa_f1_zh_score, retrieval_score, retrieval_zh_score, rouge_l_score,
+                                              score_prediction, summarize, task_score, truncate_middle)
 from namm_transfer.language.models import tiny_tokenizer
 
 ROWS = [
@@ -51,30 +58,62 @@ def test_longbench_e_suffix(tmp_path):
     assert s.task == "hotpotqa" and s.prompt().startswith("Answer the question based on the given passages.")
 
 
-def test_config_facts():
-    assert set(NAMM_TASKS) <= set(PROMPTS) and len(PROMPTS) == 21
-    assert (MAX_NEW_TOKENS["passage_retrieval_en"], MAX_NEW_TOKENS["dureader"], MAX_NEW_TOKENS["narrativeqa"]) == (
-        32, 128, 128)
+def _sha(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_config_equals_official_files():
+    assert _sha(PROMPTS) == "e7d865d712fe45e2455f5e864ac474001d7758d68d349e76ffbcdd382483358f"
+    assert _sha(MAX_NEW_TOKENS) == "39a79d9491ead3dc8bcea6dbd8b963b29248eb4c344dde1e176b0a58b4e758a9"
+    assert set(NAMM_TASKS) <= set(PROMPTS) and len(PROMPTS) == len(METRICS) == 21 == sum(map(len, CATEGORIES.values()))
+    # the official typo, twice, kept: a reproduction must feed the model the official string
+    assert PROMPTS["narrativeqa"] == (
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+        "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if "
+        "possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:")
     assert PROMPTS["passage_retrieval_en"].endswith("The answer is: ")
-    assert PROMPTS["dureader"].endswith("问题：{input}\n回答：")
+    assert PROMPTS["lcc"] == "Please complete the code given below. \n{context}Next line of code:\n"
 
 
-def test_truncate_middle():
+class BosTokenizer:
+    """One token per character, BOS (id 1) added unless add_special_tokens=False; decode skips it if asked."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) + 10 for c in text]
+        return type("Enc", (), {"input_ids": ([1] if add_special_tokens else []) + ids})()
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ("<s>" if 1 in ids and not skip_special_tokens else "") + "".join(chr(i - 10) for i in ids if i != 1)
+
+
+def test_truncate_middle_counts_bos_like_pred_py():
+    tok = BosTokenizer()
+    text = "abcdefghij" * 3  # 30 characters, 31 tokens with BOS
+    assert truncate_middle(text, tok, 31) == text
+    # pred.py: 31 > 30 -> first 15 tokens (BOS + 14 characters) and last 15, decoded without BOS
+    assert truncate_middle(text, tok, 30) == text[:14] + text[-15:]
+    assert truncate_middle(text, tok, 30, add_special_tokens=False) == text  # 30 characters fit without BOS
+    assert truncate_middle(text, tok, 11) == text[:4] + text[-5:]  # half = int(11 / 2) = 5
+
+
+def test_truncate_middle_tiny_tokenizer():
     tok = tiny_tokenizer()
     text = "abcdefghij" * 3
     assert truncate_middle(text, tok, 100) == text
-    assert truncate_middle(text, tok, 10) == "abcde" + "fghij"
-    assert truncate_middle(text, tok, 11) == "abcde" + "fghij"  # half = 5 on each side
+    assert truncate_middle(text, tok, 10, add_special_tokens=False) == "abcde" + "fghij"
 
 
-def test_build_prompt_budget():
-    tok = tiny_tokenizer()
+def test_build_prompt_truncations():
+    tok = BosTokenizer()
     sample = LongBenchSample("narrativeqa", "Q?", "x" * 1000, ["a"], 1000, "en", None, "0")
     full = sample.prompt()
-    out = build_prompt(sample, tok, max_length=400)  # 400 - 128 new tokens -> 272 prompt tokens
-    assert len(tok(out, add_special_tokens=False).input_ids) == 272
-    assert out.startswith(full[:136]) and out.endswith(full[-136:])
+    assert build_prompt(sample, tok, max_length=400) == full[:199] + full[-200:]  # BOS takes one of the first 200
+    namm = build_prompt(sample, tok, max_length=400, truncation="namm")  # 400 - 128 new tokens, BOS not counted
+    assert namm == full[:136] + full[-136:]
     assert build_prompt(sample, tok) == full
+    with pytest.raises(ValueError, match="truncation"):
+        build_prompt(sample, tok, 400, truncation="left")
 
 
 def test_retrieval_score():
@@ -129,9 +168,71 @@ def test_rouge_zh_score():
 def test_task_score_max_over_answers_and_mean():
     preds = ["Lee", "Paris", "no idea"]
     golds = [["Ann Lee", "Lee"], ["Paris"], ["Rome"]]
-    assert task_score("narrativeqa", preds, golds) == pytest.approx(100 * 2 / 3)
+    assert task_score("narrativeqa", preds, golds) == 66.67  # eval.py: round(100 * mean, 2)
+    assert task_score("narrativeqa", preds, golds, ndigits=None) == pytest.approx(100 * 2 / 3)
     assert task_score("passage_retrieval_en", ["Paragraph 2", "Paragraph 1"], [["Paragraph 2"], ["Paragraph 4"]]) \
         == pytest.approx(50.0)
     assert score_prediction("triviaqa", "\nParis\nRome", ["Rome"]) == 0.0  # first line only
-    with pytest.raises(NotImplementedError):
-        score_prediction("lcc", "x", ["x"])
+    with pytest.raises(ValueError, match="unknown LongBench task"):
+        score_prediction("lcc_x", "x", ["x"])
+
+
+def test_retrieval_zh_and_count():
+    assert retrieval_zh_score("段落3", "段落3") == 1.0
+    assert retrieval_zh_score("段落3或段落13", "段落13") == 0.5
+    assert retrieval_zh_score("不知道", "段落3") == 0.0
+    assert count_score("There are 7 unique paragraphs", "7") == 1.0
+    assert count_score("7 or 8", 7) == 0.5 and count_score("none", "7") == 0.0
+
+
+def test_classification_score_official_quirks():
+    classes = ["Location", "Description", "Entity", "Human being", "Human", "Abbreviation"]
+    assert classification_score("Location", "Location", all_classes=classes) == 1.0
+    assert classification_score("Location or Entity", "Entity", all_classes=classes) == 0.5
+    assert classification_score("Numeric value", "Location", all_classes=classes) == 0.0
+    # "Human" is inside the gold "Human being": dropped, so the gold is the only class left
+    assert classification_score("Human being", "Human being", all_classes=classes) == 1.0
+    # LongBench removes from the list it walks: after dropping "ab" the next class "abc" is skipped and kept
+    assert classification_score("abcd", "abcd", all_classes=["ab", "abc", "abcd"]) == 0.5
+    assert task_score("trec", ["abc\nab"], [["abc"]], ["ab", "abc"]) == 100.0  # one class list for the task
+    with pytest.raises(ValueError, match="all_classes"):
+        classification_score("x", "x")
+
+
+def test_code_sim_score():
+    assert fuzz_ratio("abc", "abc") == 100 and fuzz_ratio("", "abc") == 0 and fuzz_ratio("", "") == 100
+    assert fuzz_ratio("abcd", "abce") == 75  # SequenceMatcher ratio 2 * 3 / 8
+    pred = "\n# comment\n```python\nreturn x + 1\nfoo()"  # the first line without '`', '#' or '//' is compared
+    assert code_sim_score(pred, "return x + 1") == 1.0
+    assert code_sim_score("// c\n# d", "x = 1") == 0.0  # no usable line: "" against the gold
+    assert score_prediction("lcc", "abcd\nzzz", ["abce", "abcd"]) == 1.0
+
+
+def test_qa_f1_zh_score():
+    pytest.importorskip("jieba")
+    assert qa_f1_zh_score("北京。", "北京") == 1.0  # punctuation and empty tokens dropped
+    assert qa_f1_zh_score("上海", "北京") == 0.0
+    assert 0.0 < qa_f1_zh_score("我们去北京", "北京") < 1.0
+
+
+def test_every_task_has_a_metric():
+    for task in METRICS:
+        if task in ("dureader", "vcsum", "multifieldqa_zh"):
+            pytest.importorskip("jieba")
+        classes = ["Rex", "B"] if task in ("trec", "lsht") else None
+        gold = {"passage_retrieval_en": "Paragraph 1", "passage_retrieval_zh": "段落1", "passage_count": "1"}.get(task, "Rex")
+        assert score_prediction(task, gold, [gold], classes) == pytest.approx(1.0, abs=1e-6), task
+
+
+def test_summarize_categories_and_averages():
+    scores = {t: float(i) for i, t in enumerate(METRICS)}  # narrativeqa 0, qasper 1, ... in eval.py's order
+    out = summarize(scores)
+    assert out["categories"]["Single-Document QA"] == pytest.approx((0 + 1 + 3 + 2) / 4)
+    assert out["categories"]["Code Completion"] == pytest.approx((19 + 20) / 2)
+    assert out["task_mean"] == pytest.approx(sum(range(21)) / 21)
+    assert out["category_mean"] == pytest.approx(sum(out["categories"].values()) / 6)
+    partial = summarize({"lcc": 50.0, "repobench-p_e": 70.0})
+    assert partial["categories"]["Code Completion"] == 60.0 and partial["task_mean"] is None
+    assert partial["category_mean"] is None and partial["categories"]["Summarization"] is None
+    with pytest.raises(ValueError, match="unknown"):
+        summarize({"nope": 1.0})

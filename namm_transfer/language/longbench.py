@@ -3,12 +3,20 @@
 Files: `<root>/data/<task>.jsonl` (the layout of the released data.zip) or `<root>/<task>.jsonl`; one JSON object
 a line with fields input, context, answers, length, dataset, language, all_classes, _id.
 
-Metrics follow LongBench's definitions (reimplemented here): a prediction's score is the maximum over the gold
-answers, a task's score is 100 x the mean over samples. The official NAMM fitness uses passage_retrieval_en,
-dureader and narrativeqa with BOS added, no chat template and middle truncation to the model's length budget.
+Everything here follows THUDM/LongBench at commit c5ea10bc (2024-12-18; files LongBench/pred.py, eval.py,
+metrics.py, config/dataset2prompt.json, config/dataset2maxlen.json), reimplemented: the prompts are the official
+strings (typos included: narrativeqa says "asconcisely" twice), all 21 tasks have their official metric, a task's
+score is 100 x the mean over samples of the best metric value over the gold answers, rounded to 2 decimals as
+eval.py writes it, and `summarize` gives the six LongBench categories and the averages.
+
+Truncation: truncation="longbench" is pred.py's (the prompt tokenized *with* the tokenizer's special tokens, so a BOS
+counts; longer than max_length -> the first and last int(max_length / 2) tokens, decoded without special tokens and
+concatenated). truncation="namm" is the official NAMM code's (SakanaAI/evo-memory memory_evaluator.py: budget
+max_length - the task's max new tokens, counted without special tokens). Neither applies a chat template here.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import string
@@ -17,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# LongBench config/dataset2prompt.json ({context} and {input} are filled in).
+# LongBench config/dataset2prompt.json ({context} and {input} are filled in), verbatim: narrativeqa's
+# "asconcisely" (twice) is the official string; correcting it would change every narrativeqa prompt.
 PROMPTS = {
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the "
-                   "question as concisely as you can, using a single phrase if possible. Do not provide any "
-                   "explanation.\n\nStory: {context}\n\nNow, answer the question based on the story as concisely as "
+                   "question asconcisely as you can, using a single phrase if possible. Do not provide any "
+                   "explanation.\n\nStory: {context}\n\nNow, answer the question based on the story asconcisely as "
                    "you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}"
                    "\n\nAnswer:",
     "qasper": "You are given a scientific article and a question. Answer the question as concisely as you can, using "
@@ -134,25 +143,35 @@ def load_longbench(task: str, root: str | Path, limit: int | None = None) -> lis
     return out
 
 
-def truncate_middle(prompt: str, tokenizer, max_tokens: int) -> str:
-    """Keep the first and last max_tokens // 2 tokens of a prompt that is longer than `max_tokens`
-    (LongBench: decode both halves without special tokens and concatenate)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+TRUNCATION = ("longbench", "namm")
+
+
+def truncate_middle(prompt: str, tokenizer, max_tokens: int, add_special_tokens: bool = True) -> str:
+    """LongBench pred.py: a prompt of more than `max_tokens` tokens (counted with the special tokens the tokenizer
+    adds, e.g. BOS, unless add_special_tokens=False) becomes its first and last int(max_tokens / 2) tokens, each half
+    decoded without special tokens, concatenated."""
+    ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
     if len(ids) <= max_tokens:
         return prompt
-    half = max_tokens // 2
+    half = int(max_tokens / 2)
     return (tokenizer.decode(ids[:half], skip_special_tokens=True) +
             tokenizer.decode(ids[-half:], skip_special_tokens=True))
 
 
-def build_prompt(sample: LongBenchSample, tokenizer, max_prompt_tokens: int | None = None,
-                 max_length: int | None = None) -> str:
-    """Official prompt, middle-truncated to `max_prompt_tokens` (default: `max_length` - the task's max new
-    tokens, as the NAMM code does with 32768). No chat template (the NAMM setting)."""
-    if max_prompt_tokens is None and max_length is not None:
-        max_prompt_tokens = max_length - MAX_NEW_TOKENS[sample.task]
+def build_prompt(sample: LongBenchSample, tokenizer, max_length: int | None = None,
+                 truncation: str = "longbench") -> str:
+    """Official prompt, middle-truncated to `max_length` (no truncation if None). No chat template.
+
+    truncation "longbench": pred.py's (max_length = config/model2maxlen.json's value, special tokens counted);
+    "namm": evo-memory's (budget max_length - the task's max new tokens, special tokens not counted)."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
     prompt = sample.prompt()
-    return truncate_middle(prompt, tokenizer, max_prompt_tokens) if max_prompt_tokens else prompt
+    if max_length is None:
+        return prompt
+    if truncation == "namm":
+        return truncate_middle(prompt, tokenizer, max_length - MAX_NEW_TOKENS[sample.task], add_special_tokens=False)
+    return truncate_middle(prompt, tokenizer, max_length)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -176,12 +195,58 @@ def qa_f1_score(prediction: str, reference: str, **_) -> float:
     return token_f1(normalize_en(prediction).split(), normalize_en(reference).split())
 
 
-def retrieval_score(prediction: str, reference: str, **_) -> float:
-    """passage_retrieval_en: the fraction of the numbers in the prediction that equal the gold paragraph id
-    (taken from "Paragraph <id>" in the reference); 0 if the prediction has no number."""
-    gold = re.findall(r"Paragraph (\d+)", reference)[0]
+def _id_share(prediction: str, gold_id: str) -> float:
+    """The fraction of the numbers in the prediction that equal `gold_id`; 0 if the prediction has no number."""
     numbers = re.findall(r"\d+", prediction)
-    return sum(n == gold for n in numbers) / len(numbers) if numbers else 0.0
+    return sum(n == gold_id for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def retrieval_score(prediction: str, reference: str, **_) -> float:
+    """passage_retrieval_en: `_id_share` of the gold paragraph id, taken from "Paragraph <id>" in the reference."""
+    return _id_share(prediction, re.findall(r"Paragraph (\d+)", reference)[0])
+
+
+def retrieval_zh_score(prediction: str, reference: str, **_) -> float:
+    """passage_retrieval_zh: as `retrieval_score`, the gold id taken from "段落<id>"."""
+    return _id_share(prediction, re.findall(r"段落(\d+)", reference)[0])
+
+
+def count_score(prediction: str, reference: str, **_) -> float:
+    """passage_count: `_id_share` of the gold count."""
+    return _id_share(prediction, str(reference))
+
+
+def classification_score(prediction: str, reference: str, all_classes=None, **_) -> float:
+    """trec, lsht: the classes named in the prediction; a named class that is a strict substring of the gold class is
+    dropped, in LongBench's loop that removes from the list it walks (so the class right after a dropped one is not
+    examined); score 1 / (classes left) if the gold class is among them, else 0."""
+    if all_classes is None:
+        raise ValueError("classification_score needs all_classes (the sample's all_classes field)")
+    named = [c for c in all_classes if c in prediction]
+    i = 0
+    while i < len(named):
+        if named[i] in reference and named[i] != reference:
+            named.remove(named[i])
+        i += 1
+    return 1.0 / len(named) if reference in named else 0.0
+
+
+def fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy 0.18 `fuzz.ratio` on the pure-Python path LongBench's requirements install (no python-Levenshtein):
+    100 if equal, 0 if either is empty, else round(100 x difflib.SequenceMatcher(None, a, b).ratio())."""
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+
+
+def code_sim_score(prediction: str, reference: str, **_) -> float:
+    """lcc, repobench-p: the first line of the prediction (after leading newlines) that holds none of '`', '#', '//'
+    ("" if none), compared to the gold line by `fuzz_ratio` / 100."""
+    lines = prediction.lstrip("\n").split("\n")
+    line = next((ln for ln in lines if "`" not in ln and "#" not in ln and "//" not in ln), "")
+    return fuzz_ratio(line, reference) / 100
 
 
 def _lcs_words(x: list[str], y: list[str]) -> list[str]:
@@ -238,27 +303,81 @@ def rouge_zh_score(prediction: str, reference: str, **_) -> float:
     return rouge_l_score(cut(prediction), cut(reference))
 
 
-METRICS: dict[str, Callable[..., float]] = {
-    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score, "hotpotqa": qa_f1_score,
-    "2wikimqa": qa_f1_score, "musique": qa_f1_score, "triviaqa": qa_f1_score,
-    "dureader": rouge_zh_score, "vcsum": rouge_zh_score,
-    "gov_report": rouge_l_score, "qmsum": rouge_l_score, "multi_news": rouge_l_score, "samsum": rouge_l_score,
-    "passage_retrieval_en": retrieval_score,
+# metrics.py normalize_zh_answer's extra punctuation (besides string.punctuation).
+CN_PUNCTUATION = ("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+_ZH_DROP = set(string.punctuation + CN_PUNCTUATION)
+
+
+def normalize_zh(text: str) -> str:
+    """Lower case, drop ASCII and Chinese punctuation, drop all whitespace."""
+    return "".join("".join(ch for ch in text.lower() if ch not in _ZH_DROP).split())
+
+
+def qa_f1_zh_score(prediction: str, reference: str, **_) -> float:
+    """multifieldqa_zh: token F1 over jieba words (accurate mode), each normalised by `normalize_zh`, empty ones
+    dropped."""
+    jieba = _jieba()
+    words = lambda s: [w for w in (normalize_zh(t) for t in jieba.cut(s, cut_all=False)) if w]  # noqa: E731
+    return token_f1(words(prediction), words(reference))
+
+
+METRICS: dict[str, Callable[..., float]] = {  # eval.py dataset2metric
+    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score,
+    "multifieldqa_zh": qa_f1_zh_score, "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score, "musique": qa_f1_score,
+    "dureader": rouge_zh_score, "gov_report": rouge_l_score, "qmsum": rouge_l_score, "multi_news": rouge_l_score,
+    "vcsum": rouge_zh_score, "trec": classification_score, "triviaqa": qa_f1_score, "samsum": rouge_l_score,
+    "lsht": classification_score, "passage_retrieval_en": retrieval_score, "passage_count": count_score,
+    "passage_retrieval_zh": retrieval_zh_score, "lcc": code_sim_score, "repobench-p": code_sim_score,
+}
+# The six categories of the LongBench README (its "Avg" column is the mean of these six category means).
+CATEGORIES = {
+    "Single-Document QA": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
+    "Multi-Document QA": ("hotpotqa", "2wikimqa", "musique", "dureader"),
+    "Summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
+    "Few-shot Learning": ("trec", "triviaqa", "samsum", "lsht"),
+    "Synthetic Tasks": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
+    "Code Completion": ("lcc", "repobench-p"),
 }
 
 
 def score_prediction(task: str, prediction: str, answers: list[str], all_classes=None) -> float:
-    """Best metric value over the gold answers (first line only for the few-shot tasks)."""
+    """Best metric value over the gold answers (first line only for trec, triviaqa, samsum, lsht), as eval.py."""
     if task not in METRICS:
-        raise NotImplementedError(f"no metric for LongBench task {task!r} here; implemented: {sorted(METRICS)}")
+        raise ValueError(f"unknown LongBench task {task!r}; known: {sorted(METRICS)}")
     if task in FIRST_LINE_ONLY:
         prediction = prediction.lstrip("\n").split("\n")[0]
     return max((METRICS[task](prediction, a, all_classes=all_classes) for a in answers), default=0.0)
 
 
-def task_score(task: str, predictions: list[str], answers: list[list[str]], all_classes=None) -> float:
-    """LongBench task score: 100 x mean over samples of `score_prediction`."""
+def task_score(task: str, predictions: list[str], answers: list[list[str]], all_classes=None,
+               ndigits: int | None = 2) -> float:
+    """LongBench task score: 100 x mean over samples of `score_prediction`, rounded to `ndigits` as eval.py writes
+    result.json (None: unrounded). all_classes: one list for the task (eval.py passes the last sample's) or one per
+    sample."""
     if not predictions:
         return 0.0
-    scores = [score_prediction(task, p, a, all_classes) for p, a in zip(predictions, answers, strict=True)]
-    return 100.0 * sum(scores) / len(scores)
+    per_sample = all_classes if all_classes and isinstance(all_classes[0], list) else [all_classes] * len(answers)
+    scores = [score_prediction(task, p, a, c) for p, a, c in zip(predictions, answers, per_sample, strict=True)]
+    value = 100.0 * sum(scores) / len(scores)
+    return value if ndigits is None else round(value, ndigits)
+
+
+def summarize(task_scores: dict[str, float]) -> dict:
+    """Category means and the two averages from per-task scores (LongBench-E suffixes "_e" are dropped).
+
+    Returns {"tasks", "categories": {name: mean of its tasks, None if one is missing}, "task_mean": mean over all 21
+    tasks (the average of the official NAMM code, evo-memory's aggregate over tasks), "category_mean": mean of the six
+    category means (the LongBench README's "Avg")}; an average is None until every task it needs is scored."""
+    scores = {(t[:-2] if t.endswith("_e") else t): v for t, v in task_scores.items()}
+    unknown = sorted(set(scores) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown LongBench tasks {unknown}")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    cats = {name: (mean([scores[t] for t in tasks]) if all(t in scores for t in tasks) else None)
+            for name, tasks in CATEGORIES.items()}
+    return {
+        "tasks": scores,
+        "categories": cats,
+        "task_mean": mean([scores[t] for t in METRICS]) if set(METRICS) <= set(scores) else None,
+        "category_mean": mean(list(cats.values())) if None not in cats.values() else None,
+    }
