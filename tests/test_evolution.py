@@ -59,40 +59,83 @@ def train(out, *extra, nproc=1, flags=TINY):
     return load_file(str(out / "namm" / "namm.safetensors"))["params"]
 
 
-def test_trainer_resume_is_identical_and_writes_outputs(tmp_path):
-    full = train(tmp_path / "a")
-    train(tmp_path / "b", "--max-generations", "1")  # "killed" after one generation
+VAL = ["--val-every", "1", "--val-per-task", "1"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Three uninterrupted generations with validation after each."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    return out, train(out, *VAL)
+
+
+def val_rows(out):
+    """Validation rows without their timing."""
+    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+            for l in (out / "val.jsonl").read_text().splitlines()]
+
+
+def copy_run(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_trainer_resume_is_identical_and_writes_outputs(full_run, tmp_path):
+    a, full = full_run
+    train(tmp_path / "b", *VAL, "--max-generations", "1")  # "killed" after one generation
     resumed = train(tmp_path / "b", flags=[])  # --out alone resumes with the saved settings
     assert torch.equal(full, resumed)
     log = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in log] == [0, 1, 2]
     assert log[2]["stage_tasks"] == ["passkey", "kv_retrieval"]
+    assert all(len(r["member_scores"]) == 4 and len(r["member_cache"]) == 4 for r in log)
     assert (tmp_path / "b" / "curve.png").stat().st_size > 1000
     assert not torch.equal(full, torch.zeros_like(full))
-
-
-def test_torchrun_two_ranks_equals_one_rank(tmp_path):
-    one = train(tmp_path / "one")
-    two = train(tmp_path / "two", nproc=2)
-    assert torch.equal(one, two)
-
-
-def test_state_is_data_only_and_other_settings_are_refused(tmp_path):
-    out = tmp_path / "run"
-    train(out, "--max-generations", "1")
-    names = sorted(p.name for p in out.iterdir())
+    assert val_rows(tmp_path / "b") == val_rows(a)
+    names = sorted(p.name for p in a.iterdir())
     assert "state.safetensors" in names and "state.json" in names and not any(n.endswith(".pt") for n in names)
+
+
+def test_validation_curve(full_run):
+    a, _ = full_run
+    val = [json.loads(l) for l in (a / "val.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in val] == [1, 2, 3]
+    for r in val:
+        assert r["n"] == 2  # one validation prompt for each of the two tasks
+        for name in ("namm", "h2o", "recency"):
+            assert 0 <= r[f"{name}_cache"] <= 1 and len(r[f"{name}_scores"]) == 2
+            assert r[f"{name}_ratio"] == pytest.approx(r[f"{name}_ratio"])  # finite
+
+
+def test_torchrun_two_ranks_equals_one_rank(full_run, tmp_path):
+    a, one = full_run
+    two = train(tmp_path / "two", *VAL, nproc=2)
+    assert torch.equal(one, two)
+    assert val_rows(tmp_path / "two") == val_rows(a)
+
+
+def test_other_settings_are_refused_and_a_deliberate_change_recorded(full_run, tmp_path):
+    out = copy_run(full_run[0], tmp_path / "run")
     before = (out / "state.json").read_text()
     res = run_train(["--out", out, "--sigma0", "0.2", "--seed", "5"])
     assert res.returncode == 2
     assert "sigma0: 0.065 (saved) != 0.2 (now)" in res.stderr and "seed: 0 (saved) != 5 (now)" in res.stderr
     assert "--change-settings" in res.stderr and "Traceback" not in res.stderr
     assert (out / "state.json").read_text() == before  # nothing written
-    # a deliberate change is accepted and recorded
-    train(out, "--seed", "5", "--change-settings", flags=[])
+    # extending the last stage is not a change; a new seed with --change-settings is accepted and recorded
+    train(out, "--stages", "passkey:2,passkey+kv_retrieval:2", "--seed", "5", "--change-settings", flags=[])
     state = json.loads((out / "state.json").read_text())
-    assert state["config"]["seed"] == 5
-    assert state["settings_changes"] == [{"generation": 1, "changes": ["seed: 0 (saved) != 5 (now)"]}]
+    assert state["config"]["seed"] == 5 and state["es"]["generation"] == 4
+    assert state["settings_changes"] == [{"generation": 3, "changes": ["seed: 0 (saved) != 5 (now)"]}]
+
+
+def test_torn_state_is_detected(full_run, tmp_path):
+    out = copy_run(full_run[0], tmp_path / "run")
+    # tensors from the previous generation beside the newer JSON: a pair from two different saves
+    (out / "state.safetensors").write_bytes((out / "prev.state.safetensors").read_bytes())
+    res = run_train(["--out", out])
+    assert res.returncode == 2 and "different saves" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_pickle_state_and_bad_settings_are_refused(tmp_path):
@@ -106,32 +149,6 @@ def test_pickle_state_and_bad_settings_are_refused(tmp_path):
         res = run_train([*TINY, *bad, "--out", tmp_path / "x"])
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
         assert not (tmp_path / "x").exists()
-
-
-def test_torn_state_is_detected(tmp_path):
-    out = tmp_path / "run"
-    train(out, "--max-generations", "2")
-    # tensors from the previous generation beside the newer JSON: a pair from two different saves
-    (out / "state.safetensors").write_bytes((out / "prev.state.safetensors").read_bytes())
-    res = run_train(["--out", out])
-    assert res.returncode == 2 and "different saves" in res.stderr and "Traceback" not in res.stderr
-
-
-def test_validation_curve_and_ranking_agreement(tmp_path):
-    out = tmp_path / "run"
-    train(out, "--val-every", "1", "--val-per-task", "1", "--max-generations", "2")
-    val = [json.loads(l) for l in (out / "val.jsonl").read_text().splitlines()]
-    assert [r["generation"] for r in val] == [1, 2]
-    for r in val:
-        assert r["n"] == 2  # one validation prompt for each of the two tasks
-        for name in ("namm", "h2o", "recency"):
-            assert 0 <= r[f"{name}_cache"] <= 1 and len(r[f"{name}_scores"]) == 2
-        assert r["namm_ratio"] == pytest.approx(r["namm_ratio"])  # finite
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert all(len(r["member_scores"]) == 4 and len(r["member_cache"]) == 4 for r in log)
-    # resume does not redo a validation that is already recorded
-    train(out, "--max-generations", "2", flags=[])
-    assert len((out / "val.jsonl").read_text().splitlines()) == 2
 
 
 def test_spearman_matches_hand_values():

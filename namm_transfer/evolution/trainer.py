@@ -170,12 +170,13 @@ def save_state(folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> No
     atomic_write_text(folder / "state.json", json.dumps(info, indent=1))
 
 
-def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_state(folder: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read <prefix>state.safetensors + <prefix>state.json (prefix "prev." = the state one generation back)."""
     import hashlib
     try:
-        info = json.loads((folder / "state.json").read_text())
-        digest = hashlib.sha256((folder / "state.safetensors").read_bytes()).hexdigest()
-        tensors = load_file(str(folder / "state.safetensors"))
+        info = json.loads((folder / f"{prefix}state.json").read_text())
+        digest = hashlib.sha256((folder / f"{prefix}state.safetensors").read_bytes()).hexdigest()
+        tensors = load_file(str(folder / f"{prefix}state.safetensors"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{folder}: unreadable training state ({err}); restore it from git "
                          f"(training/ is committed) or start a new --out folder") from err
@@ -186,6 +187,29 @@ def load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{folder}/state.safetensors: tensor {k!r} holds NaN/inf")
     return tensors, info
+
+
+def restore_es(es: SepCMAES, tensors: dict[str, torch.Tensor], info: dict) -> SepCMAES:
+    """Load the CMA-ES part of a saved training state into `es`."""
+    e = info["es"]
+    es.load_state_dict({"mean": tensors["es_mean"], "sigma": e["sigma"], "diag_c": tensors["es_diag_c"],
+                        "p_sigma": tensors["es_p_sigma"], "p_c": tensors["es_p_c"], "generation": e["generation"],
+                        "rng": tensors["es_rng"], "y": tensors.get("es_y"), "popsize": e["popsize"], "dim": e["dim"]})
+    return es
+
+
+def fitness_from_scores(score: torch.Tensor, frac: torch.Tensor, tasks: list[str], refs: list[float],
+                        cache_weight: float = 0.0, cache_target: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitness, score ratio) of members from their scores (members, samples) and cache fractions on samples of
+    the given tasks with full-cache references: ratio = mean over tasks of mean member score / mean full-cache
+    score on that task's samples; fitness = ratio - cache_weight * max(0, mean cache - cache_target)."""
+    per_task = []
+    for t in sorted(set(tasks)):
+        idx = [j for j, name in enumerate(tasks) if name == t]
+        ref = sum(refs[j] for j in idx) / len(idx)
+        per_task.append(score[:, idx].mean(1) / (ref + 1e-7))
+    ratio = torch.stack(per_task).mean(0)
+    return ratio - cache_weight * (frac.mean(1) - cache_target).clamp_min(0), ratio
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -276,11 +300,7 @@ class Trainer:
             raise ValueError(f"{self.out} holds a run with other search settings:\n  " + "\n  ".join(diffs) +
                              "\nresume with the saved settings (pass only --out), use another --out, or pass "
                              "--change-settings to continue this search under the new settings (recorded)")
-        es = info["es"]
-        self.es.load_state_dict({"mean": tensors["es_mean"], "sigma": es["sigma"], "diag_c": tensors["es_diag_c"],
-                                 "p_sigma": tensors["es_p_sigma"], "p_c": tensors["es_p_c"],
-                                 "generation": es["generation"], "rng": tensors["es_rng"],
-                                 "y": tensors.get("es_y"), "popsize": es["popsize"], "dim": es["dim"]})
+        restore_es(self.es, tensors, info)
         self.stats.count, self.stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
         self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
         self.refs, self.history = info["refs"], info["history"]
@@ -353,14 +373,10 @@ class Trainer:
         self.full_cache_refs(samples)
         return {"score": score, "frac": frac}
 
-    def fitness(self, score: torch.Tensor, samples: list[EncodedSample]) -> torch.Tensor:
-        tasks = sorted({s.task for s in samples})
-        per_task = []
-        for t in tasks:
-            idx = [j for j, s in enumerate(samples) if s.task == t]
-            ref = sum(self.refs[samples[j].key] for j in idx) / len(idx)
-            per_task.append(score[:, idx].mean(1) / (ref + 1e-7))
-        return torch.stack(per_task).mean(0)
+    def fitness(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]):
+        """(fitness, score ratio) per member, see fitness_from_scores."""
+        return fitness_from_scores(score, frac, [s.task for s in samples], [self.refs[s.key] for s in samples],
+                                   self.cfg.cache_weight, self.cfg.cache_target)
 
     def ranking_agreement(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]) -> float:
         """Spearman correlation of the members' fitness on two disjoint halves of the generation's prompts
@@ -372,12 +388,7 @@ class Trainer:
             halves[1] += idx[len(idx) // 2:]
         if not halves[0] or not halves[1]:
             return float("nan")
-        fit = []
-        for h in halves:
-            sub = [samples[j] for j in h]
-            ratio = self.fitness(score[:, h], sub)
-            cache = frac[:, h].mean(1)
-            fit.append(ratio - self.cfg.cache_weight * (cache - self.cfg.cache_target).clamp_min(0))
+        fit = [self.fitness(score[:, h], frac[:, h], [samples[j] for j in h])[0] for h in halves]
         return spearman(fit[0], fit[1])
 
     # ---- validation curve -------------------------------------------------------------------------------
@@ -411,7 +422,7 @@ class Trainer:
         all_sum(score), all_sum(frac)
         row = {"generation": self.es.generation, "n": n, "tasks": self.tasks}
         for i, name in enumerate(names):
-            row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], samples)[0])
+            row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], frac[i:i + 1], samples)[1][0])
             row[f"{name}_cache"] = float(frac[i].mean())
             row[f"{name}_scores"] = [round(float(x), 6) for x in score[i]]
         return row
@@ -457,9 +468,8 @@ class Trainer:
             t0 = time.time()
             population = self.es.ask()
             res = self.evaluate(population, samples)
-            ratio = self.fitness(res["score"], samples)
+            fit, ratio = self.fitness(res["score"], res["frac"], samples)
             cache = res["frac"].mean(1)
-            fit = ratio - self.cfg.cache_weight * (cache - self.cfg.cache_target).clamp_min(0)
             if not torch.isfinite(fit).all():
                 raise FloatingPointError(f"generation {g}: non-finite fitness {fit.tolist()}; the state on disk "
                                          "is the last good generation")
