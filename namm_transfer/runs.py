@@ -46,8 +46,8 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def json_hash(obj) -> str:
-    """sha256 of `obj` as canonical JSON (for data that is loaded, not read from one file)."""
-    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    """sha256 of `obj` as canonical JSON (for data that is loaded, not read from one file; other values as str)."""
+    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def model_hash(name_or_path: str | os.PathLike) -> str | None:

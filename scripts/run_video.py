@@ -4,9 +4,13 @@
     python scripts/run_video.py --dataset mlvu --data-root /data --device cuda --dtype float16 --limit 200
     python scripts/run_video.py --dataset synthetic --limit 8          # offline smoke run, tiny model
 
-Writes to --out: records.jsonl (one line per (policy, sample), flushed as it goes; rerunning the same command
-skips pairs already there), summary.json and summary.md (accuracy overall / per duration group / per category,
-MLVU M-Avg, realised cache %, video tokens kept %, peak memory, seconds per sample, unparsed and error counts).
+Writes to --out (default <checkout>/runs/video/<dataset>_<model>_<frames>f): records.jsonl (one line per (policy,
+sample), flushed as it goes; rerunning the same command skips pairs already there), summary.json and summary.md
+(accuracy overall / per duration group / per category, MLVU M-Avg, realised cache %, video tokens kept %, peak
+memory, seconds per sample, unparsed and error counts). A sample that could not be run (undecodable video,
+malformed annotation entry, CUDA out of memory) is recorded as an error and scored wrong; --retry-errors runs those
+again. run.json records the settings (with content hashes of the model, NAMM and annotations): a rerun into the
+same --out with other settings is refused, and a lock stops two runs writing one folder.
 
 Budgets: baselines (h2o, l2, recency, snapkv, random) run, per sample, at the realised cache fraction NAMM reached
 on that sample when `namm` comes before them in --policies; otherwise at --budget (0.5 if not given). An explicit
@@ -28,56 +32,62 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
+                               name_list, out_help, run_cli)
+
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "namm") + BASELINES
 TINY_RANDOM = "tiny-random"
 TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
 SNAPKV_WINDOW = 32  # SnapKV's default observation window
-SETTINGS = ("dataset", "split", "data_root", "model", "namm", "frames", "chunk", "delay", "budget", "seed", "dtype",
-            "evict_during")
+SETTINGS = ("dataset", "split", "data_root", "data_hash", "model", "model_hash", "namm", "namm_hash", "frames",
+            "chunk", "delay", "budget", "seed", "dtype", "evict_during")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, choices=["longvideobench", "mlvu", "synthetic"])
-    ap.add_argument("--data-root", default=None, help="dataset folder (synthetic: generated if omitted)")
+    ap.add_argument("--data-root", default=None, help="dataset folder (required for longvideobench and mlvu; "
+                                                      "synthetic: generated if omitted)")
+    ap.add_argument("--allow-outside-paths", action="store_true",
+                    help="let annotation paths (video_path, subtitles) point outside the dataset folder")
     ap.add_argument("--split", default=None, help="longvideobench: val|test (default val); synthetic: default test")
     ap.add_argument("--model", default=None,
                     help=f"Hub id or folder; '{TINY_RANDOM}' = a fresh random tiny model. Default: the trained tiny "
                          "model for synthetic (random tiny if absent), else llava-hf/LLaVA-NeXT-Video-7B-hf")
-    ap.add_argument("--frames", type=int, default=32)
-    ap.add_argument("--policies", default="full,namm")
-    ap.add_argument("--budget", type=float, default=None, help="baseline cache fraction in (0, 1] (or tokens >1)")
+    ap.add_argument("--frames", type=int_in(1), default=32)
+    ap.add_argument("--policies", type=name_list(POLICY_NAMES), default="full,namm", help=", ".join(POLICY_NAMES))
+    ap.add_argument("--budget", type=budget, default=None, help="baseline cache fraction in (0, 1] (or tokens >= 2)")
     ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
-    ap.add_argument("--delay", type=int, default=None, help="eviction period in tokens (default: NAMM's, 512; "
-                                                           f"{TINY_DELAY} on tiny models)")
-    ap.add_argument("--chunk", type=int, default=128, help="prefill chunk size")
+    ap.add_argument("--delay", type=int_in(1), default=None, help="eviction period in tokens (default: NAMM's, "
+                                                                  f"512; {TINY_DELAY} on tiny models)")
+    ap.add_argument("--chunk", type=int_in(1), default=128, help="prefill chunk size")
     ap.add_argument("--evict-during", default="video", choices=["video", "prompt"],
                     help="video (default): eviction steps only while the video is read, so policies decide over "
                          "video tokens and the question after it is kept; prompt: all through the prompt")
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int_in(1), default=None, help="run the first N samples")
+    ap.add_argument("--retry-errors", action="store_true",
+                    help="run again the (policy, sample) pairs recorded as errors (e.g. a video fixed since)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="default float32 on cpu, float16 on cuda")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help=out_help("video", "<dataset>_<model>_<frames>f"))
+    ap.add_argument("--seed", type=int_in(0), default=0)
+    ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--cache-dir", default=os.environ.get("NAMM_TRANSFER_CACHE",
                                                           str(Path.home() / ".cache" / "namm_transfer")))
-    ap.add_argument("--synthetic-samples", type=int, default=16, help="size of a generated synthetic split")
+    ap.add_argument("--synthetic-samples", type=int_in(1), default=16, help="size of a generated synthetic split")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
-    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
-    if bad or not args.policy_list or len(set(args.policy_list)) != len(args.policy_list):
-        ap.error(f"--policies: unknown or repeated {bad or args.policy_list}; choose from {', '.join(POLICY_NAMES)}")
+    args.policy_list = args.policies
+    if args.data_root is None and args.dataset != "synthetic":
+        ap.error(f"--dataset {args.dataset} needs --data-root: the folder holding the benchmark (see the "
+                 "loader's message for the layout), or use --dataset synthetic to run offline")
+    if args.delay is not None and "snapkv" in args.policy_list and args.delay <= SNAPKV_WINDOW:
+        ap.error(f"--delay {args.delay}: snapkv needs an eviction period > its window of {SNAPKV_WINDOW} tokens")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     return args
-
-
-class UsageError(Exception):
-    """Something the user can fix (missing data, checkpoint or model); printed without a traceback."""
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -96,9 +106,21 @@ def load_samples(args, notes: list[str]):
             notes.append(f"generated a synthetic {split} split ({args.synthetic_samples} videos) in {root}")
         args.data_root = str(root)
     try:
-        return load_dataset(args.dataset, args.data_root, None if args.dataset == "mlvu" else args.split)
-    except DatasetNotFoundError as err:
+        return load_dataset(args.dataset, args.data_root, None if args.dataset == "mlvu" else args.split,
+                            allow_outside=args.allow_outside_paths)
+    except (DatasetNotFoundError, ValueError) as err:  # not found, unreadable annotations, duplicate ids
         raise UsageError(str(err)) from None
+
+
+def data_hash(samples, root: str) -> str:
+    """Content hash of the loaded annotations (paths relative to the data root, so a moved copy hashes alike)."""
+    from dataclasses import asdict
+
+    from namm_transfer.runs import json_hash
+
+    rel = lambda p: p and os.path.relpath(p, root)  # noqa: E731
+    return json_hash([{**asdict(s), "video_path": rel(s.video_path), "subtitle_path": rel(s.subtitle_path)}
+                      for s in samples])
 
 
 def load_model(args, notes: list[str]):
@@ -138,17 +160,7 @@ def is_tiny(model) -> bool:
 
 
 def load_namm_policy(args, delay: int | None = None):
-    from namm_transfer.checkpoints import DEFAULT_NAMM, load_namm
-
-    path = args.namm or DEFAULT_NAMM
-    try:
-        return load_namm(path, **({} if delay is None else {"delay": delay}))
-    except ValueError as err:
-        raise UsageError(f"--delay {delay} does not suit this NAMM: {err}") from None
-    except FileNotFoundError as err:
-        hint = "" if args.namm else ("\nThe shipped language NAMM is not in this checkout yet: train one with "
-                                     "scripts/train_namm.py and pass --namm PATH, or drop `namm` from --policies.")
-        raise UsageError(f"--policies namm: {err}{hint}") from None
+    return load_namm_arg(args.namm, delay)
 
 
 def resolve_delay(args, model, namm, notes: list[str]) -> int:
@@ -158,22 +170,6 @@ def resolve_delay(args, model, namm, notes: list[str]) -> int:
         notes.append(f"tiny model: eviction every {TINY_DELAY} tokens (--delay to change)")
         return TINY_DELAY
     return namm.config.delay if namm is not None else 512
-
-
-# ------------------------------------------------------------------------------------------ records I/O
-
-
-def check_settings(out: Path, args) -> None:
-    """The out folder must hold runs of the same settings (else resuming would mix results)."""
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    path = out / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise UsageError(f"{out} holds a run with other settings {diff} (old, new); use another --out")
-    else:
-        path.write_text(json.dumps(settings, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -270,25 +266,25 @@ def policy_for(name: str, args, namm, delay: int, sample_id: str, done: dict) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args))
 
 
 def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from namm_transfer.records import in_repo, read_records, record_command
-    from video.pipeline import error_record, prepare_inputs, run_policy
+    from namm_transfer.records import drop_records, in_repo, read_records, write_json, write_text
+    from namm_transfer.runs import content_hash, model_hash, open_run
+    from video.datasets import SampleError
     from video.decoding import VideoDecodeError
+    from video.pipeline import error_record, prepare_inputs, run_policy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    check_device(args.device)
     notes: list[str] = []
-    samples = load_samples(args, notes)[: args.limit]  # fail fast (data, NAMM) before loading the model
+    all_samples = load_samples(args, notes)  # fail fast (data, NAMM) before loading the model
+    samples = all_samples[: args.limit]
     namm = load_namm_policy(args) if "namm" in args.policy_list else None
     model, processor = load_model(args, notes)
     args.delay = resolve_delay(args, model, namm, notes)
@@ -300,58 +296,68 @@ def run(args) -> int:
     if namm is not None:
         args.namm = in_repo(Path(namm.source).resolve())
         notes.append(f"NAMM: {args.namm}")
+    args.namm_hash = content_hash(namm.source) if namm is not None else None
+    args.model_hash = f"generated (seed {args.seed})" if args.model == TINY_RANDOM else model_hash(args.model)
+    args.data_hash = data_hash(all_samples, args.data_root)
     for n in notes:
         print(("\n!!! " + n + "\n") if n.startswith("WARNING") else f"note: {n}", file=sys.stderr)
 
     model_tag = Path(args.model.rstrip("/")).name
-    out = Path(args.out or f"runs/video/{args.dataset}_{model_tag}_{args.frames}f")
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, args)
-    record_command(out, "scripts/run_video.py", args.argv)
-    path = out / "records.jsonl"
-    done = {(r["policy"], r["id"]): r for r in read_records(path)}
-    todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]
-    n_todo = sum((p, s.id) not in done for _, s in todo for p in args.policy_list)
-    print(f"{len(samples)} samples x {len(args.policy_list)} policies: {n_todo} to run, "
-          f"{len(samples) * len(args.policy_list) - n_todo} already in {path}", file=sys.stderr)
+    out = Path(args.out or default_out("video", f"{args.dataset}_{model_tag}_{args.frames}f"))
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    with open_run(out, settings, "scripts/run_video.py", args.argv, fillable=("namm", "namm_hash")):
+        path = out / "records.jsonl"
+        ids = {s.id for s in samples}
+        if args.retry_errors:
+            n = drop_records(path, lambda r: bool(r.get("error")) and r["id"] in ids and r["policy"] in args.policy_list)
+            print(f"--retry-errors: {n} error record(s) dropped, to be run again", file=sys.stderr)
+        done = {(r["policy"], r["id"]): r for r in read_records(path)}
+        todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]
+        n_todo = sum((p, s.id) not in done for _, s in todo for p in args.policy_list)
+        print(f"{len(samples)} samples x {len(args.policy_list)} policies: {n_todo} to run, "
+              f"{len(samples) * len(args.policy_list) - n_todo} already in {path}", file=sys.stderr)
 
-    with open(path, "a") as f, tqdm(total=n_todo, disable=args.no_progress, desc="video QA") as bar:
-        for index, sample in todo:
-            try:
-                inputs, failure = prepare_inputs(sample, processor, args.frames), None
-            except VideoDecodeError as err:
-                inputs, failure = None, err
-            for name in args.policy_list:
-                if (name, sample.id) in done:
-                    continue
-                policy, budget, source = policy_for(name, args, namm, args.delay, sample.id, done)
-                if failure is not None:
-                    rec = error_record(sample, failure)
-                else:
-                    rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk,
-                                     args.evict_during)
-                rec = {"policy": name, "sample_index": index, "budget": budget, "budget_source": source, **rec}
-                done[(name, sample.id)] = rec
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                bar.update(1)
-                if rec.get("error"):
-                    tqdm.write(f"{sample.id} [{name}]: {rec['error']}", file=sys.stderr)
+        with open(path, "a") as f, tqdm(total=n_todo, disable=args.no_progress, desc="video QA") as bar:
+            for index, sample in todo:
+                try:
+                    inputs, failure = prepare_inputs(sample, processor, args.frames), None
+                except (VideoDecodeError, SampleError) as err:
+                    inputs, failure = None, err
+                for name in args.policy_list:
+                    if (name, sample.id) in done:
+                        continue
+                    policy, budget, source = policy_for(name, args, namm, args.delay, sample.id, done)
+                    if failure is not None:
+                        rec = error_record(sample, failure)
+                    else:
+                        rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk,
+                                         args.evict_during)
+                    rec = {"policy": name, "sample_index": index, "budget": budget, "budget_source": source, **rec}
+                    done[(name, sample.id)] = rec
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    bar.update(1)
+                    if rec.get("error"):
+                        tqdm.write(f"{sample.id} [{name}]: {rec['error']}", file=sys.stderr)
 
-    ids = {s.id for s in samples}
-    records = [r for (p, i), r in done.items() if i in ids and p in args.policy_list]
-    summary = summarise(records, args.policy_list, args.dataset)
-    header = [f"{args.dataset} ({args.split}), {len(samples)} samples, {args.frames} frames, "
-              f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}, "
-              f"eviction during the {args.evict_during}", *notes]
-    if any(p in BASELINES for p in args.policy_list):
-        header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget_source']}" for p, s in summary.items()
-                                                        if p in BASELINES))
-    table = markdown(summary, args.dataset, header)
-    (out / "summary.json").write_text(json.dumps({"settings": {k: getattr(args, k) for k in SETTINGS},
-                                                  "notes": notes, "policies": summary}, indent=2))
-    (out / "summary.md").write_text(table)
+        records = [r for (p, i), r in done.items() if i in ids and p in args.policy_list]
+        n_errors = sum(bool(r.get("error")) for r in records)
+        if n_errors:
+            notes.append(f"{n_errors} (policy, sample) pair(s) recorded as errors (scored wrong); rerun with "
+                         "--retry-errors to run them again")
+        summary = summarise(records, args.policy_list, args.dataset)
+        header = [f"{args.dataset} ({args.split}), {len(samples)} samples, {args.frames} frames, "
+                  f"model {args.model}, {args.device}/{args.dtype}, delay {args.delay}, chunk {args.chunk}, "
+                  f"eviction during the {args.evict_during}", *notes]
+        if any(p in BASELINES for p in args.policy_list):
+            header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget_source']}" for p, s in summary.items()
+                                                            if p in BASELINES))
+        table = markdown(summary, args.dataset, header)
+        write_json(out / "summary.json", {"settings": settings, "notes": notes, "policies": summary})
+        write_text(out / "summary.md", table)
     print(table)
+    if n_errors:
+        print(f"note: {notes[-1]}", file=sys.stderr)
     print(f"wrote {path}, {out / 'summary.json'}, {out / 'summary.md'}", file=sys.stderr)
     return 0
 

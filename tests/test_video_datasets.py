@@ -129,3 +129,38 @@ def test_missing_datasets_say_how_to_get_them(tmp_path):
         assert hint in str(e.value) and "--dataset synthetic" in str(e.value)
     with pytest.raises(ValueError):
         load_dataset("videomme", tmp_path)
+
+
+def test_malformed_mlvu_entries_and_escaping_paths_are_sample_problems(tmp_path):
+    write_mlvu(tmp_path)
+    bad = [*MLVU_PLOT, {"video": "x.mp4", "candidates": ["a", "b"], "answer": "a"},  # no question
+           {**MLVU_PLOT[0], "video": "/etc/passwd"}, {**MLVU_PLOT[0], "question_type": "../../elsewhere"},
+           {**MLVU_PLOT[0], "answer": "Purple"}, "not an object"]
+    (tmp_path / "json" / "1_plotQA.json").write_text(json.dumps(bad))
+    samples = load_mlvu(tmp_path, tasks=["plotQA"])
+    assert [s.problem is None for s in samples] == [True, False, False, False, False, False]
+    problems = [s.problem for s in samples[1:]]
+    assert "missing ['question']" in problems[0] and "'/etc/passwd' points outside" in problems[1]
+    assert "question_type '../../elsewhere' points outside" in problems[2] and "'Purple'" in problems[3]
+    assert "a str, not an object" in problems[4]
+    allowed = load_mlvu(tmp_path, tasks=["plotQA"], allow_outside=True)
+    assert allowed[2].problem is None and allowed[2].video_path.endswith("/etc/passwd")
+
+
+def test_unusable_annotation_files_are_dataset_errors(tmp_path):
+    from video.datasets import DatasetError
+    write_lvb(tmp_path, [LVB_RECORDS[0], LVB_RECORDS[0]])
+    with pytest.raises(DatasetError, match=r"sample ids \['vidA_0'\] occur more than once"):
+        load_longvideobench(tmp_path)
+    (tmp_path / "lvb_val.json").write_text('{"id": 1}')
+    with pytest.raises(DatasetError, match="holds a JSON dict, expected a list"):
+        load_longvideobench(tmp_path)
+    (tmp_path / "lvb_val.json").write_text("[{")
+    with pytest.raises(DatasetError, match="is not valid JSON"):
+        load_longvideobench(tmp_path)
+    write_lvb(tmp_path, [{**LVB_RECORDS[0], "subtitle_path": "../../../secret.json"}])
+    assert "subtitle_path '../../../secret.json' points outside" in load_longvideobench(tmp_path)[0].problem
+    write_lvb(tmp_path)
+    (tmp_path / "subtitles" / "vidA_en.json").write_text(json.dumps([{"timestamp": [1.0]}]))
+    with pytest.raises(ValueError, match="vidA_en.json, item 0: not a subtitle"):
+        load_subtitles(load_longvideobench(tmp_path)[0])

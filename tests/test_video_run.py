@@ -93,3 +93,87 @@ def test_missing_dataset_and_namm_messages(run_video, tmp_path, capsys):
                          "--namm", str(tmp_path / "no-such-namm"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no NAMM checkpoint" in err and "Traceback" not in err
+
+
+def test_bad_arguments_are_refused_before_any_work(run_video, tmp_path, capsys):
+    from helpers_inputs import refused
+    out = tmp_path / "out"
+    refused(run_video.main, ["--dataset", "longvideobench", "--out", str(out)], capsys,
+            "--dataset longvideobench needs --data-root")
+    base = ["--dataset", "synthetic", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    for bad, msg in ((["--budget", "0"], "'0' is not a cache budget: a fraction in (0, 1]"),
+                     (["--budget", "1.5"], "whole number of tokens >= 2"), (["--frames", "0"], "an integer >= 1"),
+                     (["--chunk", "0"], "an integer >= 1"), (["--delay", "0"], "an integer >= 1"),
+                     (["--threads", "0"], "an integer >= 1"), (["--limit", "-1"], "'-1' is not an integer >= 1"),
+                     (["--policies", "full,full"], "repeated ['full']"), (["--policies", "h2o,fifo"], "unknown"),
+                     (["--policies", "snapkv", "--delay", "16"], "snapkv needs an eviction period > its window")):
+        refused(run_video.main, base + bad, capsys, msg)
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_malformed_entries_are_per_sample_errors_and_paths_stay_in_the_root(run_video, tmp_path, capsys):
+    from helpers_inputs import refused, snapshot
+    data = tmp_path / "data"
+    generate_split(data, "test", num_samples=5, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    (tmp_path / "outside.mp4").write_bytes((data / "videos" / "test_0_00000.mp4").read_bytes())
+    ann = data / "lvb_test.json"
+    entries = json.loads(ann.read_text())
+    del entries[1]["question"]
+    entries[2]["video_path"] = "../../outside.mp4"
+    entries[3]["video_path"] = str(tmp_path / "outside.mp4")
+    entries[4]["correct_choice"] = 9
+    ann.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    args = ["--dataset", "synthetic", "--data-root", str(data), "--policies", "full", "--frames", "4",
+            "--out", str(out), "--no-progress", "--model", "tiny-random"]
+    assert run_video.main(args) == 0
+    recs = {r["id"]: r for r in _lines(out / "records.jsonl")}
+    assert recs["synthetic_test_0_00000"]["error"] is None
+    errors = {i: r["error"] for i, r in recs.items() if r["error"]}
+    assert set(errors) == {f"synthetic_test_0_0000{i}" for i in (1, 2, 3, 4)}
+    assert "missing ['question']" in errors["synthetic_test_0_00001"]
+    assert "points outside" in errors["synthetic_test_0_00002"] and "--allow-outside-paths" in errors[
+        "synthetic_test_0_00003"]
+    assert "correct_choice 9 but 5 options" in errors["synthetic_test_0_00004"]
+    assert "--retry-errors" in capsys.readouterr().err
+    # a duplicate id refuses the whole file, before anything is written
+    entries[4] = {**entries[0]}
+    ann.write_text(json.dumps(entries))
+    before = snapshot(out)
+    refused(run_video.main, args, capsys, "sample ids ['synthetic_test_0_00000'] occur more than once")
+    assert snapshot(out) == before
+
+
+def test_settings_lock_and_retry_errors(run_video, tmp_path, capsys):
+    from helpers_inputs import refused, snapshot
+    from namm_transfer.runs import folder_lock
+    data = tmp_path / "data"
+    generate_split(data, "test", num_samples=2, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    video = data / "videos" / "test_0_00001.mp4"
+    good = video.read_bytes()
+    video.write_bytes(b"broken")
+    namm = save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
+    out = tmp_path / "out"
+    args = ["--dataset", "synthetic", "--data-root", str(data), "--policies", "full,namm", "--namm", str(namm),
+            "--frames", "4", "--out", str(out), "--no-progress", "--model", "tiny-random"]
+    assert run_video.main(args) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    refused(run_video.main, [*args, "--frames", "8"], capsys, "other settings", "frames: recorded 4, this run 8")
+    save_namm(namm, torch.randn(4172, generator=torch.Generator().manual_seed(1)) * 0.5, None)  # same path
+    refused(run_video.main, args, capsys, "namm_hash: recorded")
+    save_namm(namm, torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5, None)
+    with folder_lock(out):
+        refused(run_video.main, args, capsys, "is being written by another run")
+    (out / "run.json").write_text("{")
+    refused(run_video.main, args, capsys, "run.json is not valid JSON")
+    (out / "run.json").write_bytes(before["run.json"])
+    assert snapshot(out) == before
+    # the broken video is fixed: --retry-errors runs its two records again, nothing else
+    video.write_bytes(good)
+    assert run_video.main(args) == 0 and sum(r["error"] is not None for r in _lines(out / "records.jsonl")) == 2
+    assert run_video.main([*args, "--retry-errors"]) == 0
+    recs = _lines(out / "records.jsonl")
+    assert len(recs) == 4 and all(r["error"] is None for r in recs)
+    first = [json.loads(line) for line in before["records.jsonl"].decode().splitlines()]
+    assert recs[:2] == first[:2] and {r["id"] for r in recs[2:]} == {"synthetic_test_0_00001"}

@@ -5,7 +5,11 @@
     samples = load_dataset("synthetic", "runs/synth", split="test")
 
 Loaders only read annotations and build paths; videos are decoded later (video.decoding), so a missing or
-broken video becomes a per-sample error there, not a failed load.
+broken video becomes a per-sample error there, not a failed load. A malformed annotation entry (a missing or
+ill-typed field, an answer out of range, a path leaving the dataset folder) is kept as a sample whose `problem`
+says what is wrong: the harness records it as that sample's error. Paths in annotations are resolved under the
+dataset folder; `allow_outside=True` (run_video.py --allow-outside-paths) lets them point anywhere. Duplicate
+sample ids refuse the whole file (DatasetError): results are keyed by id.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class VideoQASample:
     subtitle_path: str | None = None  # only set when the subtitle file exists
     subtitle_offset: float = 0.0  # LVB starting_timestamp_for_subtitles
     extra: dict = field(default_factory=dict)
+    problem: str | None = None  # why this entry cannot be run (malformed annotation); None = fine
 
     @property
     def answer_letter(self) -> str | None:
@@ -41,6 +46,39 @@ class VideoQASample:
 
 class DatasetNotFoundError(FileNotFoundError):
     """The benchmark files are not under the given root; the message says how to get them."""
+
+
+class DatasetError(ValueError):
+    """An annotation file that cannot be used at all (not a list of entries, duplicate ids); names the file."""
+
+
+class SampleError(ValueError):
+    """One sample that cannot be run (a malformed annotation entry): recorded as that sample's error."""
+
+
+def under(base: Path, rel, field_name: str, allow_outside: bool = False) -> Path:
+    """`base / rel`, which must stay inside `base` (no absolute path, no `..` out of it) unless `allow_outside`.
+    The check is lexical: symlinks inside the dataset folder may point anywhere."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{field_name} {rel!r} is not a file name")
+    path = base / rel
+    if not allow_outside and not os.path.normpath(path).startswith(os.path.normpath(base) + os.sep):
+        raise ValueError(f"{field_name} {rel!r} points outside {base}; pass --allow-outside-paths to allow it")
+    return path
+
+
+def bad_sample(dataset: str, sample_id: str, where: str, err: Exception) -> VideoQASample:
+    """A placeholder for a malformed entry: run_video.py records `problem` as its error."""
+    return VideoQASample(sample_id, "", "", [], None, dataset, problem=f"malformed entry {where}: {err}")
+
+
+def check_unique_ids(samples: list[VideoQASample], path: Path) -> list[VideoQASample]:
+    ids = [s.id for s in samples]
+    dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if dup:
+        raise DatasetError(f"{path}: sample ids {dup[:5]}{' ...' if len(dup) > 5 else ''} occur more than once; "
+                           "ids must be unique (results are recorded per id)")
+    return samples
 
 
 # ----------------------------------------------------------------------------------------------- locating
@@ -104,31 +142,46 @@ def _lvb_options(rec: dict) -> list[str]:
     return opts
 
 
-def _lvb_sample(rec: dict, base: Path, videos_dir: Path, dataset: str) -> VideoQASample:
-    options = _lvb_options(rec)
-    answer = rec.get("correct_choice")
-    answer = None if answer is None or int(answer) < 0 else int(answer)
-    if answer is not None and answer >= len(options):
-        raise ValueError(f"{dataset} sample {rec.get('id')}: correct_choice {answer} but {len(options)} options")
-    sub = rec.get("subtitle_path")
-    sub_path = base / "subtitles" / sub if sub else None
-    group = rec.get("duration_group")
-    known = {"id", "video_path", "question", "candidates", "correct_choice", "duration", "duration_group",
-             "question_category", "subtitle_path", "starting_timestamp_for_subtitles"} | {f"option{i}" for i in range(5)}
-    return VideoQASample(
-        id=str(rec["id"]),
-        video_path=str(videos_dir / rec["video_path"]),
-        question=str(rec["question"]),
-        options=options,
-        answer=answer,
-        dataset=dataset,
-        duration=None if rec.get("duration") is None else float(rec["duration"]),
-        duration_group=None if group is None else int(group),
-        category=rec.get("question_category"),
-        subtitle_path=str(sub_path) if sub_path is not None and sub_path.is_file() else None,
-        subtitle_offset=float(rec.get("starting_timestamp_for_subtitles") or 0.0),
-        extra={k: v for k, v in rec.items() if k not in known},
-    )
+def _lvb_sample(rec: dict, base: Path, videos_dir: Path, dataset: str, index: int,
+                allow_outside: bool = False) -> VideoQASample:
+    """One entry; a malformed one becomes a sample with `problem` set (see `bad_sample`)."""
+    sample_id = str(rec["id"]) if isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) else \
+        f"{dataset}_entry{index:05d}"
+    try:
+        if not isinstance(rec, dict):
+            raise ValueError(f"a {type(rec).__name__}, not an object")
+        missing = [k for k in ("id", "video_path", "question") if rec.get(k) is None]
+        if missing:
+            raise ValueError(f"missing {missing}")
+        options = _lvb_options(rec)
+        if len(options) < 2:
+            raise ValueError(f"{len(options)} answer options")
+        answer = rec.get("correct_choice")
+        answer = None if answer is None or int(answer) < 0 else int(answer)
+        if answer is not None and answer >= len(options):
+            raise ValueError(f"correct_choice {answer} but {len(options)} options")
+        sub = rec.get("subtitle_path")
+        sub_path = under(base / "subtitles", sub, "subtitle_path", allow_outside) if sub else None
+        group = rec.get("duration_group")
+        known = {"id", "video_path", "question", "candidates", "correct_choice", "duration", "duration_group",
+                 "question_category", "subtitle_path", "starting_timestamp_for_subtitles"} | {
+                    f"option{i}" for i in range(5)}
+        return VideoQASample(
+            id=sample_id,
+            video_path=str(under(videos_dir, rec["video_path"], "video_path", allow_outside)),
+            question=str(rec["question"]),
+            options=options,
+            answer=answer,
+            dataset=dataset,
+            duration=None if rec.get("duration") is None else float(rec["duration"]),
+            duration_group=None if group is None else int(group),
+            category=rec.get("question_category"),
+            subtitle_path=str(sub_path) if sub_path is not None and sub_path.is_file() else None,
+            subtitle_offset=float(rec.get("starting_timestamp_for_subtitles") or 0.0),
+            extra={k: v for k, v in rec.items() if k not in known},
+        )
+    except (ValueError, TypeError) as err:
+        return bad_sample(dataset, sample_id, f"#{index} ({sample_id})", err)
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -146,6 +199,7 @@ def load_longvideobench(
     source: str = "auto",
     videos_dir: str | os.PathLike | None = None,
     dataset: str = "longvideobench",
+    allow_outside: bool = False,
 ) -> list[VideoQASample]:
     """LongVideoBench samples from `lvb_val.json` / `lvb_test_wo_gt.json` or the parquet files.
 
@@ -168,10 +222,21 @@ def load_longvideobench(
     if path.suffix == ".parquet":
         records = _read_parquet(path)
     else:
+        records = _read_json_list(path)
+    vdir = Path(videos_dir) if videos_dir is not None else base / "videos"
+    return check_unique_ids([_lvb_sample(r, base, vdir, dataset, i, allow_outside) for i, r in enumerate(records)],
+                            path)
+
+
+def _read_json_list(path: Path) -> list:
+    try:
         with open(path) as f:
             records = json.load(f)
-    vdir = Path(videos_dir) if videos_dir is not None else base / "videos"
-    return [_lvb_sample(r, base, vdir, dataset) for r in records]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(records, list):
+        raise DatasetError(f"{path} holds a JSON {type(records).__name__}, expected a list of entries")
+    return records
 
 
 def load_subtitles(sample: VideoQASample) -> list[tuple[float, float, str]]:
@@ -186,14 +251,18 @@ def load_subtitles(sample: VideoQASample) -> list[tuple[float, float, str]]:
         items = json.load(f)
     end_default = sample.duration if sample.duration is not None else float("inf")
     out = []
-    for it in items:
-        if "timestamp" in it:
-            start, end = it["timestamp"]
-            text = it["text"]
-        else:
-            start, end, text = _hms(it["start"]), _hms(it["end"]), it["line"]
-        end = end_default if end is None else float(end)
-        out.append((float(start) - sample.subtitle_offset, end - sample.subtitle_offset, str(text)))
+    for i, it in enumerate(items):
+        try:
+            if "timestamp" in it:
+                start, end = it["timestamp"]
+                text = it["text"]
+            else:
+                start, end, text = _hms(it["start"]), _hms(it["end"]), it["line"]
+            end = end_default if end is None else float(end)
+            out.append((float(start) - sample.subtitle_offset, end - sample.subtitle_offset, str(text)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{sample.subtitle_path}, item {i}: not a subtitle ({type(err).__name__}: {err})") \
+                from None
     return out
 
 
@@ -236,7 +305,7 @@ def _mlvu_json_dir(root: Path) -> tuple[Path | None, list[Path]]:
     return None, tried  # pragma: no cover
 
 
-def _mlvu_video_path(video_root: Path, stem: str, qtype: str, name: str) -> Path:
+def _mlvu_video_path(video_root: Path, stem: str, qtype: str, name: str | Path) -> Path:
     """First existing of video/<n_task>/, video/<question_type>/, video/<task>/, video/; else the official one."""
     folders = [stem, qtype, stem.split("_", 1)[1], ""]
     for folder in folders:
@@ -255,10 +324,39 @@ def _mlvu_answer(item: dict, options: list[str], where: str) -> int:
     raise ValueError(f"{where}: answer {ans!r} is neither one of the candidates nor a letter")
 
 
+def _mlvu_sample(item, i: int, stem: str, qtype: str, json_name: str, video_root: Path,
+                 allow_outside: bool) -> VideoQASample | None:
+    """One dev entry (None for open-ended ones without candidates); a malformed one gets `problem` set."""
+    sample_id = f"mlvu_{stem}_{i:04d}"
+    try:
+        if not isinstance(item, dict):
+            raise ValueError(f"a {type(item).__name__}, not an object")
+        options = [str(c) for c in item.get("candidates") or []]
+        if not options:
+            return None
+        missing = [k for k in ("video", "question") if item.get(k) is None]
+        if missing:
+            raise ValueError(f"missing {missing}")
+        qt = str(item.get("question_type", qtype))
+        for key, value in (("video", item["video"]), ("question_type", qt)):  # question_type names a folder too
+            under(video_root, value, key, allow_outside)
+        video = _mlvu_video_path(video_root, stem, qt, item["video"])
+        extra = {k: v for k, v in item.items() if k not in ("video", "question", "candidates", "answer",
+                                                             "question_type", "duration")}
+        return VideoQASample(
+            id=sample_id, video_path=str(video), question=str(item["question"]), options=options,
+            answer=_mlvu_answer(item, options, f"{json_name}[{i}]"), dataset="mlvu",
+            duration=None if item.get("duration") is None else float(item["duration"]), category=qt,
+            extra={**extra, "task": stem})
+    except (ValueError, TypeError) as err:
+        return bad_sample("mlvu", sample_id, f"{json_name}[{i}]", err)
+
+
 def load_mlvu(
     root: str | os.PathLike,
     tasks: list[str] | None = None,
     videos_dir: str | os.PathLike | None = None,
+    allow_outside: bool = False,
 ) -> list[VideoQASample]:
     """MLVU dev multiple-choice samples (7 tasks, 2,175 questions in the official release).
 
@@ -275,30 +373,10 @@ def load_mlvu(
         if wanted is not None and stem not in wanted and qtype not in wanted:
             continue
         path = json_dir / f"{stem}.json"
-        if not path.is_file():
-            continue
-        with open(path) as f:
-            items = json.load(f)
-        for i, item in enumerate(items):
-            options = [str(c) for c in item.get("candidates") or []]
-            if not options:
-                continue
-            where = f"{path.name}[{i}]"
-            qt = item.get("question_type", qtype)
-            extra = {k: v for k, v in item.items() if k not in ("video", "question", "candidates", "answer",
-                                                                 "question_type", "duration")}
-            extra["task"] = stem
-            samples.append(VideoQASample(
-                id=f"mlvu_{stem}_{i:04d}",
-                video_path=str(_mlvu_video_path(video_root, stem, qt, item["video"])),
-                question=str(item["question"]),
-                options=options,
-                answer=_mlvu_answer(item, options, where),
-                dataset="mlvu",
-                duration=None if item.get("duration") is None else float(item["duration"]),
-                category=qt,
-                extra=extra,
-            ))
+        if path.is_file():
+            found = (_mlvu_sample(item, i, stem, qtype, path.name, video_root, allow_outside)
+                     for i, item in enumerate(_read_json_list(path)))
+            samples += [s for s in found if s is not None]
     if wanted is not None and not samples:
         raise ValueError(f"no MLVU samples for tasks {sorted(wanted)}; known: {list(MLVU_TASKS.items())}")
     return samples
@@ -307,10 +385,11 @@ def load_mlvu(
 # ------------------------------------------------------------------------------------------- synthetic
 
 
-def load_synthetic(root: str | os.PathLike, split: str = "test") -> list[VideoQASample]:
+def load_synthetic(root: str | os.PathLike, split: str = "test", allow_outside: bool = False) -> list[VideoQASample]:
     """The synthetic set written by `video.synthetic.generate_split` (LongVideoBench layout)."""
     try:
-        return load_longvideobench(root, annotation=f"lvb_{split}.json", dataset="synthetic")
+        return load_longvideobench(root, annotation=f"lvb_{split}.json", dataset="synthetic",
+                                   allow_outside=allow_outside)
     except DatasetNotFoundError as e:
         raise DatasetNotFoundError(
             f"{e}\nGenerate it with video.synthetic.generate_split(root, split={split!r}, ...)."
@@ -324,5 +403,5 @@ def load_dataset(name: str, root: str | os.PathLike, split: str | None = None, *
     if name == "mlvu":
         return load_mlvu(root, **kwargs)
     if name == "synthetic":
-        return load_synthetic(root, split or "test")
+        return load_synthetic(root, split or "test", **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose longvideobench, mlvu or synthetic")

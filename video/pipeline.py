@@ -4,8 +4,9 @@
     inputs = prepare_inputs(sample, processor, num_frames=32)          # raises VideoDecodeError
     record = answer(model, processor, sample, inputs, H2O(0.25), index=0)
 
-`run_sample` wraps both and turns a VideoDecodeError (or a CUDA out-of-memory) into a per-sample error record:
-the run continues, and the record has no prediction (scored wrong, counted in the error column).
+`run_sample` wraps both and turns a VideoDecodeError, a malformed annotation entry (SampleError) or a CUDA
+out-of-memory into a per-sample error record: the run continues, and the record has no prediction (scored wrong,
+counted in the error column).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from namm_transfer.adapters.video_lm import generate_video
 from namm_transfer.policies import MemoryPolicy
-from video.datasets import VideoQASample
+from video.datasets import SampleError, VideoQASample
 from video.decoding import VideoDecodeError, read_video
 from video.prompts import ParsedAnswer, build_prompt, conversation, parse_answer
 from video.scoring import QARecord, make_record
@@ -53,7 +54,10 @@ def max_new_tokens_for(sample: VideoQASample) -> int:
 
 
 def prepare_inputs(sample: VideoQASample, processor, num_frames: int = 32, backend: str = "auto") -> VideoInputs:
-    """Decode `num_frames` uniform frames and build the chat prompt through the processor's chat template."""
+    """Decode `num_frames` uniform frames and build the chat prompt through the processor's chat template.
+    Raises VideoDecodeError (the video) or SampleError (the annotation entry is malformed)."""
+    if sample.problem:
+        raise SampleError(sample.problem)
     t0 = time.perf_counter()
     clip = read_video(sample.video_path, num_frames=num_frames, backend=backend)
     t1 = time.perf_counter()
@@ -96,7 +100,7 @@ def run_sample(model, processor, sample: VideoQASample, policies: list[MemoryPol
     """All policies on one sample (the video is decoded once); errors become records, never exceptions."""
     try:
         inputs = prepare_inputs(sample, processor, num_frames)
-    except VideoDecodeError as err:
+    except (VideoDecodeError, SampleError) as err:
         return [error_record(sample, err) for _ in policies]
     out = []
     for policy in policies:
