@@ -44,6 +44,7 @@ class OfflineDataset:
     name: str
     source: Source
     refs: RefScores | None = None
+    discrete_actions: bool = False  # actions are one-hot rows of a Discrete(n) space
     _stats: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -109,13 +110,22 @@ def load_minari(dataset_id: str, download: bool = False) -> OfflineDataset:
             f"Minari dataset {dataset_id!r} not found under {root} "
             f"(set MINARI_DATASETS_PATH to change the root); {hint}"
         )
+    from gymnasium.spaces import Discrete
+
     ds = minari.load_dataset(dataset_id, download=download)
+    n_actions = ds.action_space.n if isinstance(ds.action_space, Discrete) else None
     trajs = [
-        _make_traj(ep.observations[:-1], ep.actions, ep.rewards, ep.terminations, ep.truncations, ep.observations[-1])
+        _make_traj(ep.observations[:-1], ep.actions if n_actions is None else one_hot(ep.actions, n_actions),
+                   ep.rewards, ep.terminations, ep.truncations, ep.observations[-1])
         for ep in ds.iterate_episodes()
     ]
     source: Source = "local" if dataset_id.startswith("namm_transfer/") else "minari"
-    return OfflineDataset(trajs, dataset_id, source, minari_ref_scores(ds, source))
+    return OfflineDataset(trajs, dataset_id, source, minari_ref_scores(ds, source), n_actions is not None)
+
+
+def one_hot(actions: np.ndarray, n: int) -> np.ndarray:
+    """(T,) action ids of a Discrete(n) space -> (T, n) float32 one-hot rows (the DT's action tokens)."""
+    return np.eye(n, dtype=np.float32)[np.asarray(actions, dtype=np.int64).reshape(-1)]
 
 
 # ------------------------------------------------------------------------------------------------- D4RL
@@ -157,7 +167,8 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
         refs = None
         if "ref_min_score" in attrs:
             refs = RefScores(float(attrs["ref_min_score"]), float(attrs["ref_max_score"]), src)
-        return OfflineDataset(trajs, str(attrs["namm_dataset_id"]), src, refs)
+        return OfflineDataset(trajs, str(attrs["namm_dataset_id"]), src, refs,
+                              bool(attrs.get("namm_discrete_actions", False)))
     if env is None:
         env = next((e for e in ENVS if path.name.lower().startswith(e)), None)
     return OfflineDataset(trajs, path.name, "d4rl", D4RL_REF.get(env) if env else None)
@@ -185,6 +196,7 @@ def export_d4rl_layout(data: OfflineDataset, path: str | Path, compression: str 
         f.create_dataset("terminals", data=term, **opts)
         f.create_dataset("timeouts", data=tout, **opts)
         f.attrs["namm_source"], f.attrs["namm_dataset_id"] = data.source, data.name
+        f.attrs["namm_discrete_actions"] = data.discrete_actions
         if data.refs is not None:
             f.attrs["ref_min_score"], f.attrs["ref_max_score"] = data.refs.min, data.refs.max
     return path
@@ -197,13 +209,15 @@ class SamplerConfig:
     scale: float = 1000.0  # returns-to-go are divided by this
     max_ep_len: int = 1000  # timesteps are clipped to max_ep_len - 1
     action_pad: float = -10.0  # padding value of actions (official DT code)
+    from_start: bool = False  # windows start at the episode's first step (K >= episode length: whole episodes)
 
 
 class DTBatchSampler:
     """Random K-step windows for DT training, as the official gym code samples them.
 
-    Trajectories are drawn with probability proportional to their length, the window start uniformly;
-    windows that run past the end are left-padded (states 0 after normalisation, actions -10, rewards and
+    Trajectories are drawn with probability proportional to their length, the window start uniformly (at step 0
+    with ``from_start``, so every step sees its whole history when K covers the episode); windows that run past
+    the end are left-padded (states 0 after normalisation, actions -10, rewards and
     returns-to-go 0, attention_mask 0).
     """
 
@@ -231,6 +245,8 @@ class DTBatchSampler:
         K = self.cfg.context
         i = self.rng.choice(len(self.lengths), size=batch_size, p=self.p)
         si = (self.rng.random(batch_size) * self.lengths[i]).astype(np.int64)  # uniform start in [0, len)
+        if self.cfg.from_start:
+            si[:] = 0
         n = np.minimum(K, self.lengths[i] - si)  # real steps in the window; the rest is left padding
         j = np.arange(K)[None] - (K - n)[:, None]  # position inside the real part, < 0 on padding
         mask = j >= 0

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
 
-from envs.registry import RefScores
+from envs.registry import RefScores, Scorer
 from envs.rollout import DTPolicy, rollout_recompute
 from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper
 from namm_transfer.policies import MemoryPolicy
@@ -45,7 +46,7 @@ class Episode:
         return asdict(self)
 
 
-def _scores(ret: float, refs: dict[str, RefScores] | None) -> dict[str, float]:
+def _scores(ret: float, refs: dict[str, Scorer] | None) -> dict[str, float]:
     return {name: float(ref.normalize(ret)) for name, ref in (refs or {}).items()}
 
 
@@ -89,7 +90,7 @@ def _timed(env) -> TimedEnv:
 
 
 def run_recompute(dt: DTPolicy, env, target_return: float, seed: int | None = None,
-                  refs: dict[str, RefScores] | None = None, max_steps: int | None = None) -> Episode:
+                  refs: dict[str, Scorer] | None = None, max_steps: int | None = None) -> Episode:
     """One timed episode of the standard recompute-last-K rollout."""
     dt, env = _capped(dt, max_steps), _timed(env)
     env_s, t0 = env.seconds, time.perf_counter()
@@ -101,27 +102,41 @@ def run_recompute(dt: DTPolicy, env, target_return: float, seed: int | None = No
 
 
 @torch.no_grad()
-def run_kv(dt: DTPolicy, env, policy: MemoryPolicy, target_return: float, seed: int | None = None,
-           refs: dict[str, RefScores] | None = None, max_steps: int | None = None, fast: bool = True) -> Episode:
-    """One episode of the KV-cache rollout with `policy` managing the encoder's cache."""
-    dt, env = _capped(dt, max_steps), _timed(env)
-    stepper = KVStepper(dt.model, policy, fast=fast)
+def kv_episode(dt: DTPolicy, env, stepper: KVStepper, target_return: float, seed: int | None = None,
+               on_step: Callable[[int, KVStepper], None] | None = None) -> tuple[float, int, list[dict]]:
+    """Step one episode through `stepper` (up to dt.max_ep_len steps): (return, length, env infos — the reset's
+    and every step's, so infos[t] describes the state the DT saw at timestep t). on_step(t, stepper) runs after
+    the DT's step at timestep t."""
     dev = stepper.device
     mean = torch.as_tensor(dt.state_mean, device=dev)
     std = torch.as_tensor(dt.state_std, device=dev)
-    env_s, t0 = env.seconds, time.perf_counter()
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
+    infos = [info]
     rtg, ret, t = target_return / dt.scale, 0.0, 0
     for t in range(dt.max_ep_len):
         state = (torch.as_tensor(obs, dtype=torch.float32, device=dev) - mean) / std
-        action = stepper.step(state, rtg, t).cpu().numpy()
-        obs, r, terminated, truncated, _ = env.step(action)
+        action, token = dt.env_action(stepper.step(state, rtg, t))
+        if dt.discrete_actions:
+            stepper.set_action(token)
+        if on_step is not None:
+            on_step(t, stepper)
+        obs, r, terminated, truncated, info = env.step(action)
+        infos.append(info)
         ret += float(r)
         if terminated or truncated:
             break
         rtg -= float(r) / dt.scale
+    return ret, t + 1, infos
+
+
+def run_kv(dt: DTPolicy, env, policy: MemoryPolicy, target_return: float, seed: int | None = None,
+           refs: dict[str, Scorer] | None = None, max_steps: int | None = None, fast: bool = True) -> Episode:
+    """One episode of the KV-cache rollout with `policy` managing the encoder's cache."""
+    dt, env = _capped(dt, max_steps), _timed(env)
+    stepper = KVStepper(dt.model, policy, fast=fast)
+    env_s, t0 = env.seconds, time.perf_counter()
+    ret, length, _ = kv_episode(dt, env, stepper, target_return, seed)
     wall, env_s = time.perf_counter() - t0, env.seconds - env_s
-    length = t + 1
     return Episode(KV, ret, length, _scores(ret, refs), stepper.mean_fraction(), stepper.mean_eviction_fraction(),
                    float(np.mean(stepper.cache.cache_lengths())), length / wall, 1e3 * (wall - env_s) / length)
 

@@ -36,6 +36,19 @@ class RefScores:
         return 100.0 * (np.asarray(returns, dtype=np.float64) - self.min) / (self.max - self.min)
 
 
+@dataclass(frozen=True)
+class SuccessRate:
+    """Success as a per-episode score of 0 or 100 (return > 0: the goal was reached); its mean is a rate in %."""
+
+    source: str = "success"
+
+    def normalize(self, returns: float | np.ndarray) -> float | np.ndarray:
+        return 100.0 * (np.asarray(returns, dtype=np.float64) > 0)
+
+
+Scorer = RefScores | SuccessRate
+
+
 # D4RL d4rl/infos.py (the v2 datasets inherit the -random-v0 entries); benchmarks.md §3.1.
 D4RL_REF: dict[str, RefScores] = {
     "hopper": RefScores(-20.272305, 3234.3, "d4rl"),
@@ -76,9 +89,26 @@ class TaskSpec:
     hf_checkpoint: str | None
     return_scale: float = 1000.0
     max_ep_len: int = 1000
+    metric: str = "normalised"  # "normalised": D4RL / local reference returns; "success": SuccessRate
+    discrete_actions: bool = False  # one-hot action tokens, logits out, cross-entropy (scripts/train_dt.py)
+    normalize_states: bool = True  # False: states enter the DT as they are (one-hot observations)
+    dt_delay: int = 48  # scripts/run_dt.py's default eviction period (tokens; 3 per timestep)
+    dt_train: tuple[tuple[str, object], ...] = ()  # scripts/train_dt.py defaults for this task (flags win)
 
     def refs(self, source: Source) -> RefScores:
+        if self.metric == "success":
+            raise ValueError(f"{self.name} is scored by success rate, it has no {source} reference returns")
         return ref_scores(self.env, source)
+
+    def scorers(self, dataset_source: str | None = None) -> dict[str, Scorer]:
+        """Every scale an episode return is reported on: {"success"}, or {"d4rl"} + {"local"} when the DT was
+        trained on the project's own (local) data."""
+        if self.metric == "success":
+            return {"success": SuccessRate()}
+        out: dict[str, Scorer] = {"d4rl": self.refs("d4rl")}
+        if dataset_source == "local":
+            out["local"] = self.refs("local")
+        return out
 
 
 def _make(env: str, quality: str) -> TaskSpec:
@@ -96,6 +126,20 @@ def _make(env: str, quality: str) -> TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {f"{e}-{q}": _make(e, q) for e in ENVS for q in QUALITIES}
+
+# MiniGrid Memory (envs/minigrid_memory.py, S17 with a fixed hallway): the cue is out of sight >= 10 steps before
+# the choice; scripted episodes take 14-21 steps, so a 24-step context holds the whole episode. Success returns
+# are ~0.99 (MiniGrid's 1 - 0.9 * steps / 1445), failures 0: target 1 asks for success, 0 for failure. Evictions
+# every 16 tokens (NAMM's STFT hop; ~5 timesteps) so that every policy evicts before the choice.
+TASKS["minigrid-memory"] = TaskSpec(
+    name="minigrid-memory", env="minigrid", quality="memory",
+    gym_id="envs.minigrid_memory:namm_transfer/MiniGridMemoryS17-v0", minari_id=None,
+    local_dataset_id="namm_transfer/minigrid/memory-v0", d4rl_file="", target_returns=(1.0, 0.0),
+    hf_checkpoint=None, return_scale=1.0, max_ep_len=24, metric="success", discrete_actions=True,
+    normalize_states=False, dt_delay=16,
+    dt_train=(("context", 24), ("hidden", 64), ("layers", 3), ("heads", 2), ("batch_size", 64), ("lr", 3e-4),
+              ("warmup", 500), ("steps", 8000), ("ckpt_every", 500)),
+)
 
 
 def get_spec(name: str) -> TaskSpec:

@@ -3,6 +3,8 @@
 Each env step calls ``DecisionTransformerModel.forward`` on the last K timesteps (left-padded to K with an
 attention mask), as the official ``evaluate_episode_rtg`` and the HF example do; the return-to-go target
 starts at ``target_return / scale`` and is decremented by ``reward / scale`` after every step.
+A DT with discrete actions (``action_type: discrete`` in its config) outputs logits: the env gets their argmax and
+the DT its one-hot row as the next action token (:meth:`DTPolicy.env_action`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from envs.registry import RefScores
+from envs.registry import RefScores, Scorer
 
 
 @dataclass
@@ -28,6 +30,15 @@ class DTPolicy:
     context: int = 20
     max_ep_len: int = 1000
     meta: dict = field(default_factory=dict)
+    discrete_actions: bool = False
+
+    def env_action(self, pred: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """(what env.step takes, the action token fed back to the DT) for one predicted action: continuous: the
+        prediction both times; discrete: the argmax of the logits and its one-hot row."""
+        if not self.discrete_actions:
+            return pred.cpu().numpy(), pred
+        a = int(pred.argmax(-1))
+        return a, torch.nn.functional.one_hot(torch.tensor(a, device=pred.device), pred.shape[-1]).to(pred.dtype)
 
 
 _META_KEYS = ("env_name", "gym_id", "dataset_id", "dataset_source", "target_returns")
@@ -53,6 +64,7 @@ def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | No
         context=int(context or getattr(cfg, "context_length", 20)),
         max_ep_len=int(cfg.max_ep_len),
         meta={k: getattr(cfg, k) for k in _META_KEYS if hasattr(cfg, k)},
+        discrete_actions=getattr(cfg, "action_type", "continuous") == "discrete",
     )
 
 
@@ -88,7 +100,7 @@ def rollout_recompute(policy: DTPolicy, env, target_return: float, seed: int | N
     """One episode of the standard recompute-last-K DT rollout."""
     obs, _ = env.reset(seed=seed)
     mean, std = torch.from_numpy(policy.state_mean), torch.from_numpy(policy.state_std)
-    act_dim = env.action_space.shape[0]
+    act_dim = policy.model.config.act_dim
     states = ((torch.as_tensor(obs, dtype=torch.float32) - mean) / std)[None]
     actions = torch.zeros((0, act_dim))
     rewards = torch.zeros((0, 1))
@@ -98,9 +110,9 @@ def rollout_recompute(policy: DTPolicy, env, target_return: float, seed: int | N
     for t in range(policy.max_ep_len):
         actions = torch.cat([actions, torch.zeros(1, act_dim)])  # placeholder for the action to predict
         rewards = torch.cat([rewards, torch.zeros(1, 1)])
-        action = predict_action(policy, states, actions, rewards, rtg, timesteps)
-        actions[-1] = action
-        obs, r, terminated, truncated, _ = env.step(action.numpy())
+        action, token = policy.env_action(predict_action(policy, states, actions, rewards, rtg, timesteps))
+        actions[-1] = token
+        obs, r, terminated, truncated, _ = env.step(action)
         ret += float(r)
         rewards[-1] = float(r)
         if terminated or truncated:
@@ -113,7 +125,7 @@ def rollout_recompute(policy: DTPolicy, env, target_return: float, seed: int | N
 
 
 def evaluate(policy: DTPolicy, gym_id: str, target_return: float, episodes: int = 10, seed: int = 0,
-             refs: dict[str, RefScores] | None = None, verbose: bool = False) -> dict:
+             refs: dict[str, Scorer] | None = None, verbose: bool = False) -> dict:
     """Mean/std return and length over ``episodes`` (reset seeds seed, seed+1, ...), plus one mean/std
     normalised score per named scale in ``refs`` (e.g. ``{"d4rl": ..., "local": ...}``), never mixed."""
     import gymnasium as gym
@@ -161,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     pol = load_dt(args.checkpoint)
     spec = get_spec(args.env or pol.meta.get("env_name", ""))
-    refs = {"d4rl": spec.refs("d4rl")}
-    if pol.meta.get("dataset_source") == "local":
-        refs["local"] = spec.refs("local")
+    refs = spec.scorers(pol.meta.get("dataset_source"))
     res = {}
     for t in args.target or spec.target_returns:
         r = evaluate(pol, spec.gym_id, t, episodes=args.episodes, seed=args.seed, refs=refs)

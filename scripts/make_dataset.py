@@ -1,6 +1,7 @@
 """Generate a D4RL-style offline dataset on a gymnasium v5 MuJoCo env and save it in Minari format.
 
     python scripts/make_dataset.py --env hopper --quality medium
+    python scripts/make_dataset.py --env minigrid --quality memory     # scripted MiniGrid Memory data (seconds)
 
 1. Train a stable-baselines3 policy (PPO by default) and stop once the collection policy's mean return
    reaches the quality's target on the project's "local" scale (medium: 45, i.e. roughly a third to a half
@@ -12,6 +13,14 @@
    local medium and expert datasets.
 3. Save under the project's own id (``namm_transfer/hopper/medium-v0``, never the official
    ``mujoco/...`` id) with ``ref_min_score``/``ref_max_score`` from :data:`envs.registry.LOCAL_REF`.
+
+MiniGrid Memory (``--env minigrid --quality memory``, task ``minigrid-memory``) needs no policy training: the
+scripted agent of ``envs/minigrid_memory.py`` walks to see the cue, then to the junction, and steps to the matching
+object with probability ``--p-correct`` (default 0.7), else to the other one; default 60,000 steps (~3,500
+episodes). No reference returns are written: the task is scored by success rate. Why not 0.5: the choice (turn
+towards the upper or the lower object) is then the parity of three bits (cue, layout, success), which no pair of
+them predicts; a DT trained on it stayed at chance for 2,000 steps. At 0.7 the cue and the layout already predict
+the choice and the return sharpens it.
 
 Choices:
 * PPO, not SAC: on one CPU core SB3 PPO runs ~600-800 steps/s against SAC's ~40, so a medium Hopper
@@ -48,7 +57,8 @@ class Config:
     env: str = "hopper"
     quality: str = "medium"
     algo: str = "ppo"
-    steps: int = 1_000_000
+    steps: int | None = None  # default: 1,000,000 (MuJoCo), 60,000 (minigrid)
+    p_correct: float = 0.7  # minigrid: share of scripted episodes that pick the matching object
     max_train_steps: int = 3_000_000
     target_score: float | None = None
     eval_every: int = 20_480
@@ -93,13 +103,13 @@ class EpisodeRecorder:
         return _Recorder(env)
 
 
-def make_buffer(ep: dict, idx: int):
+def make_buffer(ep: dict, idx: int, obs_dtype=np.float64, act_dtype=np.float32):
     from minari.data_collector import EpisodeBuffer
 
     return EpisodeBuffer(
         id=idx, seed=ep.get("seed"),
-        observations=np.asarray(ep["observations"], dtype=np.float64),
-        actions=np.asarray(ep["actions"], dtype=np.float32),
+        observations=np.asarray(ep["observations"], dtype=obs_dtype),
+        actions=np.asarray(ep["actions"], dtype=act_dtype),
         rewards=list(map(float, ep["rewards"])),
         terminations=list(map(bool, ep["terminations"])),
         truncations=list(map(bool, ep["truncations"])),
@@ -223,10 +233,15 @@ def load_local_episodes(dataset_id: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = Config()
-    p.add_argument("--env", default=d.env, choices=["hopper", "walker2d", "halfcheetah"])
-    p.add_argument("--quality", default=d.quality, choices=["medium", "medium-replay", "expert", "medium-expert"])
+    p.add_argument("--env", default=d.env, choices=["hopper", "walker2d", "halfcheetah", "minigrid"])
+    p.add_argument("--quality", default=d.quality,
+                   choices=["medium", "medium-replay", "expert", "medium-expert", "memory"],
+                   help="memory: MiniGrid Memory (with --env minigrid only)")
     p.add_argument("--algo", default=d.algo, choices=["ppo", "sac"])
-    p.add_argument("--steps", type=int, default=d.steps, help="environment steps to collect (complete episodes)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="environment steps to collect (complete episodes); default 1M (MuJoCo), 60k (minigrid)")
+    p.add_argument("--p-correct", type=float, default=d.p_correct,
+                   help="minigrid: probability that the scripted agent picks the matching object")
     p.add_argument("--max-train-steps", type=int, default=d.max_train_steps)
     p.add_argument("--target-score", type=float, default=None, help="stop training at this local 0-100 score")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="train steps between evaluations/checkpoints")
@@ -246,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from envs.registry import get_spec, normalized_score
 
+    if (cfg.env == "minigrid") != (cfg.quality == "memory"):
+        raise SystemExit("--quality memory goes with --env minigrid (and only it)")
     spec = get_spec(f"{cfg.env}-{cfg.quality}")
+    steps = cfg.steps if cfg.steps is not None else (60_000 if spec.env == "minigrid" else 1_000_000)
     work = Path(cfg.workdir or f"runs/make_dataset/{spec.name}")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -259,7 +277,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"dataset {spec.local_dataset_id} already exists (pass --force to overwrite)")
         minari.delete_dataset(spec.local_dataset_id)
 
-    if cfg.quality == "medium-expert":
+    dtypes, env_id = {}, spec.gym_id
+    if spec.env == "minigrid":
+        from envs.minigrid_memory import collect as collect_scripted
+
+        episodes = collect_scripted(steps, cfg.p_correct, cfg.seed)
+        algorithm = (f"scripted agent (envs/minigrid_memory.py): sees the cue, walks to the junction, steps to the "
+                     f"matching object with probability {cfg.p_correct}")
+        dtypes = dict(obs_dtype=np.uint8, act_dtype=np.int64)
+        env_id = spec.gym_id.split(":", 1)[1]  # Minari takes a registered id (registered by the import above)
+    elif cfg.quality == "medium-expert":
         episodes = []
         for q in ("medium", "expert"):
             episodes += load_local_episodes(get_spec(f"{cfg.env}-{q}").local_dataset_id)
@@ -269,29 +296,34 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.quality == "medium-replay":
             episodes = [ep for f in sorted(work.glob("replay_*.pkl")) for ep in pickle.loads(f.read_bytes())]
         else:
-            episodes = collect(model, spec, cfg.steps, log, cfg.seed)
+            episodes = collect(model, spec, steps, log, cfg.seed)
         algorithm = f"stable-baselines3 {cfg.algo.upper()} (stochastic actions)"
 
-    refs = spec.refs("local")
     rets = np.array([float(np.sum(e["rewards"])) for e in episodes])
+    if spec.metric == "success":
+        refs, scale = {}, "success rate is the score: no reference returns"
+        summary = f"success {100 * np.mean(rets > 0):.1f}%"
+    else:
+        local = spec.refs("local")
+        refs, scale = dict(ref_min_score=local.min, ref_max_score=local.max), "ref scores on the project's 'local' scale"
+        summary = (f"local score {float(normalized_score(spec.env, rets.mean(), 'local')):.1f}, "
+                   f"d4rl-scale {float(normalized_score(spec.env, rets.mean(), 'd4rl')):.1f}")
     t0 = time.time()
     minari.create_dataset_from_buffers(
         dataset_id=spec.local_dataset_id,
-        buffer=[make_buffer(ep, i) for i, ep in enumerate(episodes)],
-        env=spec.gym_id,
-        eval_env=spec.gym_id,
+        buffer=[make_buffer(ep, i, **dtypes) for i, ep in enumerate(episodes)],
+        env=env_id,
+        eval_env=env_id,
         algorithm_name=algorithm,
         author="namm_transfer",
         author_email="namm_transfer@localhost",
         code_permalink="scripts/make_dataset.py",
-        ref_min_score=refs.min,
-        ref_max_score=refs.max,
         description=(f"{spec.name} generated locally on {spec.gym_id} by scripts/make_dataset.py "
-                     f"(not the official Minari/D4RL data); ref scores on the project's 'local' scale."),
+                     f"(not the official Minari/D4RL data); {scale}."),
+        **refs,
     )
     log(f"[save] {spec.local_dataset_id}: {len(episodes)} episodes, {sum(len(e['rewards']) for e in episodes)} steps, "
-        f"mean return {rets.mean():.1f} (local score {float(normalized_score(spec.env, rets.mean(), 'local')):.1f}, "
-        f"d4rl-scale {float(normalized_score(spec.env, rets.mean(), 'd4rl')):.1f}), written in {time.time() - t0:.0f}s")
+        f"mean return {rets.mean():.3g} ({summary}), written in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python scripts/retention_maps.py --domain dt [--env hopper-medium --max-steps 200]
     python scripts/retention_maps.py --domain video [--dataset synthetic --frames 32 --index 0]
     python scripts/retention_maps.py --domain dt --renorm --save-renorm runs/namm-renorm-dt    # + the ablation
+    python scripts/retention_maps.py --domain dt --env minigrid-memory --policies namm,h2o,l2,recency,snapkv --episodes 100
 
 The map is the model's final cache after running one input with the NAMM as its memory policy (language: the
 prompt's chunked prefill; DT: one KV-cache episode; video: the multimodal prefill): for each layer, the share of
@@ -14,6 +15,12 @@ KV heads that still hold each token. Outputs in --out (default runs/retention/<d
   video     <policy>_frames.png (frames x layers: share of each frame's video tokens kept), <policy>_layers.png
 and retention.json (the numbers, settings, the command). Tokens fed after a layer's last eviction step were never
 scored and count as kept.
+
+DT only: --policies adds eviction baselines (scripts/run_dt.py names) at --budget (default: NAMM's mean cache
+fraction right after its eviction steps over the mapped episodes, as run_dt.py matches them); --episodes N runs
+reset seeds --seed .. --seed+N-1 and maps the first. Tasks whose env marks the cue and the choice in its infos
+(minigrid-memory) also get, per policy, which timesteps' state tokens the cache held entering the choice
+(policies_timesteps.png, cue timesteps outlined) and the share of cue state tokens kept, over the N episodes.
 
 --renorm adds "namm-renorm": the same parameters with normalisation statistics re-estimated on this target model
 by a keep-all pass (zero parameters, the NAMM's config) over calibration inputs that exclude the mapped one
@@ -57,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--env", default="hopper-medium", help="dt task")
     ap.add_argument("--checkpoint", default=None, help="dt checkpoint (default: the embedded hopper-medium DT)")
     ap.add_argument("--max-steps", type=int, default=200, help="dt episode cap")
+    ap.add_argument("--episodes", type=int, default=1, help="dt: episodes per policy (the first is mapped)")
+    ap.add_argument("--policies", default="namm", help="dt: namm plus baselines of scripts/run_dt.py, e.g. "
+                                                      "namm,h2o,l2,recency,snapkv")
+    ap.add_argument("--budget", type=float, default=None, help="dt: baseline budget (default: NAMM's, matched)")
     ap.add_argument("--seed", type=int, default=0, help="dt reset seed / video seed")
     ap.add_argument("--dataset", default="synthetic", help="video dataset")
     ap.add_argument("--data-root", default=None)
@@ -73,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.save_renorm:
         args.renorm = True
+    args.baselines = [p.strip() for p in args.policies.split(",") if p.strip() and p.strip() != "namm"]
+    if args.baselines and args.domain != "dt":
+        ap.error("--policies with baselines is for --domain dt")
+    if args.episodes < 1:
+        ap.error("--episodes must be >= 1")
     return args
 
 
@@ -146,15 +162,21 @@ class LanguageTarget:
 
 
 class DTTarget:
+    CUE, DECISION = "cue_visible", "at_junction"  # env infos (envs/minigrid_memory.py) that mark cue and choice
+
     def __init__(self, args):
         import run_dt
         from envs.kv_rollout import make_env
         from envs.registry import get_spec
 
-        self.args = args
+        self.args, self.run_dt = args, run_dt
         flags = ["--env", args.env, "--namm", namm_path(args), "--device", args.device]
         flags += ["--checkpoint", args.checkpoint] if args.checkpoint else []
         flags += ["--delay", str(args.delay)] if args.delay else []
+        bad = [p for p in args.baselines if p not in run_dt.BASELINES + ("window",)]
+        if bad:
+            raise UsageError(f"--policies: {bad} are not baselines of scripts/run_dt.py ({', '.join(run_dt.BASELINES)}"
+                             ", window)")
         self.rd_args = run_dt.parse_args(flags)
         try:
             self.dt = run_dt.load_checkpoint(self.rd_args)
@@ -166,33 +188,58 @@ class DTTarget:
         self.target = spec.target_returns[0]
         self.steps = min(args.max_steps, self.dt.max_ep_len)
         self.env = make_env(spec.gym_id, self.steps)
-        self.describe = f"{Path(self.rd_args.checkpoint).name} on {spec.gym_id}, reset seed {args.seed}"
+        self.describe = f"{Path(self.rd_args.checkpoint).name} on {spec.name}, reset seed {args.seed}"
 
-    def episode(self, policy, seed: int):
-        """One KV-cache episode (as envs.kv_rollout.run_kv) keeping the stepper, whose cache is mapped."""
-        import torch
+    def episode(self, policy, seed: int, on_step=None):
+        """One KV-cache episode (envs.kv_rollout.kv_episode) keeping the stepper, whose cache is mapped."""
+        from envs.kv_rollout import kv_episode
         from namm_transfer.adapters.decision_transformer import KVStepper
 
         stepper = KVStepper(self.dt.model, policy)
-        dev = stepper.device
-        mean, std = torch.as_tensor(self.dt.state_mean, device=dev), torch.as_tensor(self.dt.state_std, device=dev)
-        obs, _ = self.env.reset(seed=seed)
-        rtg, total = self.target / self.dt.scale, 0.0
-        for t in range(self.steps):
-            state = (torch.as_tensor(obs, dtype=torch.float32, device=dev) - mean) / std
-            obs, r, terminated, truncated, _ = self.env.step(stepper.step(state, rtg, t).cpu().numpy())
-            total += float(r)
-            if terminated or truncated:
-                break
-            rtg -= float(r) / self.dt.scale
-        return stepper, total
+        total, _, infos = kv_episode(self.dt, self.env, stepper, self.target, seed, on_step)
+        return stepper, total, infos
+
+    def baseline(self, name: str, budget: float):
+        return self.run_dt.make_kv_policy(name, self.rd_args, self.dt, None, budget)
+
+    def baseline_budget(self, report: dict) -> tuple[float, str]:
+        if self.args.budget is not None:
+            return self.args.budget, "--budget"
+        fr = report["policies"]["namm"]["eviction_fraction_mean"]
+        if fr is None:
+            raise UsageError("NAMM ran no eviction step in these episodes: pass --budget for the baselines")
+        return fr, "NAMM's mean cache fraction after its eviction steps, these episodes"
+
+    def one(self, policy, seed: int):
+        """(final keep map, numbers) of one episode; with cue/choice infos, the cache entering the choice."""
+        snaps = []
+        stepper, total, infos = self.episode(
+            policy, seed, lambda t, s: snaps.append(ret.cache_keep_matrix(s.cache, s.tokens_seen)))
+        keep = ret.cache_keep_matrix(stepper.cache, stepper.tokens_seen)
+        extra = {"return": total, "tokens_seen": stepper.tokens_seen, "scored_until": scored_until(stepper.cache.log),
+                 "type_shares": dict(zip(ret.DT_TYPES, ret.dt_type_shares(keep).mean(0).tolist())),
+                 "eviction_fraction": stepper.mean_eviction_fraction()}
+        d = next((t for t, info in enumerate(infos) if info.get(self.DECISION)), None)
+        if d:  # the cache after step d-1 holds R_0, s_0, ..., s_{d-1}: state token of timestep u at 3u + 1
+            state = snaps[d - 1][:, 1::3]
+            cue = [t for t in range(d) if infos[t].get(self.CUE)]
+            extra.update(decision_step=d, cue_steps=cue, state_kept_entering_decision=state.mean(0).tolist(),
+                         cue_kept_share=float(state[:, cue].mean()) if cue else None)
+        return keep, extra
 
     def run(self, policy):
-        stepper, total = self.episode(policy, self.args.seed)
-        keep = ret.cache_keep_matrix(stepper.cache, stepper.tokens_seen)
-        return keep, {"return": total, "tokens_seen": stepper.tokens_seen,
-                      "scored_until": scored_until(stepper.cache.log),
-                      "type_shares": dict(zip(ret.DT_TYPES, ret.dt_type_shares(keep).mean(0).tolist()))}
+        runs = [self.one(policy, self.args.seed + e) for e in range(self.args.episodes)]
+        keep, extra = runs[0]
+        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+        every = [x for _, x in runs]
+        extra.update(episodes=len(runs), returns=[x["return"] for x in every],
+                     eviction_fraction_mean=mean([x["eviction_fraction"] for x in every
+                                                  if x["eviction_fraction"] is not None]))
+        cue = [x["cue_kept_share"] for x in every if x.get("cue_kept_share") is not None]
+        if cue:
+            extra.update(cue_kept_share_mean=mean(cue), cue_kept_episodes=len(cue),
+                         success_rate=100 * float(np.mean(np.array(extra["returns"]) > 0)))
+        return keep, extra
 
     def calibrate(self, collector) -> None:
         for e in range(self.args.calib_n):
@@ -210,6 +257,21 @@ class DTTarget:
                          "token", yticklabels=list(ret.DT_TYPES),
                          scored_until=extra["scored_until"] / 3)
         return [a, b]
+
+    def plot_policies(self, report: dict, out: Path) -> list[Path]:
+        """Policies x timesteps: the state tokens held entering the choice (mapped episode), cue outlined."""
+        from namm_transfer.reporting.plots import plot_timestep_retention
+
+        rows = {label: (p["state_kept_entering_decision"], p["cue_steps"]) for label, p in report["policies"].items()
+                if "state_kept_entering_decision" in p}
+        if not rows:
+            return []
+        notes = ", ".join(f"{label} {p['cue_kept_share_mean']:.0%}" for label, p in report["policies"].items()
+                          if p.get("cue_kept_share_mean") is not None)
+        n = self.args.episodes
+        title = (f"State tokens in the cache entering the choice (share of layers x KV heads) — {self.describe}; "
+                 f"outlined: timesteps that show the cue. Cue tokens kept, mean over {n} episode(s): {notes}")
+        return [plot_timestep_retention(rows, out / "policies_timesteps.png", title)]
 
 
 class VideoTarget:
@@ -340,14 +402,25 @@ def run(args, argv=None) -> int:
     report = {"command": ["python", "scripts/retention_maps.py", *(sys.argv[1:] if argv is None else argv)],
               "input": target.describe, "policies": {}}
     written = []
-    for label, policy in policies.items():
+    for label in [*policies, *args.baselines]:
+        if label in policies:
+            policy = policies[label]
+        else:  # DT baselines, at the budget NAMM (or --budget) sets
+            budget, source = target.baseline_budget(report)
+            policy = target.baseline(label, budget)
+            report["baseline_budget"] = {"budget": budget, "source": source}
         keep, extra = target.run(policy)
         written += target.plot(label, keep, extra, out)
         source = getattr(policy, "source", None)
         report["policies"][label] = {"source": source and in_repo(source), "delay": policy.delay,
                                      "kept_share_per_layer": keep.mean(1).tolist(),
                                      "kept_share": float(keep.mean()), **extra}
-        print(f"{label}: kept {100 * keep.mean():.1f}% of {keep.shape[1]} tokens (mean over {keep.shape[0]} layers)")
+        cue = extra.get("cue_kept_share_mean")
+        print(f"{label}: kept {100 * keep.mean():.1f}% of {keep.shape[1]} tokens (mean over {keep.shape[0]} layers)"
+              + ("" if cue is None else f"; cue state tokens kept entering the choice {100 * cue:.1f}% "
+                 f"(mean over {extra['cue_kept_episodes']} episodes)"))
+    if hasattr(target, "plot_policies"):
+        written += target.plot_policies(report, out)
     (out / "retention.json").write_text(json.dumps(report, indent=2))
     print("wrote " + ", ".join(map(str, written + [out / "retention.json"])), file=sys.stderr)
     return 0

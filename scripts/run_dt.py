@@ -3,22 +3,28 @@
     python scripts/run_dt.py                                    # hopper-medium, embedded DT, full vs namm, 3 episodes
     python scripts/run_dt.py --policies full,window,namm,h2o,l2 --episodes 5
     python scripts/run_dt.py --checkpoint edbeeching/decision-transformer-gym-hopper-medium   # needs the Hub
+    python scripts/run_dt.py --env minigrid-memory --policies full,namm,h2o,l2,recency,snapkv --episodes 200
+    python scripts/run_dt.py --env minigrid-memory --policies full,window --window 4 --rollout kv   # memory check
 
 Two rollouts, named in every output:
   recompute-last-K  the standard DT rollout: the model re-run on the last K timesteps at every step (no policy);
   kv-cache          each timestep's tokens (a_{t-1}, R_t, s_t) fed once into a MemoryCache managed by a policy:
                     full    unbounded history (every token of the episode stays; longer than the DT's training K),
-                    window  the recompute rollout's K-timestep window as a KV cache (keeps 3K-4 tokens),
+                    window  the recompute rollout's K-timestep window as a KV cache (keeps 3K-4 tokens;
+                            --window N: the last N timesteps instead),
                     namm    the language-trained NAMM, zero-shot (--namm PATH; default: the shipped
                             namm_transfer/checkpoints/namm-smollm2),
                     h2o, l2, recency, snapkv, random   baselines.
-Policies evict every --delay tokens (default 48 = 16 timesteps x 3 tokens, a multiple of NAMM's STFT hop of 16).
+Policies evict every --delay tokens (default: the task's, envs/registry.py dt_delay: 48 = 16 timesteps x 3 tokens for
+MuJoCo, a multiple of NAMM's STFT hop of 16; 16 for minigrid-memory, whose choice comes ~15 steps in).
 Baselines run at NAMM's realised cache fraction (its mean fraction right after eviction steps over this run's
 NAMM episodes) when namm is in --policies, else at --budget (default 0.5); an explicit --budget always wins.
 
 Default: 3 episodes per (rollout, policy) to stay fast on a CPU; use --episodes 10+ for real numbers.
 Episode e of seed s resets the env with seed 1000*s + e. Scores: D4RL-normalised x100 with the D4RL refs (the
-env is Hopper-v5, D4RL's data came from v3), plus the checkpoint's own dataset scale when it is `local`.
+env is Hopper-v5, D4RL's data came from v3), plus the checkpoint's own dataset scale when it is `local`; success
+rate % for minigrid-memory. Every score has a 95% interval (success: Wilson; returns: mean ± 1.96 standard errors).
+The default checkpoint is the embedded envs/checkpoints/dt-<env>.
 Writes --out/episodes.jsonl (one line per episode; a rerun skips (rollout, policy, seed, episode) already there),
 summary.json and table.md.
 """
@@ -33,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = ROOT / "envs" / "checkpoints" / "dt-hopper-medium"
+CHECKPOINTS = ROOT / "envs" / "checkpoints"  # the embedded DTs: dt-<task name>
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "window", "namm") + BASELINES
 DEFAULT_DELAY = 48
@@ -47,7 +53,7 @@ CARD_STATS = {
                       0.6751696, 1.536239, 1.6160746, 5.6072536],
     },
 }
-SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device")
+SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device", "window")
 
 
 class UsageError(Exception):
@@ -57,7 +63,8 @@ class UsageError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default="hopper-medium", help="task name, e.g. hopper-medium")
-    ap.add_argument("--checkpoint", default=None, help="DT folder or Hub id (default: the embedded hopper-medium DT)")
+    ap.add_argument("--checkpoint", default=None, help="DT folder or Hub id (default: the embedded envs/checkpoints/"
+                                                       "dt-<env>)")
     ap.add_argument("--state-stats", default=None, help="JSON with state_mean/state_std (checkpoints without them)")
     ap.add_argument("--policies", default="full,namm", help=f"kv-cache policies: {','.join(POLICY_NAMES)}")
     ap.add_argument("--rollout", default="both", choices=["kv", "recompute", "both"])
@@ -67,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
     ap.add_argument("--budget", type=float, default=None,
                     help="baseline budget: a fraction in (0, 1] (1 = keep all) or a token count >= 2")
-    ap.add_argument("--delay", type=int, default=DEFAULT_DELAY, help="eviction period in tokens (3 per timestep)")
+    ap.add_argument("--delay", type=int, default=None,
+                    help=f"eviction period in tokens (3 per timestep; default: the task's, {DEFAULT_DELAY} for MuJoCo)")
+    ap.add_argument("--window", type=int, default=None, help="policy window: the last N timesteps (default: the DT's K)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap episode length (tests, smoke runs)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1)
@@ -84,6 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # NAMM before the baselines, so they can use its realised cache fraction
     args.policy_list.sort(key=lambda p: (p in BASELINES, POLICY_NAMES.index(p)))
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.delay is None:
+        from envs.registry import TASKS
+
+        task = TASKS.get(args.env.strip().lower())  # an unknown --env is reported by run()
+        args.delay = task.dt_delay if task is not None else DEFAULT_DELAY
+    if args.window is not None and args.window < 1:
+        ap.error("--window must be >= 1 timestep")
     return args
 
 
@@ -94,8 +110,11 @@ def load_checkpoint(args):
     from envs.rollout import load_dt
     from namm_transfer.records import in_repo
 
-    ckpt = args.checkpoint or str(DEFAULT_CHECKPOINT)
+    ckpt = args.checkpoint or str(CHECKPOINTS / f"dt-{args.env.strip().lower()}")
     local = Path(ckpt).exists()
+    if not args.checkpoint and not local:
+        raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): train one with "
+                         f"`python scripts/train_dt.py --env {args.env}` and pass --checkpoint DIR")
     stats = {}
     if args.state_stats:
         stats = json.loads(Path(args.state_stats).read_text())
@@ -141,7 +160,7 @@ def make_kv_policy(name: str, args, dt, namm, budget):
     from namm_transfer.policies import make_policy
 
     if name == "window":
-        return sliding_window(dt.context)
+        return sliding_window(args.window or dt.context)
     if name == "namm":
         return namm
     if name == "full":
@@ -186,6 +205,8 @@ def check_settings(out: Path, args) -> None:
 def summarise(records: list[dict]) -> list[dict]:
     import numpy as np
 
+    from namm_transfer.reporting.intervals import interval95
+
     rows = []
     for key in dict.fromkeys((r["rollout"], r["policy"]) for r in records):
         rs = [r for r in records if (r["rollout"], r["policy"]) == key]
@@ -202,6 +223,7 @@ def summarise(records: list[dict]) -> list[dict]:
         for scale in rs[0]["scores"]:
             s = np.array([r["scores"][scale] for r in rs])
             row[f"score_{scale}_mean"], row[f"score_{scale}_std"] = float(s.mean()), float(s.std())
+            row[f"score_{scale}_ci95"] = list(interval95(s, 100.0 if scale == "success" else None))
         budgets = [r["budget"] for r in rs if r.get("budget") is not None]
         row["budget"] = sum(budgets) / len(budgets) if budgets else None  # per-episode budgets can differ on resume
         rows.append(row)
@@ -210,14 +232,15 @@ def summarise(records: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], header: list[str], scales: list[str]) -> str:
     f = lambda x, fmt="{:.1f}": "-" if x is None else fmt.format(x)  # noqa: E731
-    score_cols = "".join(f" {s.upper() if s == 'd4rl' else s}-normalised ×100 |" for s in scales)
+    score_cols = "".join(" success % [95% CI] |" if s == "success" else
+                         f" {s.upper() if s == 'd4rl' else s}-normalised ×100 |" for s in scales)
     lines = [*(f"> {h}" for h in header), "",
              f"| rollout | policy | budget | episodes | return |{score_cols} realised cache % | "
              "cache % after evictions | final cache tokens | steps/s | policy ms/step |",
              "|---|---|---|---|---|" + "---|" * len(scales) + "---|---|---|---|---|"]
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.3g}"
-        scores = "".join(f" {r[f'score_{s}_mean']:.1f} ± {r[f'score_{s}_std']:.1f} |" for s in scales)
+        scores = "".join(f" {score_cell(r, s)} |" for s in scales)
         lines.append(f"| {r['rollout']} | {r['policy']} | {budget} | {r['episodes']} | "
                      f"{r['return_mean']:.1f} ± {r['return_std']:.1f} |{scores} {f(r['realised_cache_pct'])} | "
                      f"{f(r['eviction_cache_pct'])} | {f(r['final_cache_tokens'], '{:.0f}')} | "
@@ -226,6 +249,14 @@ def markdown(rows: list[dict], header: list[str], scales: list[str]) -> str:
               "(recompute-last-K) over tokens seen, averaged over steps. steps/s: env steps per wall-clock second, "
               "env included; policy ms/step: wall time minus env time."]
     return "\n".join(lines) + "\n"
+
+
+def score_cell(row: dict, scale: str) -> str:
+    """'52.0 [45.1, 58.8]' (success: rate and 95% interval) or '77.2 ± 1.0' (mean ± std over episodes)."""
+    if scale == "success" and row.get("score_success_ci95"):
+        lo, hi = row["score_success_ci95"]
+        return f"{row['score_success_mean']:.1f} [{lo:.1f}, {hi:.1f}]"
+    return f"{row[f'score_{scale}_mean']:.1f} ± {row[f'score_{scale}_std']:.1f}"
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -265,9 +296,7 @@ def run(args) -> int:
         dt_recompute = copy.deepcopy(dt)
         dt.model.to(args.device)
     args.target_return = args.target_return if args.target_return is not None else spec.target_returns[0]
-    refs = {"d4rl": spec.refs("d4rl")}
-    if dt.meta.get("dataset_source") == "local":
-        refs["local"] = spec.refs("local")
+    refs = spec.scorers(dt.meta.get("dataset_source"))
 
     out = Path(args.out or ROOT / "runs" / "dt" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
@@ -320,9 +349,9 @@ def run(args) -> int:
     if budgets:
         b = next(r["budget"] for r in rows if r["budget_source"])
         header.append(f"baselines at budget {b:.3g} ({', '.join(sorted(budgets))})")
-    header.append(f"{args.episodes} episode(s) x seeds {args.seed_list}; D4RL refs {refs['d4rl'].min:g} / "
-                  f"{refs['d4rl'].max:g} applied to {spec.gym_id}" +
-                  (f"; local refs {refs['local'].min:g} / {refs['local'].max:g}" if "local" in refs else ""))
+    scales = "; ".join(f"{n} refs {r.min:g} / {r.max:g}" if hasattr(r, "min") else f"{n}: return > 0"
+                       for n, r in refs.items())
+    header.append(f"{args.episodes} episode(s) x seeds {args.seed_list}; {scales} ({spec.gym_id})")
     table = markdown(rows, header, list(refs))
     settings = {k: getattr(args, k) for k in SETTINGS}
     (out / "summary.json").write_text(json.dumps({"settings": settings, "notes": header, "rows": rows}, indent=2))

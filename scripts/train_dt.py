@@ -3,6 +3,7 @@
     python scripts/train_dt.py --env hopper-medium                      # local Minari data (make_dataset.py)
     python scripts/train_dt.py --env hopper-medium --d4rl-file hopper-medium-v2.hdf5
     python scripts/train_dt.py --env hopper-medium --dataset-id mujoco/hopper/medium-v0
+    python scripts/train_dt.py --env minigrid-memory                    # discrete actions, whole-episode context
 
 Paper settings (Chen et al. 2021, gym/experiment.py): K=20, hidden 128, 3 layers, 1 head, n_inner 512, relu,
 dropout 0.1, AdamW lr 1e-4 / wd 1e-4, linear warmup 10k steps, batch 64, grad-norm clip 0.25, MSE on actions.
@@ -10,6 +11,11 @@ A checkpoint (model, optimiser, scheduler, RNG, loss history) is written to ``--
 steps; rerunning the same command resumes from it. The final model is written with ``save_pretrained`` to
 ``--out/final`` (and ``--export`` if given); its config.json also holds state_mean/state_std, return_scale,
 context_length and the dataset it was trained on, so :func:`envs.rollout.load_dt` needs nothing else.
+
+Tasks can set their own defaults (``dt_train`` in envs/registry.py; flags given still win). Tasks with discrete
+actions (minigrid-memory) train the same model with one-hot action tokens, no tanh and cross-entropy on the action
+logits; when K covers the longest episode of the data, every window starts at the episode's first step (whole
+episodes, each step seeing its full history as in the rollouts).
 """
 
 from __future__ import annotations
@@ -65,16 +71,40 @@ def load_data(cfg: Config, spec):
     return load_minari(cfg.dataset_id or spec.local_dataset_id)
 
 
-def build_model(cfg: Config, obs_dim: int, act_dim: int, extra: dict):
+def parse_config(argv: list[str] | None) -> Config:
+    """Flags over the task's defaults (registry ``dt_train``) over :class:`Config`'s."""
+    from envs.registry import TASKS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in asdict(Config()).items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    task = TASKS.get(p.parse_known_args(argv)[0].env.strip().lower())
+    if task is not None:
+        p.set_defaults(**dict(task.dt_train))
+    return Config(**vars(p.parse_args(argv)))
+
+
+def build_model(cfg: Config, obs_dim: int, act_dim: int, extra: dict, max_ep_len: int = 1000,
+                discrete: bool = False):
+    """The transformers DT; discrete actions: one-hot action tokens in, logits out (no tanh)."""
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
     mcfg = DecisionTransformerConfig(
         state_dim=obs_dim, act_dim=act_dim, hidden_size=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
         n_inner=4 * cfg.hidden, activation_function="relu", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout, max_ep_len=1000, n_positions=1024, action_tanh=True,
-        bos_token_id=None, eos_token_id=None, **extra,
+        attn_pdrop=cfg.dropout, max_ep_len=max_ep_len, n_positions=1024, action_tanh=not discrete,
+        bos_token_id=None, eos_token_id=None, action_type="discrete" if discrete else "continuous", **extra,
     )
     return DecisionTransformerModel(mcfg)
+
+
+def action_loss(pred, actions, mask, discrete: bool):
+    """Mean over the real (mask > 0) steps: cross-entropy of the logits vs one-hot actions, or the action MSE."""
+    import torch.nn.functional as F
+
+    m = mask.reshape(-1) > 0
+    pred, actions = pred.reshape(-1, pred.shape[-1])[m], actions.reshape(-1, actions.shape[-1])[m]
+    return F.cross_entropy(pred, actions.argmax(-1)) if discrete else F.mse_loss(pred, actions)
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -89,7 +119,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
     ax.plot(y, alpha=0.3, lw=0.5, label="loss")
     if len(y) >= w:
         ax.plot(np.arange(w - 1, len(y)), np.convolve(y, np.ones(w) / w, "valid"), label=f"mean of {w}")
-    ax.set(xlabel="step", ylabel="action MSE", yscale="log", title=path.parent.name)
+    ax.set(xlabel="step", ylabel="action loss (MSE or cross-entropy)", yscale="log", title=path.parent.name)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -97,11 +127,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for k, v in asdict(d).items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = parse_config(argv)
 
     import torch
     from tqdm import tqdm
@@ -118,14 +144,24 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg, spec)
     mean, std = data.state_stats()
+    if not spec.normalize_states:  # one-hot observations: no statistics (a feature constant in the data would
+        mean, std = np.zeros_like(mean), np.ones_like(std)  # get std 1e-6 and explode when it changes at test time)
+    discrete = spec.discrete_actions
+    if data.discrete_actions != discrete:
+        raise SystemExit(f"{data.name} has {'discrete' if data.discrete_actions else 'continuous'} actions, "
+                         f"task {spec.name} expects {'discrete' if discrete else 'continuous'} ones")
+    whole = cfg.context >= max(len(t) for t in data.trajectories)
     print(f"dataset {data.name} ({data.source}): {len(data.trajectories)} trajectories, {data.num_steps} steps, "
           f"return {data.returns().mean():.1f} ± {data.returns().std():.1f}", flush=True)
     extra = dict(state_mean=mean.tolist(), state_std=std.tolist(), return_scale=spec.return_scale,
                  context_length=cfg.context, env_name=spec.name, gym_id=spec.gym_id, dataset_id=data.name,
                  dataset_source=data.source, target_returns=list(spec.target_returns))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.obs_dim, data.act_dim, extra)
-    sampler = DTBatchSampler(data, SamplerConfig(cfg.context, spec.return_scale, spec.max_ep_len), seed=cfg.seed)
+    model = build_model(cfg, data.obs_dim, data.act_dim, extra, spec.max_ep_len, discrete)
+    sampler = DTBatchSampler(data, SamplerConfig(cfg.context, spec.return_scale, spec.max_ep_len, from_start=whole),
+                             mean, std, seed=cfg.seed)
+    if whole:
+        print(f"K={cfg.context} covers every episode: training on whole episodes", flush=True)
     model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / cfg.warmup, 1.0))
@@ -141,13 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         step, losses, evals = st["step"], st["losses"], st["evals"]
         print(f"resumed from {ckpt} at step {step}", flush=True)
 
-    refs = {"d4rl": spec.refs("d4rl")}
+    refs = spec.scorers()
     if data.refs is not None and data.refs.source != "d4rl":
         refs[data.refs.source] = data.refs
 
     def run_eval(n: int) -> dict:
         model.eval().cpu()
-        pol = DTPolicy(model, mean, std, spec.return_scale, cfg.context, spec.max_ep_len)
+        pol = DTPolicy(model, mean, std, spec.return_scale, cfg.context, spec.max_ep_len, discrete_actions=discrete)
         res = {f"target_{int(t)}": evaluate(pol, spec.gym_id, t, episodes=n, refs=refs) for t in spec.target_returns}
         model.train().to(cfg.device)
         return res
@@ -166,8 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     while step < cfg.steps:
         batch = {k: v.to(cfg.device) for k, v in sampler.sample(cfg.batch_size).items()}
         pred = model(**batch, return_dict=True).action_preds
-        m = batch["attention_mask"].reshape(-1) > 0
-        loss = torch.mean((pred.reshape(-1, data.act_dim)[m] - batch["actions"].reshape(-1, data.act_dim)[m]) ** 2)
+        loss = action_loss(pred, batch["actions"], batch["attention_mask"], discrete)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -181,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append({"step": step, **run_eval(cfg.eval_episodes)})
             print(f"\n[eval] step {step}: " + ", ".join(
-                f"{k}: return {v['return_mean']:.1f}, d4rl score {v['score_d4rl_mean']:.1f}"
+                f"{k}: return {v['return_mean']:.3g}, " + ", ".join(f"{n} {v[f'score_{n}_mean']:.1f}" for n in refs)
                 for k, v in evals[-1].items() if k != "step"), flush=True)
         out_of_time = cfg.time_limit > 0 and time.time() - t0 > cfg.time_limit
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
@@ -201,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["eval"] = run_eval(cfg.eval_episodes)
         for k, v in result["eval"].items():
             scores = ", ".join(f"{n} score {v[f'score_{n}_mean']:.1f} ± {v[f'score_{n}_std']:.1f}" for n in refs)
-            print(f"[final eval] {k}: return {v['return_mean']:.1f} ± {v['return_std']:.1f}, {scores}", flush=True)
+            print(f"[final eval] {k}: return {v['return_mean']:.3g} ± {v['return_std']:.3g}, {scores}", flush=True)
     save_json(result, out / "final_eval.json")
     return result
 

@@ -15,8 +15,8 @@ def test_get_spec_hopper_medium():
     assert s.hf_checkpoint == "edbeeching/decision-transformer-gym-hopper-medium"
 
 
-def test_all_twelve_tasks():
-    assert len(TASKS) == 12
+def test_all_twelve_mujoco_tasks():
+    assert len([t for t in TASKS.values() if t.env in ("hopper", "walker2d", "halfcheetah")]) == 12
     assert get_spec("halfcheetah-expert").target_returns == (12000.0, 6000.0)
     assert get_spec("walker2d-medium-replay").minari_id is None  # no official Minari medium-replay
     assert get_spec("hopper-medium-expert").hf_checkpoint is None
@@ -43,3 +43,22 @@ def test_sources_never_mix():
         ref_scores("hopper", "v5")
     with pytest.raises(ValueError, match="unknown env"):
         ref_scores("ant", "d4rl")
+
+
+def test_minigrid_memory_entry():
+    from envs.minigrid_memory import GYM_ID
+    from envs.registry import SuccessRate
+
+    s = get_spec("minigrid-memory")
+    assert s.gym_id == GYM_ID and s.local_dataset_id == "namm_transfer/minigrid/memory-v0"
+    assert s.metric == "success" and s.discrete_actions and not s.normalize_states
+    assert s.target_returns[0] == 1.0 and s.return_scale == 1.0
+    assert s.dt_delay % 16 == 0 and dict(s.dt_train)["context"] >= s.max_ep_len  # the whole episode in context
+    scorers = s.scorers("local")
+    assert list(scorers) == ["success"] and isinstance(scorers["success"], SuccessRate)
+    np.testing.assert_array_equal(scorers["success"].normalize(np.array([0.0, 0.98, 0.0])), [0, 100, 0])
+    with pytest.raises(ValueError, match="success rate"):
+        s.refs("d4rl")
+    # MuJoCo tasks keep their reference-return scales
+    assert list(get_spec("hopper-medium").scorers("local")) == ["d4rl", "local"]
+    assert list(get_spec("hopper-medium").scorers("d4rl")) == ["d4rl"]

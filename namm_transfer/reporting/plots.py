@@ -175,3 +175,34 @@ def plot_text_retention(tokens: list[str], kept: np.ndarray, path: str | Path, t
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_timestep_retention(rows: dict[str, tuple[list[float], list[int]]], path: str | Path, title: str) -> Path:
+    """One row per policy: the share of (layers x KV heads) holding each timestep's state token at one moment
+    (NaN / grey past the row's end), timesteps listed in the row's second element outlined in red (the cue)."""
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    width = max(len(shares) for shares, _ in rows.values())
+    matrix = np.full((len(rows), width), np.nan)
+    for i, (shares, _) in enumerate(rows.values()):
+        matrix[i, : len(shares)] = shares
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + width * 0.42), 1.6 + 0.42 * len(rows)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    im = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1)
+    for i, (shares, cue) in enumerate(rows.values()):
+        for t in cue:
+            ax.add_patch(Rectangle((t - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        for t, v in enumerate(shares):
+            ax.text(t, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(list(rows), fontsize=8)
+    ax.set_xticks(range(width))
+    ax.set_xlabel("timestep (state token)")
+    ax.set_title(textwrap.fill(title, int(fig.get_size_inches()[0] * 11)), fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="share kept")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -57,6 +57,8 @@ M_AVG = Metric("M-Avg %", "MLVU M-Avg: mean of per-task accuracies, %")
 
 
 def dt_metric(scale: str) -> Metric:
+    if scale == "success":
+        return Metric("success %", "episodes that reached their goal (return > 0), %")
     what = "D4RL reference returns" if scale == "d4rl" else f"the {scale!r} reference returns"
     return Metric(f"{scale}-normalised x100", f"episode return normalised with {what} (x100), mean over episodes")
 
