@@ -215,3 +215,50 @@ def test_text_example_states_the_answer_above_the_options():
     assert text.startswith(f"<s>USER: \nThe answer is {answer}.\nA. {qa['candidates'][0]}\n")
     assert text.endswith(f" ASSISTANT: {answer} {'ABCDE'[qa['correct_choice']]}</s>")
     assert len(ex["option_ends"]) == 5 and len(ex["frame_labels"]) == 0
+
+
+def test_stop_after_resume_is_exact_and_logs_are_cut_to_the_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    script = _script("train_video_model")
+    base = ["--size", "tiny", "--batch-size", "4", "--frames", "8", "--val-samples", "2", "--eval-every", "2",
+            "--checkpoint-every", "2", "--workers", "0", "--no-progress", "--text-steps", "1", "--reader-steps", "3",
+            "--vision-steps", "0", "--joint-steps", "0"]
+    assert script.main([*base, "--out", str(tmp_path / "straight")]) == 0
+    stopped = [*base, "--out", str(tmp_path / "stopped")]
+    assert script.main([*stopped, "--stop-after", "3"]) == 0  # inside the reader stage (random code noise)
+    log = tmp_path / "stopped" / "log.jsonl"
+    with open(log, "a") as f:  # a killed run's lines after its last checkpoint
+        f.write(json.dumps({"step": 4, "stage": "reader", "loss": 1.0}) + "\n")
+    assert script.main(stopped) == 0
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_train_video_model_refuses_bad_input(tmp_path, capsys):
+    import os
+    from helpers_inputs import refused, snapshot
+    script = _script("train_video_model")
+    out = tmp_path / "run"
+    for bad, msg in ((["--batch-size", "1"], "an integer >= 2"), (["--frames", "0"], "an integer >= 1"),
+                     (["--eval-every", "0"], "an integer >= 1"), (["--reader-lr", "0"], "a finite number > 0"),
+                     (["--short-share", "1.5"], "<= 1"), (["--stop-after", "0"], "an integer >= 1"),
+                     (["--text-steps", "0", "--reader-steps", "0", "--vision-steps", "0", "--joint-steps", "0"],
+                      "give at least one stage a step"),
+                     (["--init-from", str(tmp_path / "none.pt")], "no such file")):
+        refused(script.main, ["--out", str(out), *bad], capsys, msg)
+    assert not out.exists()
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save({"model": {}, "x": Exploit()}, tmp_path / "evil.pt")
+    args = ["--size", "tiny", "--out", str(out), "--text-steps", "1", "--reader-steps", "0", "--vision-steps", "0",
+            "--joint-steps", "0", "--no-progress"]
+    refused(script.main, [*args, "--init-from", str(tmp_path / "evil.pt")], capsys, "refused to load",
+            "can run code")
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((tmp_path / "evil.pt").read_bytes())  # a resume file swapped for it
+    before = snapshot(out)
+    refused(script.main, args, capsys, "checkpoint.pt: refused to load")
+    assert not (tmp_path / "pwned").exists() and snapshot(out) == before

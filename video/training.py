@@ -541,11 +541,20 @@ def evaluate(model, codes: FrameCodes, batches: list[dict], stage: str, cfg: Vid
 
 
 RUN_ONLY = ("out", "eval_every", "checkpoint_every", "workers", "threads", "stop_after", "val_samples")
+CHECKPOINT = "a train_video_model checkpoint.pt (model, opt, stage, step, letters, config)"
 
 
 def _identity(cfg: dict) -> dict:
     """The settings a resumed run must share with its checkpoint."""
     return {k: v for k, v in json.loads(json.dumps(cfg)).items() if k not in RUN_ONLY}
+
+
+def settings(cfg: VideoTrainConfig) -> dict:
+    """What run.json records and a rerun must match: every setting but the run-only ones, plus the content hash
+    of --init-from."""
+    from namm_transfer.runs import content_hash
+
+    return {**_identity(asdict(cfg)), "init_from_hash": content_hash(cfg.init_from) if cfg.init_from else None}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -554,18 +563,52 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint.pt, loaded as data only (no code runs); ValueError naming the file when it is not one."""
+    from namm_transfer.checkpoints import load_torch_file
+
+    ckpt = load_torch_file(path, CHECKPOINT)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} is not {CHECKPOINT}: no 'model' state dict")
+    return ckpt
+
+
+def _load_weights(module: nn.Module, state: dict, path) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: its weights do not fit this model (other --size?): "
+                         f"{str(err).splitlines()[0]}") from None
+
+
 def _optimizer(model, letters: OptionLetters, stage: str, cfg: VideoTrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable(model, stage, letters), lr=getattr(cfg, f"{stage}_lr"),
                              weight_decay=cfg.weight_decay)
 
 
-def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
-    """Train (resuming from <out>/checkpoint.pt when present); returns <out>/model (save_pretrained form)."""
+def train(cfg: VideoTrainConfig, progress: bool = True, argv: list[str] | None = None) -> Path:
+    """Train (resuming from <out>/checkpoint.pt when present); returns <out>/model (save_pretrained form). The
+    settings are recorded in <out>/run.json and a rerun with others is refused; <out> is locked while training.
+    A resumed run continues exactly (RNG state included), whether it stopped at --stop-after or was killed."""
+    from namm_transfer.records import write_json
+    from namm_transfer.runs import RUN_FILE, open_run
+
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    init = load_checkpoint(cfg.init_from) if cfg.init_from and ckpt is None else None
+    if ckpt is not None and not (out / RUN_FILE).is_file():  # a folder from before run.json: the checkpoint's
+        write_json(out / RUN_FILE, _identity(ckpt.get("config", {})))  # settings are the recorded ones
+    with open_run(out, settings(cfg), "scripts/train_video_model.py", argv, fillable=("init_from_hash",)):
+        return _train(cfg, out, ckpt, init, progress)
+
+
+def _train(cfg: VideoTrainConfig, out: Path, ckpt: dict | None, init: dict | None, progress: bool) -> Path:
     from tqdm import tqdm
 
+    from namm_transfer.records import drop_records, write_json
+
     torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, processor = build_tiny_llava_next_video(cfg.seed, size=cfg.size)
     dim = model.config.text_config.hidden_size
     codes = FrameCodes(processor.tokenizer, dim, tokens_per_frame(processor), cfg.seed)
@@ -574,27 +617,23 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
     ckpt_path = out / "checkpoint.pt"
     stage = cfg.stage_at(0)[0]
     opt = _optimizer(model, letters, stage, cfg)
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if _identity(ckpt["config"]) != _identity(asdict(cfg)):
-            raise ValueError(f"{ckpt_path} was written with other settings; use another --out or the same flags:\n"
-                             f"saved {ckpt['config']}")
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        _load_weights(model, ckpt["model"], ckpt_path)
         if letters is not None:
-            letters.load_state_dict(ckpt["letters"])
-        step = ckpt["step"]
+            _load_weights(letters, ckpt["letters"], ckpt_path)
+        step = int(ckpt["step"])
         if step < cfg.total_steps:
             stage = cfg.stage_at(step)[0]
             opt = _optimizer(model, letters, stage, cfg)
             if ckpt["stage"] == stage:
                 opt.load_state_dict(ckpt["opt"])
-    elif cfg.init_from:
-        init = torch.load(cfg.init_from, weights_only=False)
-        model.load_state_dict(init["model"])
+    elif init is not None:
+        _load_weights(model, init["model"], cfg.init_from)
         saved = init.get("letters")
         if letters is not None and saved is not None and saved["head.weight"].shape == letters.head.weight.shape:
             letters.load_state_dict(saved)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    drop_records(out / "log.jsonl", lambda row: row.get("step", 0) > step)  # rows after the checkpoint: redone
+    write_json(out / "config.json", asdict(cfg))
     val: dict[str, list[dict]] = {}  # validation batches, built when first needed: "text", or "joint" for the rest
 
     def validation(stage: str) -> list[dict]:
@@ -607,10 +646,13 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
 
     loader = torch.utils.data.DataLoader(TrainStream(processor, cfg, step), batch_size=None, shuffle=False,
                                          num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    batches = iter(loader)  # draws the loader's seed from the global RNG, as it did when the run started
+    if ckpt is not None and ckpt.get("torch_rng") is not None:
+        torch.set_rng_state(ckpt["torch_rng"])  # so the random stream continues where the checkpoint left it
     model.train()
     bar = tqdm(total=last_step(cfg), initial=step, disable=not progress, desc="train video model")
     with open(out / "log.jsonl", "a") as log:
-        for batch in loader:
+        for batch in batches:
             t0 = time.perf_counter()
             now = cfg.stage_at(step)[0]
             if now != stage:  # a new stage: its own parameters and optimiser
@@ -629,7 +671,8 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
                        seconds=time.perf_counter() - t0)
             stage_end = step == cfg.total_steps or cfg.stage_at(step)[0] != stage
             if step % cfg.eval_every == 0 or step == last_step(cfg) or stage_end:
-                row.update(evaluate(model, codes, validation(stage), stage, cfg))
+                with torch.random.fork_rng(devices=[]):  # validation must not move the training RNG: a run
+                    row.update(evaluate(model, codes, validation(stage), stage, cfg))  # stopped here resumes exactly
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.update(1)
@@ -638,7 +681,8 @@ def train(cfg: VideoTrainConfig, progress: bool = True) -> Path:
             if step % cfg.checkpoint_every == 0 or step == last_step(cfg) or stage_end:
                 _atomic_save(dict(model=model.state_dict(), opt=opt.state_dict(), stage=stage, step=step,
                                   letters=letters.state_dict() if letters is not None else None,
-                                  config=json.loads(json.dumps(asdict(cfg)))), ckpt_path)
+                                  config=json.loads(json.dumps(asdict(cfg))), torch_rng=torch.get_rng_state()),
+                             ckpt_path)
     bar.close()
     plot_training_curve(out / "log.jsonl", out / "curve.png")
     final = out / "model"
