@@ -42,6 +42,8 @@ def read_json(path: str | Path, what: str) -> dict:
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"cannot read {path} ({err.strerror or err}); it should hold {what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"{path} is not valid JSON ({err}); it should hold {what}. Fix or remove it.") from None
     if not isinstance(obj, dict):

@@ -25,8 +25,11 @@ Episode e of seed s resets the env with seed 1000*s + e. Scores: D4RL-normalised
 env is Hopper-v5, D4RL's data came from v3), plus the checkpoint's own dataset scale when it is `local`; success
 rate % for minigrid-memory. Every score has a 95% interval (success: Wilson; returns: mean ± 1.96 standard errors).
 The default checkpoint is the embedded envs/checkpoints/dt-<env>.
-Writes --out/episodes.jsonl (one line per episode; a rerun skips (rollout, policy, seed, episode) already there),
-summary.json and table.md.
+Writes --out (default <checkout>/runs/dt/<env>): episodes.jsonl (one line per episode; a rerun skips (rollout,
+policy, seed, episode) already there), summary.json and table.md, and run.json: the settings, with content hashes of
+the checkpoint, its state statistics and the NAMM. A rerun into the same --out with other settings is refused (the
+differences listed) and a lock stops two runs writing one folder. --state-stats files are JSON, checked against the
+checkpoint (length, finite, std > 0); checkpoints are loaded as data only and refused when not finite.
 """
 from __future__ import annotations
 
@@ -37,6 +40,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors import SafetensorError  # noqa: E402
+
+from namm_transfer.cli import (UsageError, budget, check_device, default_out, float_in, int_in,  # noqa: E402
+                               load_namm_arg, name_list, number_list, out_help, run_cli)
+from namm_transfer.records import read_json  # noqa: E402
+from namm_transfer.runs import content_hash, json_hash, model_hash  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "envs" / "checkpoints"  # the embedded DTs: dt-<task name>
@@ -53,11 +63,9 @@ CARD_STATS = {
                       0.6751696, 1.536239, 1.6160746, 5.6072536],
     },
 }
-SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device", "window")
-
-
-class UsageError(Exception):
-    """Something the user can fix; printed without a traceback."""
+SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device", "window",
+            "checkpoint_hash", "state_stats_hash", "namm_hash")
+LEGACY = {"window": None}  # what runs recorded before --window existed used
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,40 +74,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", default=None, help="DT folder or Hub id (default: the embedded envs/checkpoints/"
                                                        "dt-<env>)")
     ap.add_argument("--state-stats", default=None, help="JSON with state_mean/state_std (checkpoints without them)")
-    ap.add_argument("--policies", default="full,namm", help=f"kv-cache policies: {','.join(POLICY_NAMES)}")
+    ap.add_argument("--policies", type=name_list(POLICY_NAMES, allow_empty=True), default="full,namm",
+                    help=f"kv-cache policies: {','.join(POLICY_NAMES)}")
     ap.add_argument("--rollout", default="both", choices=["kv", "recompute", "both"])
-    ap.add_argument("--episodes", type=int, default=3, help="episodes per seed (default 3: a quick look)")
-    ap.add_argument("--seeds", default="0", help="comma-separated; episode e of seed s resets with 1000*s + e")
-    ap.add_argument("--target-return", type=float, default=None, help="default: the task's first target")
+    ap.add_argument("--episodes", type=int_in(1), default=3, help="episodes per seed (default 3: a quick look)")
+    ap.add_argument("--seeds", type=number_list(int_in(0), "seeds"), default="0",
+                    help="comma-separated, each once; episode e of seed s resets with 1000*s + e")
+    ap.add_argument("--target-return", type=float_in(), default=None, help="default: the task's first target")
     ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="baseline budget: a fraction in (0, 1] (1 = keep all) or a token count >= 2")
-    ap.add_argument("--delay", type=int, default=None,
+    ap.add_argument("--budget", type=budget, default=None,
+                    help="baseline budget: a fraction in (0, 1] (1 = keep all) or a whole token count >= 2")
+    ap.add_argument("--delay", type=int_in(1), default=None,
                     help=f"eviction period in tokens (3 per timestep; default: the task's, {DEFAULT_DELAY} for MuJoCo)")
-    ap.add_argument("--window", type=int, default=None, help="policy window: the last N timesteps (default: the DT's K)")
-    ap.add_argument("--max-steps", type=int, default=None, help="cap episode length (tests, smoke runs)")
+    ap.add_argument("--window", type=int_in(1), default=None,
+                    help="policy window: the last N timesteps (default: the DT's K)")
+    ap.add_argument("--max-steps", type=int_in(1), default=None, help="cap episode length (tests, smoke runs)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="default runs/dt/<env>")
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--out", default=None, help=out_help("dt", "<env>"))
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
-    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
-    if bad or len(set(args.policy_list)) != len(args.policy_list):
-        ap.error(f"--policies: unknown or repeated {bad or args.policy_list}; choose from {', '.join(POLICY_NAMES)}")
+    args.policy_list = list(args.policies)
     if args.rollout != "recompute" and not args.policy_list:
         ap.error("--policies is empty")
     # NAMM before the baselines, so they can use its realised cache fraction
     args.policy_list.sort(key=lambda p: (p in BASELINES, POLICY_NAMES.index(p)))
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.seed_list = args.seeds
     if args.delay is None:
         from envs.registry import TASKS
 
         task = TASKS.get(args.env.strip().lower())  # an unknown --env is reported by run()
         args.delay = task.dt_delay if task is not None else DEFAULT_DELAY
-    if args.window is not None and args.window < 1:
-        ap.error("--window must be >= 1 timestep")
     return args
 
 
@@ -115,11 +121,11 @@ def load_checkpoint(args):
     if not args.checkpoint and not local:
         raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): train one with "
                          f"`python scripts/train_dt.py --env {args.env}` and pass --checkpoint DIR")
-    stats = {}
-    if args.state_stats:
-        stats = json.loads(Path(args.state_stats).read_text())
-    elif ckpt in CARD_STATS:
-        stats = CARD_STATS[ckpt]
+    stats = read_json(args.state_stats, "state_mean and state_std") if args.state_stats else CARD_STATS.get(ckpt, {})
+    for key in ("state_mean", "state_std") if args.state_stats else ():
+        v = stats.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise UsageError(f"--state-stats {args.state_stats}: {key!r} must be a list of numbers")
     try:
         dt = load_dt(ckpt, state_mean=stats.get("state_mean"), state_std=stats.get("state_std"))
     except OSError as err:
@@ -128,26 +134,43 @@ def load_checkpoint(args):
                          f"Download it where the Hub is reachable (`huggingface-cli download {ckpt} --local-dir DIR`) "
                          "and pass --checkpoint DIR.") from None
     except ValueError as err:
+        if "state_mean" not in str(err):
+            raise UsageError(f"cannot load DT checkpoint {ckpt!r}: {str(err).splitlines()[0]}") from None
         raise UsageError(f"{err}\nPass --state-stats FILE (JSON with state_mean and state_std).") from None
+    except (KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as err:
+        raise UsageError(f"cannot load DT checkpoint {ckpt!r}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    check_dt(dt, ckpt, args.state_stats or "the checkpoint's config (state_mean/state_std)")
     args.checkpoint = in_repo(Path(ckpt).resolve()) if local else ckpt
+    args.checkpoint_hash = model_hash(ckpt)
+    args.state_stats_hash = json_hash([dt.state_mean.tolist(), dt.state_std.tolist()])
     dt.meta.setdefault("dataset_id", stats.get("trained_on", "unknown data"))
     return dt
 
 
+def check_dt(dt, ckpt: str, stats_from: str) -> None:
+    """UsageError naming the file and field when the weights or state statistics are not finite, or the statistics
+    do not fit the model's state size (or a std is <= 0)."""
+    import numpy as np
+
+    dim = dt.model.config.state_dim
+    for name, v in (("state_mean", dt.state_mean), ("state_std", dt.state_std)):
+        if v.shape != (dim,) or not np.isfinite(v).all():
+            raise UsageError(f"{stats_from}: {name} must be {dim} finite numbers (the checkpoint's state_dim), got "
+                             f"{v.size}{'' if np.isfinite(v).all() else ' with NaN/inf'}")
+    if (dt.state_std <= 0).any():
+        raise UsageError(f"{stats_from}: state_std has values <= 0")
+    for name, t in dt.model.state_dict().items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise UsageError(f"DT checkpoint {ckpt}: weight {name!r} holds NaN or inf")
+
+
 def load_namm_policy(args):
-    from namm_transfer.checkpoints import DEFAULT_NAMM, load_namm
     from namm_transfer.records import in_repo
 
-    path = args.namm or DEFAULT_NAMM
-    try:
-        namm = load_namm(path, delay=args.delay)
-    except FileNotFoundError as err:
-        hint = "" if args.namm else ("\nThe shipped language NAMM is not in this checkout: train one with "
-                                     "scripts/train_namm.py and pass --namm PATH, or drop namm from --policies.")
-        raise UsageError(f"--policies namm: {err}{hint}") from None
-    except ValueError as err:
-        raise UsageError(f"--delay {args.delay} does not suit this NAMM: {err}") from None
+    namm = load_namm_arg(args.namm, args.delay)
     args.namm = in_repo(Path(namm.source).resolve())
+    args.namm_hash = content_hash(namm.source)
     meta = {}
     cfg = Path(namm.source) / "config.json"
     if cfg.is_file():
@@ -172,7 +195,7 @@ def baseline_budget(args, done: dict, keys: list[tuple]) -> tuple[float | int, s
     """(budget, where it came from) for the baselines: --budget, else NAMM's realised fraction over this run's
     NAMM episodes (`keys`), else 0.5."""
     if args.budget is not None:
-        return (int(args.budget) if args.budget > 1 else args.budget), "--budget"
+        return args.budget, "--budget"
     if "namm" in args.policy_list:
         rs = [done[k] for k in keys if k in done and k[:2] == ("kv-cache", "namm")]
         fr = [r["eviction_fraction"] for r in rs if r["eviction_fraction"] is not None]
@@ -181,22 +204,6 @@ def baseline_budget(args, done: dict, keys: list[tuple]) -> tuple[float | int, s
         if rs:
             return min(max(sum(r["realised_fraction"] for r in rs) / len(rs), 1e-3), 1.0), "NAMM's realised fraction"
     return 0.5, "default 0.5"
-
-
-# ------------------------------------------------------------------------------------------ records I/O
-
-
-def check_settings(out: Path, args) -> None:
-    """The out folder must hold runs of the same settings, else resuming would mix results. The NAMM path may
-    be filled in later (a first run without namm)."""
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    path = out / "run.json"
-    old = json.loads(path.read_text()) if path.is_file() else settings
-    diff = {k: (old.get(k), v) for k, v in settings.items()
-            if old.get(k) != v and not (k == "namm" and None in (old.get(k), v))}
-    if diff:
-        raise UsageError(f"{out} holds a run with other settings {diff} (old, new); use another --out")
-    path.write_text(json.dumps({k: v if v is not None else old.get(k) for k, v in settings.items()}, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -264,21 +271,16 @@ def score_cell(row: dict, scale: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args))
 
 
 def run(args) -> int:
     import torch
-    from tqdm import tqdm
     from transformers.utils import logging as transformers_logging
 
-    from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_recompute
+    from envs.kv_rollout import make_env
     from envs.registry import get_spec
-    from namm_transfer.records import read_records, record_command
+    from namm_transfer.runs import open_run
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()
@@ -286,11 +288,14 @@ def run(args) -> int:
         spec = get_spec(args.env)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device available")
+    check_device(args.device)
+    args.namm_hash = None
     namm, namm_meta = load_namm_policy(args) if "namm" in args.policy_list and args.rollout != "recompute" \
         else (None, {})
     dt = load_checkpoint(args)
+    max_steps = min(args.max_steps or dt.max_ep_len, dt.max_ep_len)
+    env = make_env(spec.gym_id, max_steps)
+    check_env_dims(dt, env, args.checkpoint, spec.gym_id)
     dt_recompute = dt
     if args.device != "cpu":  # envs.rollout.rollout_recompute builds its inputs on the CPU
         dt_recompute = copy.deepcopy(dt)
@@ -298,10 +303,32 @@ def run(args) -> int:
     args.target_return = args.target_return if args.target_return is not None else spec.target_returns[0]
     refs = spec.scorers(dt.meta.get("dataset_source"))
 
-    out = Path(args.out or ROOT / "runs" / "dt" / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, args)
-    record_command(out, "scripts/run_dt.py", args.argv)
+    out = Path(args.out or default_out("dt", spec.name))
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    with open_run(out, settings, "scripts/run_dt.py", args.argv, fillable=("namm", "namm_hash"), legacy=LEGACY):
+        return run_episodes(args, out, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings)
+
+
+def check_env_dims(dt, env, checkpoint: str, gym_id: str) -> None:
+    """UsageError when the DT's state/action sizes are not the env's (a checkpoint for another task)."""
+    import numpy as np
+
+    spaces = {"state": env.observation_space, "act": env.action_space}
+    for what, space in spaces.items():
+        want = int(np.prod(space.shape)) if space.shape else getattr(space, "n", None)
+        have = getattr(dt.model.config, f"{what}_dim")
+        if want is not None and have != want:
+            raise UsageError(f"DT checkpoint {checkpoint} has {what}_dim {have}, but {gym_id} has {want}: a checkpoint "
+                             "for another task? Pass --env or --checkpoint to match")
+
+
+def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings) -> int:
+    """Run the episodes episodes.jsonl does not hold yet; write summary.json and table.md."""
+    from tqdm import tqdm
+
+    from envs.kv_rollout import KV, RECOMPUTE, run_kv, run_recompute
+    from namm_transfer.records import read_records, write_json, write_text
+
     path = out / "episodes.jsonl"
     done = {(r["rollout"], r["policy"], r["seed"], r["episode"]): r for r in read_records(path)}
 
@@ -319,8 +346,6 @@ def run(args) -> int:
         if args.episodes == 3 else ""
     print(f"{len(keys)} episodes{quick}, {len(keys) - len(todo)} already in {path}", file=sys.stderr)
 
-    max_steps = min(args.max_steps or dt.max_ep_len, dt.max_ep_len)
-    env = make_env(spec.gym_id, max_steps)
     with open(path, "a") as f, tqdm(total=len(todo), disable=args.no_progress, desc="DT episodes") as bar:
         for key in todo:
             rollout, name, seed, episode = key
@@ -353,9 +378,8 @@ def run(args) -> int:
                        for n, r in refs.items())
     header.append(f"{args.episodes} episode(s) x seeds {args.seed_list}; {scales} ({spec.gym_id})")
     table = markdown(rows, header, list(refs))
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    (out / "summary.json").write_text(json.dumps({"settings": settings, "notes": header, "rows": rows}, indent=2))
-    (out / "table.md").write_text(table)
+    write_json(out / "summary.json", {"settings": settings, "notes": header, "rows": rows})
+    write_text(out / "table.md", table)
     print(table)
     print(f"wrote {path}, {out / 'summary.json'}, {out / 'table.md'}", file=sys.stderr)
     return 0

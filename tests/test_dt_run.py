@@ -100,3 +100,101 @@ def test_bench_dt_tiny(tiny_checkpoint, tmp_path, capsys):
     res = json.loads((tmp_path / "b.json").read_text())
     assert [r["policy"] for r in res["rows"]] == ["full", "namm", "l2"]
     assert all(r["speedup"] > 0 for r in res["rows"]) and "speed-up" in capsys.readouterr().out
+
+
+def test_run_dt_refuses_bad_arguments_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    from helpers_inputs import refused
+    run_dt = _script("run_dt")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(tiny_checkpoint / "ckpt"), "--out", str(out), "--no-progress"]
+    for bad, msg in ((["--episodes", "0"], "'0' is not an integer >= 1"), (["--seeds", "0,0"], "a value is repeated"),
+                     (["--seeds", "-1"], "an integer >= 0"), (["--max-steps", "0"], "an integer >= 1"),
+                     (["--budget", "1.5"], "whole number of tokens"), (["--delay", "0"], "an integer >= 1"),
+                     (["--threads", "0"], "an integer >= 1"), (["--window", "0"], "an integer >= 1"),
+                     (["--target-return", "nan"], "a finite number"), (["--policies", "full,lru"], "unknown ['lru']")):
+        refused(run_dt.main, base + bad, capsys, msg)
+    assert not out.exists()
+
+
+def _stats(path, mean, std):
+    path.write_text(json.dumps({"state_mean": mean, "state_std": std}))
+    return str(path)
+
+
+def test_run_dt_checks_state_stats_checkpoints_and_namms(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from helpers_inputs import refused
+    run_dt = _script("run_dt")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(tiny_checkpoint / "ckpt"), "--policies", "full", "--rollout", "kv", "--out", str(out),
+            "--no-progress", "--max-steps", "5", "--episodes", "1"]
+    stats = tmp_path / "stats.json"
+    for content, msg in ((None, "cannot read"), ("{", "is not valid JSON"),
+                         (json.dumps({"state_mean": [0.0] * 10, "state_std": [1.0] * 10}), "must be 11 finite numbers"),
+                         (json.dumps({"state_mean": [float("nan")] * 11, "state_std": [1.0] * 11}), "with NaN/inf"),
+                         (json.dumps({"state_mean": [0.0] * 11, "state_std": [0.0] * 11}), "state_std has values <= 0"),
+                         (json.dumps({"state_mean": "zeros", "state_std": [1.0] * 11}), "'state_mean' must be a list")):
+        stats.unlink(missing_ok=True)
+        if content is not None:
+            stats.write_text(content)
+        refused(run_dt.main, [*base, "--state-stats", str(stats)], capsys, str(stats), msg)
+    # broken, non-finite and wrong-task checkpoints
+    for breakage, msg in (("truncated weights", "cannot load DT checkpoint"), ("nan weight", "holds NaN or inf"),
+                          ("config not json", "cannot load DT checkpoint"), ("5-dim states", "has state_dim 5, but "
+                                                                                              "Hopper-v5 has 11")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(tiny_checkpoint / "ckpt", bad)
+        if breakage == "truncated weights":
+            (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:200])
+        elif breakage == "config not json":
+            (bad / "config.json").write_text("{")
+        else:
+            model = DecisionTransformerModel.from_pretrained(bad)
+            if breakage == "nan weight":
+                model.embed_state.weight.data[0, 0] = float("nan")
+            else:  # a DT for 5-dim states
+                cfg = model.config.to_dict()
+                cfg.update(state_dim=5, state_mean=[0.0] * 5, state_std=[1.0] * 5)
+                model = DecisionTransformerModel(DecisionTransformerConfig(**cfg))
+            model.save_pretrained(bad)
+        refused(run_dt.main, [*base[:1], str(bad), *base[2:]], capsys, msg)
+    params = torch.zeros(4172)
+    save_namm(tmp_path / "namm", params, None)
+    (tmp_path / "namm" / "config.json").write_text("[]")
+    refused(run_dt.main, [*base, "--policies", "full,namm", "--namm", str(tmp_path / "namm")], capsys,
+            f"--namm {tmp_path / 'namm'}: ", "not a readable NAMM checkpoint")
+    save_namm(tmp_path / "namm", params, None)
+    refused(run_dt.main, [*base, "--policies", "full,namm", "--namm", str(tmp_path / "namm"), "--delay", "50"],
+            capsys, "delay 50 must be a multiple of hop 16")
+    assert not out.exists()
+
+
+def test_run_dt_refuses_other_settings_rewritten_files_and_a_second_writer(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from helpers_inputs import refused, snapshot
+    from namm_transfer.runs import folder_lock
+    run_dt = _script("run_dt")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint / "ckpt", ckpt)
+    stats = _stats(tmp_path / "stats.json", [0.0] * 11, [1.0] * 11)
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(ckpt), "--state-stats", stats, "--policies", "full", "--rollout", "kv",
+            "--out", str(out), "--no-progress", "--max-steps", "5", "--episodes", "1"]
+    assert run_dt.main(args) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    refused(run_dt.main, [*args, "--max-steps", "6"], capsys, "other settings", "max_steps: recorded 5, this run 6")
+    _stats(tmp_path / "stats.json", [0.0] * 11, [2.0] * 11)  # the same path, other statistics
+    refused(run_dt.main, args, capsys, "state_stats_hash: recorded 'sha256:")
+    _stats(tmp_path / "stats.json", [0.0] * 11, [1.0] * 11)
+    model = DecisionTransformerModel.from_pretrained(ckpt)
+    model.embed_state.weight.data *= 2
+    model.save_pretrained(ckpt)  # a checkpoint rewritten at the same path
+    refused(run_dt.main, args, capsys, "checkpoint_hash: recorded 'sha256:")
+    with folder_lock(out):
+        refused(run_dt.main, [*args, "--checkpoint", str(tiny_checkpoint / "ckpt")], capsys,
+                "is being written by another run")
+    assert snapshot(out) == before
