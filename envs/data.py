@@ -129,12 +129,17 @@ def one_hot(actions: np.ndarray, n: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- D4RL
-def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals")  # required; "timeouts", "next_observations" optional
+
+
+def load_d4rl_hdf5(path: str | Path, env: str | None = None, max_ep_len: int = 1000) -> OfflineDataset:
     """Read a D4RL gym-mujoco hdf5 (``observations, actions, rewards, terminals, timeouts``) with h5py.
 
     Episodes end at a terminal or a timeout (as the official DT conversion script); an unfinished tail is
-    dropped. A file without any terminal or timeout is one episode. ``env`` (hopper, ...) picks the D4RL refs;
-    by default it is read from the file name.
+    dropped. A file without ``timeouts`` is cut at the env's step limit as that script does (`max_ep_len`
+    steps; after the first cut it counts from 1, so later time-limited episodes have max_ep_len - 1 steps).
+    Keys, array shapes and lengths are checked and NaN/inf refused, the file and field named (ValueError).
+    ``env`` (hopper, ...) picks the D4RL refs; by default it is read from the file name.
     """
     import h5py
 
@@ -145,18 +150,30 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
             "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5 "
             "elsewhere and pass its path"
         )
-    with h5py.File(path, "r") as f:
-        missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
-        if missing:
-            raise ValueError(f"{path} is not a D4RL gym-mujoco file: missing keys {missing}")
-        obs, act = f["observations"][:], f["actions"][:]
-        rew, term = f["rewards"][:].reshape(-1), f["terminals"][:].reshape(-1).astype(bool)
-        tout = f["timeouts"][:].reshape(-1).astype(bool) if "timeouts" in f else np.zeros_like(term)
-        nxt = f["next_observations"][:] if "next_observations" in f else None
-        attrs = dict(f.attrs)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise ValueError(f"{path} is not a D4RL gym-mujoco file: missing keys {missing}")
+            arrays = {k: f[k][:] for k in (*D4RL_KEYS, "timeouts", "next_observations") if k in f}
+            attrs = dict(f.attrs)
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable hdf5 file ({err})") from None
+    arrays = _checked_d4rl_arrays(arrays, path)
+    obs, act, rew, term = (arrays[k] for k in D4RL_KEYS)
+    nxt = arrays.get("next_observations")
+    if "timeouts" in arrays:
+        tout = arrays["timeouts"]
+    else:  # official gym/data/download_d4rl_datasets.py: final_timestep = (episode_step == max_ep_len - 1)
+        tout, episode_step = np.zeros_like(term), 0
+        for i in range(len(term)):
+            tout[i] = episode_step == max_ep_len - 1
+            if term[i] or tout[i]:
+                episode_step = 0
+            episode_step += 1
     ends = np.flatnonzero(term | tout)
     if len(ends) == 0:
-        ends = np.array([len(rew) - 1])
+        raise ValueError(f"{path}: no complete episode (no terminal or timeout in {len(term)} steps)")
     trajs, start = [], 0
     for end in ends:
         sl = slice(start, end + 1)
@@ -172,6 +189,56 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None) -> OfflineDataset:
     if env is None:
         env = next((e for e in ENVS if path.name.lower().startswith(e)), None)
     return OfflineDataset(trajs, path.name, "d4rl", D4RL_REF.get(env) if env else None)
+
+
+def _checked_d4rl_arrays(arrays: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    """Shapes (observations/actions/next_observations 2-D, the rest one value per step), equal lengths, finite
+    numbers; flags as bool."""
+    n = arrays["rewards"].shape[0] if arrays["rewards"].ndim else 0
+    out = {}
+    for k, a in arrays.items():
+        two_d = k in ("observations", "actions", "next_observations")
+        shape_ok = a.ndim == 2 if two_d else a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)
+        if not shape_ok or a.shape[0] != n:
+            raise ValueError(f"{path}: field {k!r} has shape {a.shape}; expected ({n}{', dim' if two_d else ''}) "
+                             f"like 'rewards' (one row per step)")
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: field {k!r} holds {a.dtype}, not numbers")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(1))
+            raise ValueError(f"{path}: field {k!r} has NaN/inf at {len(bad)} step(s), first at step {bad[0]}")
+        out[k] = a if two_d else a.reshape(-1).astype(bool) if k in ("terminals", "timeouts") else a.reshape(-1)
+    if "next_observations" in out and out["next_observations"].shape != out["observations"].shape:
+        raise ValueError(f"{path}: next_observations {out['next_observations'].shape} vs observations "
+                         f"{out['observations'].shape}")
+    return out
+
+
+def check_dataset(data: OfflineDataset, obs_dim: int | None = None, act_dim: int | None = None) -> None:
+    """ValueError naming the dataset, field and episode when a trajectory holds NaN/inf, or the sizes are not the
+    env's (`obs_dim`, `act_dim`; None = not checked)."""
+    if not data.trajectories:
+        raise ValueError(f"dataset {data.name} has no trajectories")
+    for i, t in enumerate(data.trajectories):
+        for field_name in ("observations", "actions", "rewards"):
+            if not np.isfinite(getattr(t, field_name)).all():
+                raise ValueError(f"dataset {data.name}: field {field_name!r} of episode {i} holds NaN or inf")
+    for what, have, want in (("observation", data.obs_dim, obs_dim), ("action", data.act_dim, act_dim)):
+        if want is not None and have != want:
+            raise ValueError(f"dataset {data.name} has {what} dimension {have}, but the env has {want}: data of "
+                             "another task?")
+
+
+def dataset_hash(data: OfflineDataset) -> str:
+    """sha256 of every trajectory's arrays (what training reads), with the dataset's name and source."""
+    import hashlib
+
+    h = hashlib.sha256(f"{data.name}\0{data.source}\0".encode())
+    for t in data.trajectories:
+        for a in (t.observations, t.actions, t.rewards, t.terminals, t.timeouts):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def export_d4rl_layout(data: OfflineDataset, path: str | Path, compression: str | None = "gzip") -> Path:

@@ -7,8 +7,12 @@
 
 Paper settings (Chen et al. 2021, gym/experiment.py): K=20, hidden 128, 3 layers, 1 head, n_inner 512, relu,
 dropout 0.1, AdamW lr 1e-4 / wd 1e-4, linear warmup 10k steps, batch 64, grad-norm clip 0.25, MSE on actions.
-A checkpoint (model, optimiser, scheduler, RNG, loss history) is written to ``--out`` every ``--ckpt-every``
-steps; rerunning the same command resumes from it. The final model is written with ``save_pretrained`` to
+A checkpoint (model, optimiser, scheduler, RNG, loss history) is written to ``--out`` (default
+<checkout>/runs/train_dt/<env>) every ``--ckpt-every`` steps; rerunning the same command resumes from it (loaded as
+data only). ``--out``/run.json records the settings with a content hash of the data: a rerun with other settings is
+refused and a lock stops two runs in one folder (``--steps`` may grow: training continues). Data are checked
+first: keys, lengths, NaN/inf, dimensions vs the env (D4RL files without timeouts are cut at the env's step
+limit, as the official conversion script does). The final model is written with ``save_pretrained`` to
 ``--out/final`` (and ``--export`` if given); its config.json also holds state_mean/state_std, return_scale,
 context_length and the dataset it was trained on, so :func:`envs.rollout.load_dt` needs nothing else.
 
@@ -21,7 +25,6 @@ episodes, each step seeing its full history as in the rollouts).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from namm_transfer.cli import UsageError, check_device, default_out, float_in, int_in, out_help  # noqa: E402
 
 
 @dataclass
@@ -61,27 +66,60 @@ class Config:
     export: str = ""
 
 
-def load_data(cfg: Config, spec):
-    from envs.data import load_d4rl_hdf5, load_minari
+# valid values of the flags (argparse types that name the range); the rest take any value of their type
+RULES = {"steps": int_in(1), "batch_size": int_in(1), "context": int_in(1), "hidden": int_in(1), "layers": int_in(1),
+         "heads": int_in(1), "dropout": float_in(0, 1, hi_open=True), "lr": float_in(0, lo_open=True),
+         "weight_decay": float_in(0), "warmup": int_in(1), "grad_clip": float_in(0, lo_open=True),
+         "ckpt_every": int_in(1), "eval_every": int_in(0), "eval_episodes": int_in(0), "seed": int_in(0),
+         "time_limit": float_in(0)}
+RUN_ONLY = ("steps", "ckpt_every", "eval_every", "eval_episodes", "time_limit", "out", "export", "data_dir")
+CHECKPOINT = "a train_dt ckpt.pt (model, opt, sched, step, losses, evals, RNG states, config)"
 
-    if cfg.d4rl_file and cfg.dataset_id:
-        raise SystemExit("pass either --dataset-id or --d4rl-file, not both")
-    if cfg.d4rl_file:
-        return load_d4rl_hdf5(cfg.d4rl_file, env=spec.env)
-    return load_minari(cfg.dataset_id or spec.local_dataset_id)
+
+def load_data(cfg: Config, spec):
+    """The dataset, checked (finite, dimensions vs the env); every problem is a UsageError naming the file."""
+    import gymnasium as gym
+
+    from envs.data import check_dataset, load_d4rl_hdf5, load_minari
+
+    try:
+        if cfg.d4rl_file:
+            data = load_d4rl_hdf5(cfg.d4rl_file, env=spec.env, max_ep_len=spec.max_ep_len)
+        else:
+            data = load_minari(cfg.dataset_id or spec.local_dataset_id)
+        env = gym.make(spec.gym_id)
+        space = env.action_space
+        act_dim = space.n if isinstance(space, gym.spaces.Discrete) else int(np.prod(space.shape))
+        obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else None
+        env.close()
+        check_dataset(data, obs_dim, act_dim)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if data.discrete_actions != spec.discrete_actions:
+        kind = lambda d: "discrete" if d else "continuous"  # noqa: E731
+        raise UsageError(f"{data.name} has {kind(data.discrete_actions)} actions, task {spec.name} expects "
+                         f"{kind(spec.discrete_actions)} ones")
+    return data
 
 
 def parse_config(argv: list[str] | None) -> Config:
-    """Flags over the task's defaults (registry ``dt_train``) over :class:`Config`'s."""
+    """Flags over the task's defaults (registry ``dt_train``) over :class:`Config`'s; values checked."""
     from envs.registry import TASKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for k, v in asdict(Config()).items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        help_ = out_help("train_dt", "<env>") if k == "out" else None
+        p.add_argument("--" + k.replace("_", "-"), type=RULES.get(k, type(v)), default=v, help=help_,
+                       **({"choices": ["cpu", "cuda"]} if k == "device" else {}))
     task = TASKS.get(p.parse_known_args(argv)[0].env.strip().lower())
     if task is not None:
         p.set_defaults(**dict(task.dt_train))
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.d4rl_file and cfg.dataset_id:
+        p.error("pass either --dataset-id or --d4rl-file, not both")
+    if cfg.hidden % cfg.heads:
+        p.error(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
+    return cfg
 
 
 def build_model(cfg: Config, obs_dim: int, act_dim: int, extra: dict, max_ep_len: int = 1000,
@@ -127,29 +165,57 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train (or resume); returns what final_eval.json holds. Bad input: a message and exit code 2."""
     cfg = parse_config(argv)
+    try:
+        return train(cfg, argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
+
+def train(cfg: Config, argv: list[str] | None = None) -> dict:
+    from envs.data import dataset_hash
+    from envs.registry import get_spec
+    from namm_transfer.checkpoints import load_torch_file
+    from namm_transfer.records import write_json
+    from namm_transfer.runs import RUN_FILE, open_run
+
+    if cfg.data_dir:
+        os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.data_dir).resolve())
+    try:
+        spec = get_spec(cfg.env)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    check_device(cfg.device)
+    out = Path(cfg.out or default_out("train_dt", spec.name))
+    data = load_data(cfg, spec)
+    ckpt = out / "ckpt.pt"
+    try:
+        state = load_torch_file(ckpt, CHECKPOINT) if ckpt.exists() else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if state is not None and not (out / RUN_FILE).is_file():  # a folder from before run.json: its checkpoint's
+        write_json(out / RUN_FILE, {k: v for k, v in state.get("config", {}).items() if k not in RUN_ONLY})
+    settings = {**{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}, "data_hash": dataset_hash(data)}
+    with open_run(out, settings, "scripts/train_dt.py", argv):
+        return fit(cfg, spec, data, out, state)
+
+
+def fit(cfg: Config, spec, data, out: Path, state: dict | None) -> dict:
+    """The training loop from `state` (a loaded ckpt.pt, or None), the final save and evaluation."""
     import torch
     from tqdm import tqdm
 
-    torch.set_num_threads(1)
-    if cfg.data_dir:
-        os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.data_dir).resolve())
     from envs.data import DTBatchSampler, SamplerConfig
-    from envs.registry import get_spec
-    from envs.rollout import DTPolicy, evaluate, save_json
+    from envs.rollout import DTPolicy, evaluate
+    from namm_transfer.records import write_json
 
-    spec = get_spec(cfg.env)
-    out = Path(cfg.out or f"runs/dt/{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_data(cfg, spec)
+    torch.set_num_threads(1)
     mean, std = data.state_stats()
     if not spec.normalize_states:  # one-hot observations: no statistics (a feature constant in the data would
         mean, std = np.zeros_like(mean), np.ones_like(std)  # get std 1e-6 and explode when it changes at test time)
     discrete = spec.discrete_actions
-    if data.discrete_actions != discrete:
-        raise SystemExit(f"{data.name} has {'discrete' if data.discrete_actions else 'continuous'} actions, "
-                         f"task {spec.name} expects {'discrete' if discrete else 'continuous'} ones")
     whole = cfg.context >= max(len(t) for t in data.trajectories)
     print(f"dataset {data.name} ({data.source}): {len(data.trajectories)} trajectories, {data.num_steps} steps, "
           f"return {data.returns().mean():.1f} ± {data.returns().std():.1f}", flush=True)
@@ -167,14 +233,17 @@ def main(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / cfg.warmup, 1.0))
     step, losses, evals = 0, [], []
     ckpt = out / "ckpt.pt"
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location="cpu")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        sampler.rng.bit_generator.state = st["np_rng"]
-        torch.set_rng_state(st["torch_rng"])
-        step, losses, evals = st["step"], st["losses"], st["evals"]
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            sampler.rng.bit_generator.state = state["np_rng"]
+            torch.set_rng_state(state["torch_rng"])
+            step, losses, evals = int(state["step"]), list(state["losses"]), list(state["evals"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise UsageError(f"{ckpt} is not {CHECKPOINT} for these settings ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); use another --out") from None
         print(f"resumed from {ckpt} at step {step}", flush=True)
 
     refs = spec.scorers()
@@ -210,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
         sched.step()
         step += 1
         losses.append(loss.item())
+        if not np.isfinite(losses[-1]):  # never save or export a diverged model
+            raise UsageError(f"training diverged at step {step} (loss {losses[-1]}); the last checkpoint in {out} is "
+                             "kept: lower --lr or raise --warmup, in a new --out")
         bar.update(1)
         if step % 500 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-500:]):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
@@ -237,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in result["eval"].items():
             scores = ", ".join(f"{n} score {v[f'score_{n}_mean']:.1f} ± {v[f'score_{n}_std']:.1f}" for n in refs)
             print(f"[final eval] {k}: return {v['return_mean']:.3g} ± {v['return_std']:.3g}, {scores}", flush=True)
-    save_json(result, out / "final_eval.json")
+    write_json(out / "final_eval.json", result)
     return result
 
 

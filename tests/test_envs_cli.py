@@ -84,9 +84,10 @@ def test_make_dataset_medium_replay_and_medium_expert(tmp_path, monkeypatch):
     assert not list((tmp_path / "tmp").glob("SB3-*"))  # policy training leaves no empty log folders behind
 
 
-def test_train_dt_rejects_two_sources(tmp_path):
-    with pytest.raises(SystemExit, match="not both"):
-        _script("train_dt").main(["--dataset-id", "a/b/c-v0", "--d4rl-file", "x.hdf5", "--out", str(tmp_path)])
+def test_train_dt_rejects_two_sources(tmp_path, capsys):
+    from helpers_inputs import refused
+    refused(_script("train_dt").main, ["--dataset-id", "a/b/c-v0", "--d4rl-file", "x.hdf5", "--out", str(tmp_path)],
+            capsys, "not both")
 
 
 @pytest.mark.parametrize("env", ["walker2d", "halfcheetah"])
@@ -101,3 +102,45 @@ def test_make_dataset_other_envs(env, tmp_path, monkeypatch):
     ds = load_minari(f"namm_transfer/{env}/medium-v0")
     assert ds.obs_dim == 17 and ds.act_dim == 6 and ds.num_steps >= 50
     assert ds.refs == get_spec(f"{env}-medium").refs("local")
+
+
+def test_train_dt_refuses_bad_input_before_any_work(tmp_path, capsys):
+    """Bad flags, unusable D4RL files, a crafted resume file, other settings or data: exit 2, the reason, and the
+    output folder as it was."""
+    import os
+
+    import numpy as np
+    import torch
+    from helpers_inputs import refused, snapshot
+    from test_envs_data import _d4rl
+    train = _script("train_dt")
+    out = tmp_path / "dt"
+    for bad, msg in ((["--steps", "0"], "'0' is not an integer >= 1"), (["--warmup", "0"], "an integer >= 1"),
+                     (["--dropout", "1"], "< 1"), (["--lr", "0"], "> 0"), (["--device", "tpu"], "invalid choice"),
+                     (["--hidden", "10", "--heads", "3"], "--hidden 10 must be a multiple of --heads 3")):
+        refused(train.main, ["--out", str(out), *bad], capsys, msg)
+    d4rl = tmp_path / "hopper-medium-v2.hdf5"
+    args = ["--env", "hopper-medium", "--d4rl-file", str(d4rl), "--steps", "1", "--batch-size", "2", "--hidden", "8",
+            "--layers", "1", "--warmup", "1", "--eval-episodes", "0", "--out", str(out)]
+    for override, msg in (({"rewards": np.full(12, np.nan, np.float32)}, "field 'rewards' has NaN/inf"),
+                          ({"actions": np.zeros((10, 3), np.float32)}, "field 'actions' has shape (10, 3)"),
+                          ({"observations": np.zeros((12, 5), np.float32)}, "observation dimension 5, but the env "
+                                                                             "has 11")):
+        _d4rl(d4rl, **override)
+        refused(train.main, args, capsys, str(d4rl) if "field" in msg else "hopper-medium-v2.hdf5", msg)
+    assert not out.exists()
+    _d4rl(d4rl)
+    assert train.main(args)["step"] == 1
+    before = snapshot(out)
+    refused(train.main, [*args, "--lr", "0.001"], capsys, "other settings", "lr: recorded 0.0001, this run 0.001")
+    _d4rl(d4rl, rewards=np.full(12, 2.0, np.float32))  # the same file name, other data
+    refused(train.main, args, capsys, "data_hash: recorded 'sha256:")
+    _d4rl(d4rl)
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save({"model": {}, "x": Exploit()}, out / "ckpt.pt")
+    before["ckpt.pt"] = (out / "ckpt.pt").read_bytes()
+    refused(train.main, args, capsys, "ckpt.pt: refused to load", "can run code")
+    assert not (tmp_path / "pwned").exists() and snapshot(out) == before

@@ -1,3 +1,5 @@
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -121,3 +123,54 @@ def test_sampler_length_proportional():
     np.testing.assert_allclose(sampler.p, [0.02, 0.98])
     b = sampler.sample(64)
     assert b["attention_mask"].sum(1).float().mean() > 3.5  # almost all windows come from the long episode
+
+
+def _d4rl(path, n=12, obs_dim=11, act_dim=3, with_timeouts=True, **override):
+    term = np.zeros(n, bool)
+    term[3] = True
+    arrays = {"observations": np.random.default_rng(0).normal(size=(n, obs_dim)).astype(np.float32),
+              "actions": np.zeros((n, act_dim), np.float32), "rewards": np.ones(n, np.float32), "terminals": term}
+    if with_timeouts:
+        arrays["timeouts"] = np.arange(n) == n - 1
+    arrays.update(override)
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            if v is not None:
+                f[k] = v
+    return path
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"rewards": np.r_[np.ones(5), np.nan, np.ones(6)].astype(np.float32)},
+     "field 'rewards' has NaN/inf at 1 step(s), first at step 5"),
+    ({"observations": np.full((12, 11), np.inf, np.float32)}, "field 'observations' has NaN/inf"),
+    ({"actions": np.zeros((11, 3), np.float32)}, "field 'actions' has shape (11, 3); expected (12, dim)"),
+    ({"terminals": np.zeros(13, bool)}, "field 'terminals' has shape (13,)"),
+    ({"rewards": np.ones((12, 2), np.float32)}, "field 'rewards' has shape (12, 2)"),
+    ({"observations": np.zeros(12, np.float32)}, "field 'observations' has shape (12,)"),
+    ({"terminals": np.zeros(12, bool), "timeouts": np.zeros(12, bool)}, "no complete episode"),
+])
+def test_d4rl_files_are_checked(tmp_path, override, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        load_d4rl_hdf5(_d4rl(tmp_path / "hopper-medium-v2.hdf5", **override))
+
+
+def test_d4rl_file_without_timeouts_is_cut_at_the_step_limit_as_the_official_script(tmp_path):
+    path = _d4rl(tmp_path / "hopper-medium-v2.hdf5", n=14, with_timeouts=False)  # a terminal at step 3
+    ds = load_d4rl_hdf5(path, max_ep_len=4)
+    # gym/data/download_d4rl_datasets.py: episode_step restarts at 1 after a cut, so later episodes have 3 steps
+    assert [len(t) for t in ds.trajectories] == [4, 3, 3, 3] and ds.trajectories[0].terminals[-1]
+    assert all(t.timeouts[-1] for t in ds.trajectories[1:])
+
+
+def test_dataset_checks_name_the_field_and_episode():
+    from envs.data import check_dataset, dataset_hash
+    ds = _tiny_dataset([3, 4])
+    check_dataset(ds, ds.obs_dim, ds.act_dim)
+    h = dataset_hash(ds)
+    with pytest.raises(ValueError, match="has observation dimension 11, but the env has 17"):
+        check_dataset(ds, 17, ds.act_dim)
+    ds.trajectories[1].rewards[2] = np.nan
+    assert dataset_hash(ds) != h
+    with pytest.raises(ValueError, match="field 'rewards' of episode 1 holds NaN or inf"):
+        check_dataset(ds)
