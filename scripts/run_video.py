@@ -16,6 +16,15 @@ Budgets: baselines (h2o, l2, recency, snapkv, random) run, per sample, at the re
 on that sample when `namm` comes before them in --policies; otherwise at --budget (0.5 if not given). An explicit
 --budget always wins. All policies share one eviction period (--delay).
 
+Protocols are the official evaluators' (video/prompts.py names each source and version): LongVideoBench as
+lmms-eval's longvideobench_val_v (--subtitles: longvideobench_val_i, subtitles interleaved with the frames, each
+frame its own one-frame video), MLVU as the MLVU authors' choice_bench.py / test_bench.py (system text, "Question:
+... Options: (A) ...", reply opened with "Best Option: (", the letter before the first ")" scored). Frames: --frame-
+sampling lmms-eval (default) takes --frames uniform indices even from a shorter video (frames repeat), unique never
+repeats a frame. Test splits (longvideobench --split test, mlvu --split test without its ground-truth file) have no
+answers: the summary shows no accuracy and the run writes the file the benchmark scores, per policy:
+submission_<policy>.json ({id: letter} for LongVideoBench, [{question_id, question_type, option}] for MLVU).
+
 Eviction steps run while the video is being read (--evict-during video, the default): the policies decide which
 video tokens to keep, and the question that follows is read into the pruned cache and kept whole (with 7B-class
 models the text after the video is usually shorter than one eviction period anyway). --evict-during prompt keeps
@@ -41,7 +50,9 @@ TINY_RANDOM = "tiny-random"
 TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
 SNAPKV_WINDOW = 32  # SnapKV's default observation window
 SETTINGS = ("dataset", "split", "data_root", "data_hash", "model", "model_hash", "namm", "namm_hash", "frames",
-            "chunk", "delay", "budget", "seed", "dtype", "evict_during")
+            "chunk", "delay", "budget", "seed", "dtype", "evict_during", "frame_sampling", "subtitles")
+LEGACY_SETTINGS = {"frame_sampling": "unique", "subtitles": False}  # what runs recorded before these flags used
+SPLITS = {"longvideobench": ("val", "validation", "test"), "mlvu": ("dev", "test"), "synthetic": ("train", "val", "test")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,11 +62,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                       "synthetic: generated if omitted)")
     ap.add_argument("--allow-outside-paths", action="store_true",
                     help="let annotation paths (video_path, subtitles) point outside the dataset folder")
-    ap.add_argument("--split", default=None, help="longvideobench: val|test (default val); synthetic: default test")
+    ap.add_argument("--split", default=None, help="longvideobench: val|test (default val); mlvu: dev|test (default "
+                                                  "dev); synthetic: train|val|test (default test)")
     ap.add_argument("--model", default=None,
                     help=f"Hub id or folder; '{TINY_RANDOM}' = a fresh random tiny model. Default: the trained tiny "
                          "model for synthetic (random tiny if absent), else llava-hf/LLaVA-NeXT-Video-7B-hf")
     ap.add_argument("--frames", type=int_in(1), default=32)
+    ap.add_argument("--frame-sampling", default="lmms-eval", choices=["lmms-eval", "unique"],
+                    help="lmms-eval (default): linspace(0, n-1, --frames) like lmms-eval's Llava wrapper, frames "
+                         "repeat when a video is shorter; unique: at most one copy of each frame")
+    ap.add_argument("--subtitles", action="store_true",
+                    help="longvideobench: interleave the subtitles with the frames (lmms-eval longvideobench_val_i; "
+                         "needs the subtitles/ folder)")
     ap.add_argument("--policies", type=name_list(POLICY_NAMES), default="full,namm", help=", ".join(POLICY_NAMES))
     ap.add_argument("--budget", type=budget, default=None, help="baseline cache fraction in (0, 1] (or tokens >= 2)")
     ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt")
@@ -84,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_root is None and args.dataset != "synthetic":
         ap.error(f"--dataset {args.dataset} needs --data-root: the folder holding the benchmark (see the "
                  "loader's message for the layout), or use --dataset synthetic to run offline")
+    if args.split is not None and args.split not in SPLITS[args.dataset]:
+        ap.error(f"--split {args.split}: {args.dataset} has {', '.join(SPLITS[args.dataset])}")
+    if args.subtitles and args.dataset != "longvideobench":
+        ap.error(f"--subtitles: only LongVideoBench has subtitles, not {args.dataset}")
     if args.delay is not None and "snapkv" in args.policy_list and args.delay <= SNAPKV_WINDOW:
         ap.error(f"--delay {args.delay}: snapkv needs an eviction period > its window of {SNAPKV_WINDOW} tokens")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
@@ -106,10 +128,14 @@ def load_samples(args, notes: list[str]):
             notes.append(f"generated a synthetic {split} split ({args.synthetic_samples} videos) in {root}")
         args.data_root = str(root)
     try:
-        return load_dataset(args.dataset, args.data_root, None if args.dataset == "mlvu" else args.split,
-                            allow_outside=args.allow_outside_paths)
+        samples = load_dataset(args.dataset, args.data_root, args.split, allow_outside=args.allow_outside_paths)
     except (DatasetNotFoundError, ValueError) as err:  # not found, unreadable annotations, duplicate ids
         raise UsageError(str(err)) from None
+    missing = [s.id for s in samples if args.subtitles and s.problem is None and s.subtitle_path is None]
+    if missing:
+        raise UsageError(f"--subtitles: {len(missing)} sample(s) have no subtitle file (e.g. {missing[:3]}); "
+                         "unpack subtitles.tar next to the annotations, or drop --subtitles")
+    return samples
 
 
 def data_hash(samples, root: str) -> str:
@@ -219,7 +245,8 @@ def markdown(summary: dict, dataset: str, header: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p, s in summary.items():
         budget = s["budget_source"] + ("" if s["mean_budget"] is None else f" (mean {s['mean_budget']:.3g})")
-        lines.append(f"| {p} | {budget} | {s['n']} | {_f(100 * s['headline'])} | "
+        headline = None if s["headline"] is None else 100 * s["headline"]
+        lines.append(f"| {p} | {budget} | {s['n']} | {_f(headline)} | "
                      f"{_f(s['realised_cache_pct'])} | {_f(s['video_kept_pct'])} | "
                      f"{_f(s['peak_kv_mib'], '{:.2f}')} | {_f(s['peak_cache_mib'], '{:.2f}')} | "
                      f"{_f(s['peak_memory_mib'], '{:.0f}')} | "
@@ -264,6 +291,21 @@ def policy_for(name: str, args, namm, delay: int, sample_id: str, done: dict) ->
     return make_policy(name, budget=budget, delay=delay, **kw), budget, source
 
 
+def write_submissions(out: Path, records: list[dict], dataset: str, policies: list[str]) -> list[str]:
+    """submission_<policy>.json per policy in the benchmark's format (video.scoring); returns the file names."""
+    from namm_transfer.records import write_json
+    from video.scoring import lvb_submission, mlvu_test_submission
+
+    make = mlvu_test_submission if dataset == "mlvu" else lvb_submission
+    names = []
+    for policy in policies:
+        rs = sorted((r for r in records if r["policy"] == policy), key=lambda r: r["sample_index"])
+        if rs:
+            names.append(f"submission_{policy}.json")
+            write_json(out / names[-1], make(rs))
+    return names
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_cli(lambda: run(args))
@@ -305,7 +347,8 @@ def run(args) -> int:
     model_tag = Path(args.model.rstrip("/")).name
     out = Path(args.out or default_out("video", f"{args.dataset}_{model_tag}_{args.frames}f"))
     settings = {k: getattr(args, k) for k in SETTINGS}
-    with open_run(out, settings, "scripts/run_video.py", args.argv, fillable=("namm", "namm_hash")):
+    with open_run(out, settings, "scripts/run_video.py", args.argv, fillable=("namm", "namm_hash"),
+                  legacy=LEGACY_SETTINGS):
         path = out / "records.jsonl"
         ids = {s.id for s in samples}
         if args.retry_errors:
@@ -320,7 +363,8 @@ def run(args) -> int:
         with open(path, "a") as f, tqdm(total=n_todo, disable=args.no_progress, desc="video QA") as bar:
             for index, sample in todo:
                 try:
-                    inputs, failure = prepare_inputs(sample, processor, args.frames), None
+                    inputs, failure = prepare_inputs(sample, processor, args.frames, sampling=args.frame_sampling,
+                                                     subtitles=args.subtitles), None
                 except (VideoDecodeError, SampleError) as err:
                     inputs, failure = None, err
                 for name in args.policy_list:
@@ -352,6 +396,9 @@ def run(args) -> int:
         if any(p in BASELINES for p in args.policy_list):
             header.append("baseline budgets: " + "; ".join(f"{p}: {s['budget_source']}" for p, s in summary.items()
                                                             if p in BASELINES))
+        if all(s.answer is None for s in samples):
+            header.append("answers withheld: no accuracy; submission files: " +
+                          ", ".join(write_submissions(out, records, args.dataset, args.policy_list)))
         table = markdown(summary, args.dataset, header)
         write_json(out / "summary.json", {"settings": settings, "notes": notes, "policies": summary})
         write_text(out / "summary.md", table)

@@ -135,16 +135,32 @@ def test_malformed_mlvu_entries_and_escaping_paths_are_sample_problems(tmp_path)
     write_mlvu(tmp_path)
     bad = [*MLVU_PLOT, {"video": "x.mp4", "candidates": ["a", "b"], "answer": "a"},  # no question
            {**MLVU_PLOT[0], "video": "/etc/passwd"}, {**MLVU_PLOT[0], "question_type": "../../elsewhere"},
-           {**MLVU_PLOT[0], "answer": "Purple"}, "not an object"]
+           {**MLVU_PLOT[0], "answer": None}, "not an object"]
     (tmp_path / "json" / "1_plotQA.json").write_text(json.dumps(bad))
     samples = load_mlvu(tmp_path, tasks=["plotQA"])
     assert [s.problem is None for s in samples] == [True, False, False, False, False, False]
     problems = [s.problem for s in samples[1:]]
     assert "missing ['question']" in problems[0] and "'/etc/passwd' points outside" in problems[1]
-    assert "question_type '../../elsewhere' points outside" in problems[2] and "'Purple'" in problems[3]
+    assert "question_type '../../elsewhere' points outside" in problems[2] and "None" in problems[3]
     assert "a str, not an object" in problems[4]
     allowed = load_mlvu(tmp_path, tasks=["plotQA"], allow_outside=True)
     assert allowed[2].problem is None and allowed[2].video_path.endswith("/etc/passwd")
+
+
+def test_mlvu_gold_naming_no_candidate_is_a_question_always_wrong(tmp_path):
+    # JUNJIE99/MLVU choice_bench.py: the gold becomes "(@)" (answer index -1), which no reply matches; the question
+    # stays in its task (the dev set has two: 2_needle.json entries 34 and 338)
+    from video.prompts import parse_answer
+    from video.scoring import accuracy_table, make_record
+
+    write_mlvu(tmp_path)
+    (tmp_path / "json" / "1_plotQA.json").write_text(json.dumps([MLVU_PLOT[0], {**MLVU_PLOT[0], "answer": "Purple"}]))
+    ok, odd = load_mlvu(tmp_path, tasks=["plotQA"])
+    assert odd.problem is None and odd.answer is None and odd.category == "plotQA"
+    recs = [make_record(s, f"{s.answer_letter or 'A'})", parse_answer(s, f"{s.answer_letter or 'A'})"))
+            for s in (ok, odd)]
+    assert [r.correct for r in recs] == [True, False]
+    assert accuracy_table(recs)["by_category"] == {"plotQA": 0.5}
 
 
 def test_unusable_annotation_files_are_dataset_errors(tmp_path):

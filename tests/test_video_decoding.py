@@ -22,12 +22,27 @@ def ramp_video(tmp_path_factory):
 
 def test_sample_indices_uniform_and_fps():
     assert sample_indices(64, 8).tolist() == [0, 9, 18, 27, 36, 45, 54, 63]
-    assert sample_indices(5, 8).tolist() == [0, 1, 2, 3, 4]  # never more frames than the video has
+    # lmms-eval (default): np.linspace(0, 4, 8, dtype=int) -> 8 indices, repeated on a 5-frame video
+    assert sample_indices(5, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
+    assert sample_indices(5, 8, sampling="unique").tolist() == [0, 1, 2, 3, 4]  # never a frame twice
+    assert sample_indices(64, 8, sampling="unique").tolist() == sample_indices(64, 8).tolist()
     assert sample_indices(64, 32, fps=8, target_fps=2).tolist() == list(range(0, 64, 4))
     capped = sample_indices(64, 5, fps=8, target_fps=2)
     assert capped.tolist() == [0, 12, 28, 44, 60]  # 5 of the 2-fps grid, spread over the whole video
     with pytest.raises(ValueError):
         sample_indices(64, 8, fps=0, target_fps=1)
+    with pytest.raises(ValueError, match="sampling"):
+        sample_indices(64, 8, sampling="random")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_video_repeats_frames_like_lmms_eval(ramp_video, backend):
+    clip = read_video(ramp_video, num_frames=70, backend=backend)  # 64 frames in the file
+    assert len(clip.frames) == 70 and clip.indices.tolist() == np.linspace(0, 63, 70, dtype=int).tolist()
+    red = clip.frames[..., 0].reshape(70, -1).mean(1)
+    np.testing.assert_allclose(red, clip.indices * 4, atol=3)  # a repeated index is the same frame again
+    unique = read_video(ramp_video, num_frames=70, backend=backend, sampling="unique")
+    assert unique.indices.tolist() == list(range(64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -315,12 +315,17 @@ def _mlvu_video_path(video_root: Path, stem: str, qtype: str, name: str | Path) 
     return video_root / stem / name
 
 
-def _mlvu_answer(item: dict, options: list[str], where: str) -> int:
+def _mlvu_answer(item: dict, options: list[str], where: str) -> int | None:
+    """Index of the gold answer (a candidate's text, or a letter). A text that names no candidate gives None: the
+    official scorer (JUNJIE99/MLVU choice_bench.py qa_template) then makes the gold "(@)", which no reply matches,
+    so the question stays in its task and is always wrong (2_needle.json entries 34 and 338 of the dev set)."""
     ans = item.get("answer")
     if ans in options:
         return options.index(ans)
     if isinstance(ans, str) and len(ans) == 1 and ans in LETTERS[: len(options)]:
         return LETTERS.index(ans)
+    if isinstance(ans, str) and ans:
+        return None
     raise ValueError(f"{where}: answer {ans!r} is neither one of the candidates nor a letter")
 
 
@@ -397,10 +402,16 @@ def load_synthetic(root: str | os.PathLike, split: str = "test", allow_outside: 
 
 
 def load_dataset(name: str, root: str | os.PathLike, split: str | None = None, **kwargs) -> list[VideoQASample]:
-    """Dispatch by name: "longvideobench" (split val/test), "mlvu" (dev), "synthetic" (train/val/test)."""
+    """Dispatch by name: "longvideobench" (split val/test), "mlvu" (dev/test), "synthetic" (train/val/test)."""
     if name == "longvideobench":
         return load_longvideobench(root, split or "val", **kwargs)
+    if name == "mlvu" and split == "test":
+        from video.mlvu_test import load_mlvu_test
+
+        return load_mlvu_test(root, **kwargs)
     if name == "mlvu":
+        if split not in (None, "dev"):
+            raise ValueError(f"MLVU split must be dev or test, got {split!r}")
         return load_mlvu(root, **kwargs)
     if name == "synthetic":
         return load_synthetic(root, split or "test", **kwargs)

@@ -5,7 +5,11 @@
     clip.frames     # (N, H, W, 3) uint8
     clip.timestamps # (N,) seconds
 
-Uniform sampling is `np.linspace(0, total - 1, min(N, total)).astype(int)`, as lmms-eval's video loaders do.
+Uniform sampling (`sampling`): "lmms-eval" (default) is `np.linspace(0, total - 1, N).astype(int)` as lmms-eval's
+Llava(-Next-Video) model wrapper decodes videos (EvolvingLMMs-Lab/lmms-eval 9c78edcf, models/simple/llava_hf.py
+`load_video`; the same in model_utils/load_video.py `load_video_decord`): always N frames, so a video with fewer
+than N frames gives repeated indices. "unique" is `linspace(0, total - 1, min(N, total))`: never a frame twice.
+Both give the same frames when the video has at least N frames.
 Any failure (missing file, unreadable container, no frames) raises `VideoDecodeError(path, reason)`, so a caller
 can record a per-sample error instead of silently getting an empty clip.
 """
@@ -27,6 +31,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAVE_DECORD = False
 
 BACKENDS = ("auto", "decord", "pyav")
+SAMPLING = ("lmms-eval", "unique")
 
 
 class VideoDecodeError(RuntimeError):
@@ -52,10 +57,12 @@ class VideoClip:
         return self.total_frames / self.fps if self.fps > 0 else 0.0
 
 
-def sample_indices(total_frames: int, num_frames: int, fps: float = 0.0, target_fps: float | None = None) -> np.ndarray:
+def sample_indices(total_frames: int, num_frames: int, fps: float = 0.0, target_fps: float | None = None,
+                   sampling: str = "lmms-eval") -> np.ndarray:
     """Frame indices to decode.
 
-    Uniform (target_fps None): `linspace(0, total-1, min(num_frames, total))`, truncated to int.
+    Uniform (target_fps None): `linspace(0, total-1, num_frames)` truncated to int ("lmms-eval": indices repeat
+    when the video is shorter than num_frames) or `linspace(0, total-1, min(num_frames, total))` ("unique").
     fps-based: one frame every 1/target_fps seconds from t=0; if that gives more than num_frames, fall back
     to num_frames picked uniformly over that grid (so the cap keeps the whole video covered).
     """
@@ -63,8 +70,11 @@ def sample_indices(total_frames: int, num_frames: int, fps: float = 0.0, target_
         raise ValueError("total_frames must be positive")
     if num_frames <= 0:
         raise ValueError("num_frames must be positive")
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     if target_fps is None:
-        return np.linspace(0, total_frames - 1, min(num_frames, total_frames)).astype(np.int64)
+        count = num_frames if sampling == "lmms-eval" else min(num_frames, total_frames)
+        return np.linspace(0, total_frames - 1, count).astype(np.int64)
     if target_fps <= 0 or fps <= 0:
         raise ValueError("fps sampling needs a positive target_fps and a known video fps")
     step = fps / target_fps  # frames between samples
@@ -80,14 +90,17 @@ def read_video(
     num_frames: int = 32,
     target_fps: float | None = None,
     backend: str = "auto",
+    sampling: str = "lmms-eval",
 ) -> VideoClip:
-    """Decode `num_frames` frames (uniform, or at `target_fps` capped at `num_frames`).
+    """Decode `num_frames` frames (uniform with `sampling`, or at `target_fps` capped at `num_frames`).
 
     backend "auto" uses decord when it imports and retries with PyAV if decord fails on the file;
     the error then carries both reasons.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoDecodeError(path, "file not found")
@@ -98,19 +111,19 @@ def read_video(
     if backend == "decord" and not HAVE_DECORD:
         raise ImportError("backend='decord' requested but decord does not import; use backend='pyav'")
     if backend == "pyav" or (backend == "auto" and not HAVE_DECORD):
-        return _read_pyav(path, num_frames, target_fps)
+        return _read_pyav(path, num_frames, target_fps, sampling)
     try:
-        return _read_decord(path, num_frames, target_fps)
+        return _read_decord(path, num_frames, target_fps, sampling)
     except VideoDecodeError as err:
         if backend == "decord":
             raise
         try:
-            return _read_pyav(path, num_frames, target_fps)
+            return _read_pyav(path, num_frames, target_fps, sampling)
         except VideoDecodeError as err2:
             raise VideoDecodeError(path, f"decord: {err.reason}; pyav: {err2.reason}") from err2
 
 
-def _read_decord(path: str, num_frames: int, target_fps: float | None) -> VideoClip:
+def _read_decord(path: str, num_frames: int, target_fps: float | None, sampling: str) -> VideoClip:
     vr = None
     try:
         try:
@@ -121,7 +134,7 @@ def _read_decord(path: str, num_frames: int, target_fps: float | None) -> VideoC
         if total <= 0:
             raise VideoDecodeError(path, "video stream has no frames")
         fps = float(vr.get_avg_fps())
-        idx = _indices(path, total, num_frames, fps, target_fps)
+        idx = _indices(path, total, num_frames, fps, target_fps, sampling)
         try:
             batch = vr.get_batch(idx.tolist())
             frames = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()  # torch bridge set elsewhere
@@ -132,7 +145,7 @@ def _read_decord(path: str, num_frames: int, target_fps: float | None) -> VideoC
         del vr  # release the reader (decord leaks file handles and memory otherwise)
 
 
-def _read_pyav(path: str, num_frames: int, target_fps: float | None) -> VideoClip:
+def _read_pyav(path: str, num_frames: int, target_fps: float | None, sampling: str) -> VideoClip:
     import av
 
     try:
@@ -150,13 +163,13 @@ def _read_pyav(path: str, num_frames: int, target_fps: float | None) -> VideoCli
             container.seek(0)
         if total <= 0:
             raise VideoDecodeError(path, "video stream has no frames")
-        idx = _indices(path, total, num_frames, fps, target_fps)
+        idx = _indices(path, total, num_frames, fps, target_fps, sampling)
         frames, seen = _decode_indices(container, stream, idx)
         if len(frames) < len(idx):  # the stored frame count was wrong: resample over the frames really there
             if seen <= 0:
                 raise VideoDecodeError(path, "no frame could be decoded")
             total = seen
-            idx = _indices(path, total, num_frames, fps, target_fps)
+            idx = _indices(path, total, num_frames, fps, target_fps, sampling)
             container.seek(0)
             frames, _ = _decode_indices(container, stream, idx)
         return VideoClip(np.stack(frames), _seconds(idx, fps), idx, fps, total, "pyav")
@@ -168,25 +181,27 @@ def _read_pyav(path: str, num_frames: int, target_fps: float | None) -> VideoCli
         container.close()
 
 
-def _indices(path: str, total: int, num_frames: int, fps: float, target_fps: float | None) -> np.ndarray:
+def _indices(path: str, total: int, num_frames: int, fps: float, target_fps: float | None,
+             sampling: str) -> np.ndarray:
     if target_fps is not None and fps <= 0:
         raise VideoDecodeError(path, "frame rate unknown, cannot sample at a target fps")
-    return sample_indices(total, num_frames, fps, target_fps)
+    return sample_indices(total, num_frames, fps, target_fps, sampling)
 
 
 def _decode_indices(container, stream, idx: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """Decode sequentially, keeping the frames whose running index is in `idx` (sorted, unique)."""
+    """Decode sequentially, keeping the frames whose running index is in `idx` (sorted; a repeated index gives
+    the same frame again). Returns fewer frames than `idx` when the stream ends early."""
     wanted = set(idx.tolist())
     last = int(idx[-1])
-    frames: list[np.ndarray] = []
+    decoded: dict[int, np.ndarray] = {}
     seen = 0
     for i, frame in enumerate(container.decode(stream)):
         seen = i + 1
         if i in wanted:
-            frames.append(frame.to_ndarray(format="rgb24"))
+            decoded[i] = frame.to_ndarray(format="rgb24")
         if i >= last:
             break
-    return frames, seen
+    return [decoded[i] for i in idx.tolist() if i in decoded], seen
 
 
 def _seconds(idx: np.ndarray, fps: float) -> np.ndarray:

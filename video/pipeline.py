@@ -4,6 +4,11 @@
     inputs = prepare_inputs(sample, processor, num_frames=32)          # raises VideoDecodeError
     record = answer(model, processor, sample, inputs, H2O(0.25), index=0)
 
+Prompts and parsing are the official evaluators' (video.prompts). Frames: `sampling` "lmms-eval" (default) always
+takes num_frames uniform indices, repeating frames of a shorter video, "unique" never repeats (video.decoding).
+`subtitles=True` (LongVideoBench) interleaves the subtitles with the frames: each frame is then its own one-frame
+video at its place in the text (the vision features of a frame do not depend on the others).
+
 `run_sample` wraps both and turns a VideoDecodeError, a malformed annotation entry (SampleError) or a CUDA
 out-of-memory into a per-sample error record: the run continues, and the record has no prediction (scored wrong,
 counted in the error column).
@@ -21,12 +26,13 @@ from namm_transfer.adapters.video_lm import generate_video
 from namm_transfer.policies import MemoryPolicy
 from video.datasets import SampleError, VideoQASample
 from video.decoding import VideoDecodeError, read_video
-from video.prompts import ParsedAnswer, build_prompt, conversation, parse_answer
+from video.prompts import ParsedAnswer, chat_text, parse_answer, read_subtitles, video_prompt
 from video.scoring import QARecord, make_record
 
 TINY_SYNTH_MODEL = Path(__file__).parent / "checkpoints" / "llava-tiny-synth"
 DEFAULT_MODEL = "llava-hf/LLaVA-NeXT-Video-7B-hf"
-MAX_NEW_TOKENS = {"mlvu": 16, "synthetic": 48}  # lmms-eval: mlvu_dev 16, longvideobench 32; synthetic: the
+MAX_NEW_TOKENS = {"mlvu": 16, "synthetic": 48}  # greedy. lmms-eval: mlvu_dev 16, longvideobench 32 (MLVU's own
+# run samples at temperature 0.1 up to 1024 tokens; its check_ans reads only up to the first ")"); synthetic: the
 # small model's reasoned replies (video.training.reply_text): up to 36 tokens over 400 training samples
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -53,17 +59,31 @@ def max_new_tokens_for(sample: VideoQASample) -> int:
     return MAX_NEW_TOKENS.get(sample.dataset, 32)
 
 
-def prepare_inputs(sample: VideoQASample, processor, num_frames: int = 32, backend: str = "auto") -> VideoInputs:
+def prepare_inputs(sample: VideoQASample, processor, num_frames: int = 32, backend: str = "auto",
+                   sampling: str = "lmms-eval", subtitles: bool = False) -> VideoInputs:
     """Decode `num_frames` uniform frames and build the chat prompt through the processor's chat template.
-    Raises VideoDecodeError (the video) or SampleError (the annotation entry is malformed)."""
+    Raises VideoDecodeError (the video) or SampleError (a malformed annotation entry, a missing or unreadable
+    subtitle file)."""
     if sample.problem:
         raise SampleError(sample.problem)
+    subs = _subtitles(sample) if subtitles else None
     t0 = time.perf_counter()
-    clip = read_video(sample.video_path, num_frames=num_frames, backend=backend)
+    clip = read_video(sample.video_path, num_frames=num_frames, backend=backend, sampling=sampling)
     t1 = time.perf_counter()
-    text = processor.apply_chat_template(conversation(build_prompt(sample)), add_generation_prompt=True)
-    enc = processor(text=text, videos=clip.frames, return_tensors="pt")
+    try:
+        prompt = video_prompt(sample, clip.timestamps.tolist(), subs)
+    except (KeyError, TypeError, ValueError) as err:  # a subtitle item of neither official format
+        raise SampleError(f"subtitles of {sample.id}: {type(err).__name__}: {err}") from None
+    videos = [frame[None] for frame in clip.frames] if prompt.frames_inline else clip.frames
+    enc = processor(text=chat_text(processor, prompt), videos=videos, return_tensors="pt")
     return VideoInputs(dict(enc), len(clip.frames), clip.backend, t1 - t0)
+
+
+def _subtitles(sample: VideoQASample) -> list[dict]:
+    try:
+        return read_subtitles(sample)
+    except (OSError, ValueError) as err:  # missing file, bad JSON, not a list
+        raise SampleError(f"subtitles: {err}") from None
 
 
 def record_dict(record: QARecord, **extra) -> dict:
@@ -96,10 +116,11 @@ def error_record(sample: VideoQASample, err: BaseException) -> dict:
 
 
 def run_sample(model, processor, sample: VideoQASample, policies: list[MemoryPolicy], index: int = 0,
-               num_frames: int = 32, seed: int = 0, chunk_size: int = 128, evict_during: str = "prompt") -> list[dict]:
+               num_frames: int = 32, seed: int = 0, chunk_size: int = 128, evict_during: str = "prompt",
+               sampling: str = "lmms-eval", subtitles: bool = False) -> list[dict]:
     """All policies on one sample (the video is decoded once); errors become records, never exceptions."""
     try:
-        inputs = prepare_inputs(sample, processor, num_frames)
+        inputs = prepare_inputs(sample, processor, num_frames, sampling=sampling, subtitles=subtitles)
     except (VideoDecodeError, SampleError) as err:
         return [error_record(sample, err) for _ in policies]
     out = []

@@ -1,8 +1,15 @@
-"""Accuracy tables for video multiple-choice QA.
+"""Accuracy tables and submission files for video multiple-choice QA.
 
-LongVideoBench reports accuracy overall, per duration_group and per question_category. MLVU's M-Avg is the
-unweighted mean of per-task accuracies. Unparsed replies and per-sample errors (e.g. an undecodable video) are
-counted, never dropped: a record without a prediction is wrong.
+LongVideoBench reports accuracy overall, per duration_group and per question_category (lmms-eval fdb5bfad
+`longvideobench_aggregate_results`; its "Overall" is the plain accuracy). MLVU's M-Avg is the unweighted mean of the
+per-task accuracies (JUNJIE99/MLVU choice_bench.py "Avg"; lmms-eval's MLVU aggregators the same). Unparsed replies
+and per-sample errors (e.g. an undecodable video) are counted, never dropped: a record without a prediction is
+wrong. Where the benchmark withholds every answer (LongVideoBench test, MLVU test without its ground-truth file)
+there is no accuracy: the run writes the file the benchmark's server scores instead.
+
+    lvb_submission(records)        {id: letter}: the letter each reply was scored as (parsed, else the seeded
+                                   guess; null for a sample that could not be run)
+    mlvu_test_submission(records)  [{"question_id", "question_type", "option"}] as MLVU's test_bench.py writes
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from video.datasets import VideoQASample
-from video.prompts import ParsedAnswer
+from video.prompts import ParsedAnswer, mlvu_test_option
 
 
 @dataclass
@@ -42,7 +49,12 @@ def _acc(rs: list[QARecord]) -> float:
 
 def accuracy_table(records: list[QARecord]) -> dict:
     """{"overall", "n", "n_unparsed", "n_errors", "by_duration_group": {g: acc}, "by_category": {c: acc},
-    "category_mean"} where category_mean is MLVU's M-Avg when categories are MLVU tasks."""
+    "category_mean"} where category_mean is MLVU's M-Avg when categories are MLVU tasks. When no record has a
+    gold answer (answers withheld) the accuracies are None and the breakdowns empty."""
+    if records and all(r.answer is None for r in records):
+        return {"overall": None, "n": len(records), "n_unparsed": sum(not r.parsed for r in records),
+                "n_errors": sum(r.error is not None for r in records), "by_duration_group": {}, "by_category": {},
+                "category_mean": None}
     by_group, by_cat = defaultdict(list), defaultdict(list)
     for r in records:
         if r.duration_group is not None:
@@ -59,3 +71,14 @@ def accuracy_table(records: list[QARecord]) -> dict:
         "by_category": cat_acc,
         "category_mean": sum(cat_acc.values()) / len(cat_acc) if cat_acc else 0.0,
     }
+
+
+def lvb_submission(records: list[dict]) -> dict[str, str | None]:
+    """LongVideoBench test submission {id: letter}, in record order."""
+    return {r["id"]: r.get("prediction") for r in records}
+
+
+def mlvu_test_submission(records: list[dict]) -> list[dict]:
+    """MLVU test submission: test_bench.py's list of {question_id, question_type, option}, in record order."""
+    return [{"question_id": r["id"], "question_type": r.get("category"),
+             "option": mlvu_test_option(r.get("response") or "")} for r in records]
