@@ -8,9 +8,11 @@ Runs the domain's harness (scripts/eval_language.py, run_video.py, run_dt.py) in
   namm/          --policies full,namm           (NAMM's cache size is emergent: one point per sweep)
   budget-<b>/    --policies <methods> --budget b (dt: --rollout kv)
 Arguments after `--` go to every harness call unchanged (not --policies, --budget or --out: the sweep sets
-them). Each sub-folder gets command.json with the exact argv, so the table names the command. Reruns resume
-(the harnesses skip what their records already hold). Then scripts/make_tables.py writes <out>/table.md,
-table.csv and sweep_*.png.
+them); they are checked by the harness's own parser before anything runs. Each harness writes command.json with
+its exact argv into its sub-folder, so the table names the command. Reruns resume (the harnesses skip what their
+records already hold; more budgets may be added); <out>/run.json records the domain, methods and harness
+arguments, and a rerun with others into the same --out (default <checkout>/runs/sweep/<domain>) is refused. Then
+scripts/make_tables.py writes <out>/table.md, table.csv and sweep_*.png.
 
 Language: without NAMM in a run, eval_language.py evicts every --delay tokens (default 512): pass the NAMM's delay
 so the baselines evict on its schedule.
@@ -27,10 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from namm_transfer.records import record_command  # noqa: E402
+from namm_transfer.cli import budget, default_out, name_list, number_list, out_help, run_cli  # noqa: E402
+from namm_transfer.runs import open_run  # noqa: E402
 
 HARNESS = {"language": "eval_language.py", "video": "run_video.py", "dt": "run_dt.py"}
 OWNED_FLAGS = ("--policies", "--budget", "--out")
+METHODS = ("h2o", "l2", "recency", "snapkv", "random")
 
 
 def budget_tag(b: float) -> str:
@@ -58,43 +62,65 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
     ap.add_argument("--domain", required=True, choices=sorted(HARNESS))
-    ap.add_argument("--budgets", required=True, help="comma-separated fractions in (0, 1] (or token counts > 1)")
-    ap.add_argument("--methods", default="h2o,l2,recency", help="baselines to sweep")
+    ap.add_argument("--budgets", required=True, type=number_list(budget, "budgets"),
+                    help="comma-separated fractions in (0, 1] (or whole token counts >= 2), each once")
+    ap.add_argument("--methods", type=name_list(METHODS), default="h2o,l2,recency", help="baselines to sweep")
     ap.add_argument("--no-namm", action="store_true", help="skip the NAMM (and full-cache) reference run")
-    ap.add_argument("--out", default=None, help="default runs/sweep/<domain>")
+    ap.add_argument("--out", default=None, help=out_help("sweep", "<domain>"))
     ap.add_argument("--dry-run", action="store_true", help="print the harness commands, run nothing")
     args, rest = ap.parse_known_args(argv)
     rest = rest[1:] if rest[:1] == ["--"] else rest
     clash = [a for a in rest if a.split("=")[0] in OWNED_FLAGS]
     if clash:
         ap.error(f"{clash}: the sweep sets --policies, --budget and --out itself")
-    try:
-        args.budget_list = [float(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError:
-        ap.error(f"--budgets {args.budgets!r}: expected numbers such as 0.25,0.5,0.75")
-    if not args.budget_list or any(b <= 0 for b in args.budget_list):
-        ap.error("--budgets: give positive fractions (or token counts)")
-    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.harness_args = rest
-    args.out = Path(args.out or ROOT / "runs" / "sweep" / args.domain)
+    args.budget_list, args.method_list, args.harness_args = args.budgets, args.methods, rest
+    args.out = Path(args.out or default_out("sweep", args.domain))
+    args.argv = argv
     return args
+
+
+def check_harness_args(domain: str, calls: list[tuple[Path, list[str]]]) -> None:
+    """Every planned call through its harness's own argument parser (exit 2 with its message if one is bad)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_sweep_{domain}", ROOT / "scripts" / HARNESS[domain])
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    for _, cmd in calls:
+        try:
+            harness.parse_args(cmd[2:])
+        except SystemExit:
+            print(f"sweep: the arguments after -- do not suit scripts/{HARNESS[domain]} (its message above)",
+                  file=sys.stderr)
+            raise
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     calls = plan(args.domain, args.budget_list, args.method_list, not args.no_namm, args.out, args.harness_args)
+    check_harness_args(args.domain, calls)
+    if args.dry_run:
+        for _, cmd in calls:
+            print(shlex.join(cmd), file=sys.stderr)
+        return 0
+    settings = {"domain": args.domain, "methods": args.method_list, "namm": not args.no_namm,
+                "harness_args": args.harness_args}
+    return run_cli(lambda: sweep(args, calls, settings))
+
+
+def sweep(args, calls: list[tuple[Path, list[str]]], settings: dict) -> int:
+    with open_run(args.out, settings, "scripts/sweep_budgets.py", args.argv):
+        return run_calls(args, calls)
+
+
+def run_calls(args, calls: list[tuple[Path, list[str]]]) -> int:
+    """Each harness call in turn (a failed one is reported, the others still run), then the tables."""
     failed = []
     for sub, cmd in calls:
         print(shlex.join(cmd), file=sys.stderr)
-        if args.dry_run:
-            continue
-        sub.mkdir(parents=True, exist_ok=True)
-        record_command(sub, cmd[1], cmd[2:])
         if subprocess.run([sys.executable, *cmd[1:]]).returncode != 0:
             failed.append(sub.name)
             print(f"sweep: {sub.name} failed; going on with the others", file=sys.stderr)
-    if args.dry_run:
-        return 0
     from make_tables import make_tables
 
     done = [str(sub) for sub, _ in calls if sub.is_dir()]

@@ -40,13 +40,31 @@ def test_no_plot_without_a_sweep(tmp_path):
 def test_sweep_plan_dry_run(tmp_path, capsys):
     sb = _script("sweep_budgets")
     code = sb.main(["--domain", "dt", "--budgets", "0.1,0.5", "--out", str(tmp_path), "--dry-run", "--",
-                    "--episodes", "1", "--n", "2"])
+                    "--episodes", "1", "--max-steps", "2"])
     lines = capsys.readouterr().err.splitlines()
     assert code == 0 and len(lines) == 3
-    assert "--policies full,namm --episodes 1 --n 2 --out" in lines[0] and lines[0].endswith(str(tmp_path / "namm"))
+    assert "--policies full,namm --episodes 1 --max-steps 2 --out" in lines[0]
+    assert lines[0].endswith(str(tmp_path / "namm"))
     assert "--policies h2o,l2,recency --budget 0.1 --rollout kv --episodes 1" in lines[1]
     assert lines[2].endswith(str(tmp_path / "budget-0.5"))
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_refuses_bad_arguments_and_other_settings(tmp_path, capsys):
+    from helpers_inputs import refused, snapshot
+    from namm_transfer.runs import open_run
+    sb = _script("sweep_budgets")
+    for bad, msg in ((["--budgets", "0.5,0.5"], "a value is repeated"), (["--budgets", "1.5"], "whole number"),
+                     (["--methods", "h2o,lru"], "unknown ['lru']"), (["--", "--episodes", "0"], "an integer >= 1"),
+                     (["--", "--frames", "4"], "unrecognized arguments: --frames 4"), (["--", "--budget", "0.3"], "sets --policies")):
+        refused(sb.main, ["--domain", "dt", "--budgets", "0.5", "--out", str(tmp_path / "s"), *bad], capsys, msg)
+    assert not (tmp_path / "s").exists()
+    with open_run(tmp_path / "s", {"domain": "dt", "methods": ["h2o"], "namm": True, "harness_args": []}, "x", []):
+        pass
+    before = snapshot(tmp_path / "s")
+    refused(sb.main, ["--domain", "dt", "--budgets", "0.5", "--methods", "h2o", "--out", str(tmp_path / "s"), "--",
+                      "--episodes", "2"], capsys, "harness_args: recorded [], this run ['--episodes', '2']")
+    assert snapshot(tmp_path / "s") == before
 
 
 def test_language_sweep_end_to_end(tmp_path, capsys):
