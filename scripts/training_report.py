@@ -1,0 +1,80 @@
+"""How far the committed language-NAMM searches (training/namm-*) are: a markdown block for the README.
+
+    python scripts/training_report.py                 # print the block
+    python scripts/training_report.py --write-readme  # replace the block between the README's markers
+
+Per search: generations done, population, prompts per generation, cache target, sigma, compute spent, the
+ranking agreement of members between the two halves of each generation's prompts (Spearman; how repeatable a
+generation's ranking is), and the latest validation point (CMA-ES mean vs H2O / recency at its cache size).
+tests/test_training_state.py checks that the README block equals this output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
+
+
+def summarise_run(folder: Path) -> dict:
+    info = json.loads((folder / "state.json").read_text())
+    cfg, hist, val = info["config"], info["history"], info.get("validation", [])
+    agree = [r["rank_agreement_halves"] for r in hist
+             if isinstance(r.get("rank_agreement_halves"), (int, float)) and math.isfinite(r["rank_agreement_halves"])]
+    tasks = sorted({t for s in cfg["stages"] for t in s["tasks"]})
+    return {"name": folder.name, "generations": info["es"]["generation"], "popsize": cfg["popsize"],
+            "prompts": cfg["samples_per_task"] * len(tasks), "tokens": cfg["tokens"], "delay": cfg["delay"],
+            "target": cfg["cache_target"], "weight": cfg["cache_weight"], "sigma": info["es"]["sigma"],
+            "hours": sum(r.get("seconds", 0) for r in hist + val) / 3600,
+            "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
+            "last_val": val[-1] if val else None, "n_val": len(val),
+            "changes": len(info.get("settings_changes", []))}
+
+
+def report(root: Path = ROOT) -> str:
+    runs = sorted(p for p in (root / "training").glob("namm-*") if (p / "state.json").exists())
+    lines = ["| search | generations | population x prompts | cache target | sigma | compute h | "
+             "rank agreement (halves) | validation: NAMM / full @ cache | H2O / full | recency / full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        r = summarise_run(run)
+        agree = f"{r['agreement']:.2f} (mean of {r['n_agree']})" if r["agreement"] is not None else "-"
+        v = r["last_val"]
+        if v:
+            val = (f"{v['namm_ratio']:.3f} @ {100 * v['namm_cache']:.1f}% (gen {v['generation']}, {v['n']} prompts)",
+                   f"{v.get('h2o_ratio', float('nan')):.3f}", f"{v.get('recency_ratio', float('nan')):.3f}")
+        else:
+            val = ("not yet", "-", "-")
+        lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
+                     f"(~{r['tokens']} tokens, delay {r['delay']}) | {r['target']} (weight {r['weight']}) | "
+                     f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} |")
+    if not runs:
+        lines.append("| (none) | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(block: str, readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"error: {readme} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write-readme", action="store_true")
+    args = ap.parse_args(argv)
+    block = report()
+    if args.write_readme:
+        write_readme(block)
+    print(block, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The committed language-NAMM searches (training/): their state loads, and the last generation replays exactly.
+
+From prev.state.* (the state one generation back) the CMA-ES draws the same population, the recorded member
+scores give the recorded ranking, and tell() lands bit for bit on the committed state; one member re-scored with
+SmolLM2 on one of that generation's prompts gives its recorded score. So a fresh clone continues the run exactly.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from namm_transfer.evolution.cmaes import SepCMAES
+from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, load_state, restore_es
+from namm_transfer.namm import NAMMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = sorted(p for p in (ROOT / "training").glob("namm-*") if (p / "state.json").exists())
+
+
+def test_training_state_is_committed():
+    assert RUNS, "training/ holds no search state (training/run.sh creates it; commit it at the end of a period)"
+
+
+def replay(run: Path):
+    prev_t, prev = load_state(run, "prev.")
+    cur_t, cur = load_state(run)
+    cfg = TrainConfig.from_dict(cur["config"])
+    es = restore_es(SepCMAES(NAMMConfig(delay=cfg.delay).num_params, cfg.popsize, cfg.sigma0, cfg.elite_ratio,
+                             seed=cfg.seed), prev_t, prev)
+    row = cur["history"][-1]
+    assert row["generation"] == es.generation == cur["es"]["generation"] - 1
+    population = es.ask()
+    score = torch.tensor(row["member_scores"], dtype=torch.float64)
+    frac = torch.tensor(row["member_cache"], dtype=torch.float64)[:, None]
+    tasks = [k.split("/")[0] for k in row["samples"]]
+    fit, _ = fitness_from_scores(score, frac, tasks, [cur["refs"][k] for k in row["samples"]], cfg.cache_weight,
+                                 cfg.cache_target)
+    assert float(fit.max()) == pytest.approx(row["fitness_max"], abs=1e-4)
+    es.tell(fit)
+    return es, cur_t, cur, cfg, row, population
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[p.name for p in RUNS])
+def test_last_generation_replays_exactly(run):
+    es, cur_t, cur, _, _, _ = replay(run)
+    assert torch.equal(es.mean, cur_t["es_mean"]) and torch.equal(es.diag_c, cur_t["es_diag_c"])
+    assert torch.equal(es.p_sigma, cur_t["es_p_sigma"]) and torch.equal(es.p_c, cur_t["es_p_c"])
+    assert es.sigma == cur["es"]["sigma"] and torch.equal(es.gen.get_state(), cur_t["es_rng"])
+
+
+@pytest.mark.parametrize("run", RUNS[:1], ids=[p.name for p in RUNS[:1]])
+def test_a_recorded_member_score_is_reproduced(run):
+    from namm_transfer.evolution.fitness import encode_sample, score_rows
+    from namm_transfer.features import RunningStats
+    from namm_transfer.language.models import load_causal_lm
+    from namm_transfer.language.tasks import make_sample
+    from namm_transfer.policies import NAMMPolicy
+    from namm_transfer.attention import enable_memory_attention
+    torch.set_num_threads(1)
+    es, cur_t, cur, cfg, row, population = replay(run)
+    if cfg.model != "smollm2-135m":
+        pytest.skip(f"search on {cfg.model}")
+    model, tok = load_causal_lm("smollm2-135m")
+    enable_memory_attention(model)
+    namm_cfg = NAMMConfig(delay=cfg.delay)
+    stats = RunningStats(namm_cfg.num_bins)
+    stats.count, stats.mean, stats.m2, stats.frozen = cur["stats"]["count"], cur_t["stats_mean"], \
+        cur_t["stats_m2"], True
+    task, seed, tokens, style = row["samples"][0].split("/")
+    sample = encode_sample(make_sample(task, int(seed), int(tokens), tok), tok, style, int(tokens))
+    member = 3
+    res = score_rows(model, sample, NAMMPolicy(population[member:member + 1].float(), namm_cfg, stats), 1, cfg.chunk)
+    assert float(res.score[0]) == pytest.approx(row["member_scores"][member][0], abs=2e-4)
+
+
+def test_readme_training_report_is_current():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0].strip("\n") + "\n"
+    assert block == mod.report(), "run: python scripts/training_report.py --write-readme"
