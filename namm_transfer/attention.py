@@ -1,13 +1,23 @@
-"""Attention capture through transformers' public AttentionInterface (no patched model forwards).
+"""Attention through transformers' public AttentionInterface, exact over the keys a MemoryCache holds.
 
-`enable_memory_attention(model)` registers one attention function under the name "namm_memory" and
-switches the model to it. When a MemoryCache layer has just been updated, the function:
-  * builds the mask from that layer's real cache length (valid slots + causal among the new queries),
-  * computes attention (explicit softmax when the policy needs probabilities, SDPA otherwise),
-  * hands the new queries' probabilities to the cache layer and lets it evict on schedule.
-Without a MemoryCache (e.g. training or a plain forward) it is ordinary SDPA with the model's mask.
+`enable_memory_attention(model)` registers `memory_attention` under the name "namm_memory" and switches the
+model to it. With a MemoryCache each call computes what the model's own eager attention computes, restricted to
+the kept keys:
+  * visibility: the model's own 4D mask (causality, left padding, sliding windows, block patterns) read at each
+    kept key's original sequence column, and the layer's `sliding_window` on top (a window never lets an
+    evicted key back, and eviction never brings back a key the window hides);
+  * logits q k^T * scaling, soft-capped by tanh when the model passes `softcap` (Gemma2);
+  * attention sinks `s_aux` (GPT-OSS): one learned logit per head joins the softmax and is dropped after it;
+  * softmax in float32, probabilities cast to the value dtype before the product with V (as eager does).
+The query block of one forward is cut where any batch row reaches an eviction step, so a one-shot prefill equals
+the same tokens fed in chunks. Anything else (dropout in training, non-causal attention, an argument this module
+does not know, a mask it cannot read) raises `UnsupportedAttention` naming it before any output is produced.
+Without a MemoryCache the function is transformers' SDPA attention (or the same exact math when the model needs
+soft-capping, sinks or attention weights).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,56 +25,222 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .cache import _CAPTURE
+from .cache import _CAPTURE, CaptureError, UnsupportedAttention
 
 ATTN_NAME = "namm_memory"
+# keyword arguments that carry nothing for the attention maths (already applied to q/k/v, or bookkeeping)
+IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_router_logits", "output_hidden_states",
+                            "return_dict", "cache_position", "token_type_ids"})
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything that shapes one layer's attention besides q, k, v and the mask."""
+
+    scaling: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # (H,) one logit per query head
+    sliding_window: int | None = None  # a query at column t sees columns > t - window
+    dropout: float = 0.0
+    is_causal: bool = True
+    output_attentions: bool = False
+
+    @property
+    def exact_only(self) -> bool:
+        """Needs the explicit softmax (fused SDPA has no soft-cap, sinks or weights)."""
+        return self.softcap is not None or self.sinks is not None or self.output_attentions
+
+
+def attention_spec(module, query: torch.Tensor, scaling: float | None, dropout: float, kwargs: dict) -> AttentionSpec:
+    """Read the attention features the model passes; refuse the ones this module does not reproduce."""
+    kw = dict(kwargs)
+    spec = AttentionSpec(
+        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        softcap=kw.pop("softcap", None), sinks=kw.pop("s_aux", None), sliding_window=kw.pop("sliding_window", None),
+        dropout=float(dropout or 0.0), output_attentions=bool(kw.pop("output_attentions", False)),
+        is_causal=bool(getattr(module, "is_causal", True) if kw.get("is_causal") is None else kw["is_causal"]))
+    kw.pop("is_causal", None)
+    unknown = sorted(k for k, v in kw.items() if k not in IGNORED_KWARGS and v is not None and v is not False)
+    if unknown:
+        raise UnsupportedAttention(
+            f"{type(module).__name__} passes {', '.join(unknown)} to its attention function; namm_transfer's memory "
+            "attention does not reproduce that feature exactly, so this model family is not supported")
+    if spec.sinks is not None and spec.sinks.numel() != query.shape[1]:
+        raise UnsupportedAttention(f"{type(module).__name__}: attention sinks (s_aux) of shape "
+                                   f"{tuple(spec.sinks.shape)} are not one logit per query head ({query.shape[1]})")
+    return spec
+
+
+def boolean_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_length: int) -> torch.Tensor | None:
+    """The model's 4D mask as bool (True = visible), checked against the sizes the cache reported."""
+    if mask is None:
+        return None
+    b, h, q = query.shape[:3]
+    if mask.dim() != 4 or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, h) or mask.shape[2] != q \
+            or mask.shape[3] != kv_length:
+        raise UnsupportedAttention(
+            f"attention mask of shape {tuple(mask.shape)} does not cover the {kv_length} sequence columns seen "
+            f"(batch {b}, {q} queries); pass a 2D attention_mask over every token fed so far (padding included)")
+    if mask.dtype == torch.bool:
+        return mask
+    hidden = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | hidden).all()):
+        raise UnsupportedAttention("an additive attention mask with values other than 0 and -inf (an attention "
+                                   "bias) is not supported by the memory attention")
+    return ~hidden
+
+
+def real_tokens(mask: torch.Tensor, start: int, batch: int) -> torch.Tensor:
+    """(B, q) True where the forward's new token is a real token: its query sees its own key (padding does not)."""
+    q = mask.shape[2]
+    cols = torch.arange(start, start + q, device=mask.device)
+    return mask[:, 0, torch.arange(q, device=mask.device), cols].expand(batch, q)
+
+
+def visible_keys(mask: torch.Tensor | None, columns: torch.Tensor, valid: torch.Tensor, q_cols: torch.Tensor,
+                 sliding_window: int | None) -> torch.Tensor:
+    """Bool (B, H_m, q, N): may the query at sequence column q_cols[i] see slot j (column columns[b, h, j])?
+
+    mask: the model's bool mask (B or 1, 1 or H, q, S) indexed by sequence column, or None = causal.
+    columns, valid: (B, H_kv, N). H_m is H_kv, or H when the mask has one pattern per query head.
+    """
+    b, h_kv, n = columns.shape
+    if mask is None:
+        vis = columns[:, :, None, :] <= q_cols[:, None]
+    else:
+        heads = mask.shape[1]
+        if heads != 1:  # one pattern per query head: expand the slots of each KV head to its query heads
+            columns, valid = (t.repeat_interleave(heads // h_kv, dim=1) for t in (columns, valid))
+        idx = columns[:, :, None, :].expand(b, columns.shape[1], len(q_cols), n)
+        vis = mask.expand(b, columns.shape[1], -1, -1).gather(-1, idx)
+    if sliding_window is not None:
+        vis = vis & (columns[:, :, None, :] > q_cols[:, None] - sliding_window)
+    return vis & valid[:, :, None, :]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
+           spec: AttentionSpec, need_probs: bool, training: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of query (B, H, q, D) over key/value (B, H_kv, N, D); visible (B, H_kv or H, q, N) or None (all).
+    Returns (output (B, H, q, D), probabilities (B, H, q, N) in the query dtype or None)."""
+    h, h_kv = query.shape[1], key.shape[1]
+    k, v = (key, value) if h == h_kv else (key.repeat_interleave(h // h_kv, 1), value.repeat_interleave(h // h_kv, 1))
+    if visible is not None and visible.shape[1] != h:
+        visible = visible.repeat_interleave(h // visible.shape[1], dim=1)
+    dropout = spec.dropout if training else 0.0
+    if not need_probs and not spec.exact_only:
+        return F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=spec.scaling,
+                                              dropout_p=dropout), None
+    scores = torch.matmul(query, k.transpose(-1, -2)) * spec.scaling
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.float()
+    if spec.sinks is not None:
+        sink = spec.sinks.float().reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if visible is not None:  # a query that sees nothing (padding) gets zeros, as SDPA gives, not NaN
+        probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
+    probs = probs.to(query.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs.to(v.dtype), v), probs
+
+
+def plain_attention(module, query, key, value, mask, spec: AttentionSpec, kwargs: dict):
+    """No MemoryCache in charge of this layer: the model's attention over the keys it was given."""
+    if not spec.exact_only:
+        rest = {k: v for k, v in kwargs.items() if k not in ("softcap", "s_aux", "sliding_window")}
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=spec.dropout, scaling=spec.scaling,
+                                      **rest)
+    n, q = key.shape[2], query.shape[2]
+    mask = boolean_mask(mask, query, n)
+    q_cols = torch.arange(n - q, n, device=query.device)
+    columns = torch.arange(n, device=query.device).expand(query.shape[0], key.shape[1], n)
+    if mask is None and not spec.is_causal:
+        mask = torch.ones(1, 1, q, n, dtype=torch.bool, device=query.device)
+    vis = visible_keys(mask, columns, torch.ones_like(columns, dtype=torch.bool), q_cols, spec.sliding_window)
+    out, probs = attend(query, key, value, vis, spec, spec.output_attentions, training=module.training)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def scatter_columns(probs: torch.Tensor, columns: torch.Tensor, total: int) -> torch.Tensor:
+    """Probabilities over slots (B, H, q, N) -> over sequence columns (B, H, q, total); evicted columns are 0."""
+    b, h, q, n = probs.shape
+    idx = columns.repeat_interleave(h // columns.shape[1], dim=1)[:, :, None, :].expand(b, h, q, n)
+    return probs.new_zeros(b, h, q, total).scatter_add_(-1, idx, probs)
 
 
 def memory_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function. query (B, H, q, D); key/value (B, H_kv, N, D) from the cache."""
+    spec = attention_spec(module, query, scaling, dropout, kwargs)
     pending = getattr(_CAPTURE, "pending", None)
     layer_idx = getattr(module, "layer_idx", None)
-    if pending is None or pending[1] != layer_idx:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    cache, _ = pending
-    layer = cache.layers[layer_idx]
-    b, h, q_len, d = query.shape
-    h_kv = key.shape[1]
-    groups = h // h_kv
-    scale = scaling if scaling is not None else d ** -0.5
-    mask = layer.attention_mask(q_len)
-    k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    probs = None
-    if cache.policy.needs_attention or kwargs.get("output_attentions", False):
-        scores = torch.matmul(query, k.transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~_repeat_kv(mask, groups), float("-inf"))
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v)
-        if cache.policy.needs_attention:
-            layer.record_attention(probs, h_kv)
-        probs = probs.to(query.dtype)
-    else:
-        m = None if mask is None else _repeat_kv(mask, groups)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=m, scale=scale,
-                                             is_causal=False)
-    layer.after_attention(q_len)
-    return out.transpose(1, 2).contiguous(), probs
+    if pending is None or pending[1] != layer_idx or key is not pending[0].layers[layer_idx].keys:
+        return plain_attention(module, query, key, value, attention_mask, spec, kwargs)
+    try:
+        return _cached_attention(module, pending[0].layers[layer_idx], query, attention_mask, spec)
+    except BaseException:
+        _CAPTURE.pending = None  # the cache stays unusable (awaiting capture); later plain forwards are unaffected
+        raise
+
+
+def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec):
+    """Attention of the new queries over the slots of a MemoryCache layer, cut at the rows' eviction steps."""
+    if module.training and spec.dropout:
+        raise UnsupportedAttention("attention dropout (the model is in training mode): call model.eval() before "
+                                   "running it with a MemoryCache")
+    if not spec.is_causal:
+        raise UnsupportedAttention(f"{type(module).__name__} uses non-causal attention; a MemoryCache needs causal "
+                                   "attention (later keys must not be visible to earlier queries)")
+    start, q_len = layer.tokens_seen, query.shape[2]
+    mask = boolean_mask(attention_mask, query, start + q_len)
+    cuts = layer.admit(None if mask is None else real_tokens(mask, start, query.shape[0]))
+    need_probs = layer.wants_attention or spec.output_attentions
+    outs, weights, a = [], [], 0
+    for e in cuts:
+        q_cols = torch.arange(start + a, start + e, device=query.device)
+        vis = None
+        if mask is not None or e - a > 1 or not layer.all_valid or (
+                spec.sliding_window is not None and start + e > spec.sliding_window):
+            vis = visible_keys(None if mask is None else mask[:, :, a:e], layer.columns, layer.valid, q_cols,
+                               spec.sliding_window)
+        out, probs = attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs)
+        if probs is not None:
+            layer.record(probs, a, e)
+            if spec.output_attentions:
+                weights.append(scatter_columns(probs, layer.columns, start + q_len))
+        outs.append(out)
+        layer.advance(a, e)
+        a = e
+    layer.finish()
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), (torch.cat(weights, dim=2) if weights else None)
 
 
 def enable_memory_attention(model) -> None:
-    """Route the model's attention through `memory_attention` (required for MemoryCache)."""
+    """Route the model's attention through `memory_attention` (required for MemoryCache).
+
+    Raises CaptureError when the model family's attention cannot be routed (it does not call transformers'
+    AttentionInterface, e.g. Falcon)."""
     AttentionInterface.register(ATTN_NAME, memory_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
     try:
         model.set_attn_implementation(ATTN_NAME)
     except Exception as err:  # transformers raises ValueError for models without the attention backend
-        raise ValueError(
-            f"{type(model).__name__} cannot use a custom attention function ({err}). namm_transfer needs models "
-            "whose attention goes through transformers' AttentionInterface (Llama-family, Qwen2, GPT-2, ...)."
-        ) from err
+        raise CaptureError(_unsupported_family(model, str(err))) from err
+    from transformers import PreTrainedModel
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel) and (sub.config._attn_implementation != ATTN_NAME
+                                                 or not sub._can_set_attn_implementation()):
+            raise CaptureError(_unsupported_family(sub, "its attention does not call transformers' "
+                                                        "AttentionInterface"))
+
+
+def _unsupported_family(model, why: str) -> str:
+    return (f"{type(model).__name__}: this model family is not supported by namm_transfer ({why}). The memory "
+            "attention needs models whose attention goes through transformers' AttentionInterface (Llama, Mistral, "
+            "Qwen2/3, Gemma2/3, GPT-OSS, Phi3, OLMo2, GPT-NeoX, OPT, GPT-2, ...)")

@@ -1,21 +1,28 @@
 """MemoryCache: a transformers Cache whose layers prune keys, values and per-token state together.
 
-Each layer keeps, per batch row and KV head: keys/values after RoPE, the original absolute position of
-every slot, a validity flag (padding slots when batch rows keep different counts), and the policy's
-per-token state. Between eviction steps the attention rows of new queries (handed over by the attention
-function in `attention.py`) are buffered; when the total number of processed tokens reaches a multiple of
-`policy.delay` the policy runs and the layer is pruned. This happens right after the layer's attention in
-the forward that completes the block, which is equivalent to pruning after that forward.
+Each layer keeps, per batch row and KV head: keys/values after RoPE, the sequence column each slot came from
+(padding included: what the model's attention mask indexes), the row's own position of the token (padding
+excluded: what policies see), a validity flag (False for padding tokens and for the filler slots that keep the
+cache rectangular when rows or heads keep different counts) and the policy's per-token state.
 
-`get_seq_length()` reports the number of tokens *seen* (not stored), so models and `generate()` place new
-tokens at their true absolute positions.
+Every row has its own clock: its tokens seen count only its real tokens, and the policy runs for a row when that
+count reaches a multiple of `policy.delay`, on exactly the queries since the row's previous step. The attention
+function (`attention.py`) drives a layer through one forward: `admit` marks the new tokens real or padding (read
+from the model's mask) and says where to cut the forward's queries so that each step happens at its boundary;
+`record` buffers the attention of each piece; `advance` moves the clocks and runs the steps due. A one-shot
+forward therefore equals the same tokens fed in chunks cut at the boundaries, and a left-padded batch gives each
+row what its prompt alone gives.
+
+`get_seq_length()` reports the sequence columns processed (padding included), so models and `generate()` place
+new tokens correctly; `row_tokens_seen()` gives each row's own count.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .features import gqa_mean
@@ -25,7 +32,11 @@ _CAPTURE = threading.local()  # (cache, layer_idx) awaiting its attention call
 
 
 class CaptureError(RuntimeError):
-    """The model's attention did not go through the memory attention function."""
+    """The model's attention did not (or cannot) go through the memory attention function."""
+
+
+class UnsupportedAttention(ValueError):
+    """The model asks its attention for a feature the memory attention does not reproduce exactly."""
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -51,9 +62,20 @@ def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class EvictionRecord:
     layer: int
-    tokens_seen: int
-    before: int  # valid slots before (mean over batch x heads)
+    tokens_seen: int  # the stepping rows' own token count
+    before: int  # valid slots before (mean over the stepping rows' KV heads, floored)
     after: int
+    rows: tuple[int, ...] = (0,)  # the batch rows that stepped
+    after_rows: tuple[float, ...] = ()  # valid slots after, per stepping row (mean over KV heads)
+
+
+@dataclass
+class Block:
+    """Buffered attention of one piece of a forward: (B, H_kv, q, N then), and which of its queries are real
+    tokens of each row not yet read by that row's eviction step (B, q)."""
+
+    attention: torch.Tensor
+    pending: torch.Tensor
 
 
 class MemoryLayer(DynamicLayer):
@@ -62,28 +84,40 @@ class MemoryLayer(DynamicLayer):
     def __init__(self, cache: "MemoryCache", layer_idx: int):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
-        self.positions: torch.Tensor | None = None
+        self.columns: torch.Tensor | None = None  # (B, H, N) sequence column of each slot
+        self.positions: torch.Tensor | None = None  # (B, H, N) the row's own position of the token
         self.valid: torch.Tensor | None = None
-        self.state: dict[str, torch.Tensor] = {}
-        self.buffer: list[torch.Tensor] = []
-        self.tokens_seen = 0
-        self.since_step = 0
-        self.steps = 0
+        self.state: dict[str, torch.Tensor] = {}  # (B, H, N, ...) for every slot, zeros before a slot's first step
+        self.buffer: list[Block] = []
+        self.tokens_seen = 0  # sequence columns processed (padding included)
+        self.seen: list[int] = []  # per row: own (real) tokens processed
+        self.since: list[int] = []  # per row: own tokens since the row's last step
+        self.steps: list[int] = []  # per row: steps run
+        self.offset: list[int] = []  # per row: padding columns before its first real token
+        self.all_valid = True  # no padding and no filler slot anywhere (lets single queries skip the mask)
         self.awaiting_capture = False
+        self._future = 0  # slots of the forward in progress that no query has reached yet
+        self._real: torch.Tensor | None = None  # (B, q) real tokens of the forward in progress
+        self._due: dict[int, list[int]] = {}  # piece end -> rows stepping there
 
     # ---- transformers layer API -------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         if self.awaiting_capture:
             raise self.cache.capture_error(self.layer_idx)
         b, h, q, _ = key_states.shape
+        if not self.seen:
+            self.seen, self.since, self.steps, self.offset = [0] * b, [0] * b, [0] * b, [0] * b
+        elif len(self.seen) != b:
+            raise ValueError(f"a MemoryCache holds {len(self.seen)} batch rows; got a forward with {b}")
         super().update(key_states, value_states)
-        pos = torch.arange(self.tokens_seen, self.tokens_seen + q, device=key_states.device)
-        pos = pos.expand(b, h, q)
-        new_valid = torch.ones(b, h, q, dtype=torch.bool, device=key_states.device)
-        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=2)
+        dev = key_states.device
+        cols = torch.arange(self.tokens_seen, self.tokens_seen + q, device=dev).expand(b, h, q)
+        self.columns = cols if self.columns is None else torch.cat([self.columns, cols], dim=2)
+        self.positions = cols if self.positions is None else torch.cat([self.positions, cols], dim=2)
+        new_valid = torch.ones(b, h, q, dtype=torch.bool, device=dev)
         self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=2)
-        self.tokens_seen += q
-        self.since_step += q
+        self.state = {k: torch.cat([v, v.new_zeros(b, h, q, *v.shape[3:])], dim=2) for k, v in self.state.items()}
+        self._future = q
         self.awaiting_capture = True
         _CAPTURE.pending = (self.cache, self.layer_idx)
         return self.keys, self.values
@@ -97,74 +131,182 @@ class MemoryLayer(DynamicLayer):
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("MemoryCache cannot be cropped (evicted tokens are gone)")
 
-    # ---- memory -----------------------------------------------------------------------------------
+    # ---- one forward, driven by the attention function --------------------------------------------
     @property
     def length(self) -> int:
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[2]
 
-    def attention_mask(self, q_len: int) -> torch.Tensor | None:
-        """Bool (B, H_kv, q, N) visibility: every valid older slot + causal among the q new slots.
-        None when plain causal attention over all slots is exact."""
-        n = self.length
-        if q_len == 1 and bool(self.valid.all()):
-            return None
-        col = torch.arange(n, device=self.keys.device)
-        row = torch.arange(q_len, device=self.keys.device)
-        causal = col[None, :] <= row[:, None] + (n - q_len)
-        return causal[None, None] & self.valid[:, :, None, :]
+    @property
+    def wants_attention(self) -> bool:
+        return self.cache.policy.needs_attention and self.cache.policy.evicts
 
-    def record_attention(self, probs: torch.Tensor, num_kv_heads: int) -> None:
-        """Buffer the new queries' attention (B, H, q, N), rounded and averaged per KV head."""
+    def admit(self, real: torch.Tensor | None) -> list[int]:
+        """Mark the forward's q new slots real or padding (real (B, q) bool; None = all real), give them their
+        rows' own positions, and return the ends of the pieces the queries are cut into (ascending, last = q):
+        a row's eviction step falls at the end of a piece."""
+        q, b = self._future, len(self.seen)
+        lead = [0] * b
+        if real is not None:
+            lead = (~real).sum(-1).tolist()
+            if any(lead):
+                expect = torch.arange(q, device=real.device)[None] >= torch.tensor(lead, device=real.device)[:, None]
+                if not torch.equal(expect, real) or any(l and s for l, s in zip(lead, self.seen)):
+                    raise UnsupportedAttention("only left padding is supported: a row's attention_mask has a 0 "
+                                               "after its first 1")
+        if any(lead):
+            self.all_valid = False
+            new_valid = (torch.arange(q, device=self.valid.device)[None]
+                         >= torch.tensor(lead, device=self.valid.device)[:, None])
+            self.valid[..., -q:] = new_valid[:, None, :]
+            for r in range(b):
+                if self.seen[r] == 0:
+                    self.offset[r] = self.tokens_seen + lead[r]
+        if any(self.offset):
+            off = torch.tensor(self.offset, device=self.columns.device)[:, None, None]
+            self.positions = torch.cat([self.positions[..., :-q], self.columns[..., -q:] - off], dim=2)
+        self._real = None if not any(lead) else new_valid
+        self._lead = lead
+        self._due = {}
         policy = self.cache.policy
-        if policy.attention_dtype is not None:
-            probs = probs.to(policy.attention_dtype)
-        self.buffer.append(gqa_mean(probs.float(), num_kv_heads))
+        if policy.evicts:
+            d = policy.delay
+            for r in range(b):
+                until = self.cache.until(r)
+                e = lead[r] + d - self.seen[r] % d  # piece end where row r's own count reaches the next multiple
+                if not self.cache.cut_forwards and e <= q:
+                    e = q  # one step after the forward's last query
+                while e <= q and (until is None or self.seen[r] + e - lead[r] <= until):
+                    self._due.setdefault(e, []).append(r)
+                    e += d
+        return sorted({*self._due, q})
 
-    def after_attention(self, q_len: int) -> None:
-        """Called once the layer's attention for this forward is computed; evicts on schedule."""
+    def record(self, probs: torch.Tensor, a: int, e: int) -> None:
+        """Buffer the attention (B, H, e - a, N) of the forward's queries [a, e) for the coming steps: in the
+        attention's dtype, rounded to the policy's `attention_dtype`, averaged per KV head in that dtype."""
+        if not self.wants_attention:
+            return
+        dtype = self.cache.policy.attention_dtype
+        att = gqa_mean(probs if dtype is None else probs.to(dtype), self.keys.shape[1])
+        b = att.shape[0]
+        pending = (torch.ones(b, e - a, dtype=torch.bool, device=att.device) if self._real is None
+                   else self._real[:, a:e].clone())
+        self.buffer.append(Block(att, pending))
+
+    def advance(self, a: int, e: int) -> None:
+        """The forward's queries [a, e) are computed: move the clocks and run the steps due at e."""
+        for r, lead in enumerate(self._lead):
+            n = max(0, e - max(a, lead))
+            self.seen[r] += n
+            self.since[r] += n
+        self.tokens_seen += e - a
+        self._future -= e - a
+        rows = self._due.get(e)
+        if rows:
+            self.step_rows(rows)
+        if self.cache.evict_until is not None and self.buffer:
+            past = [r for r, s in enumerate(self.seen) if self.cache.until(r) is not None and s > self.cache.until(r)]
+            if past:
+                self._consume(past)
+
+    def finish(self) -> None:
         self.awaiting_capture = False
         _CAPTURE.pending = None
-        policy, until = self.cache.policy, self.cache.evict_until
-        if not policy.evicts or (until is not None and self.tokens_seen > until):
-            self.buffer.clear()
-            return
-        delay = policy.delay
-        if self.tokens_seen // delay > (self.tokens_seen - q_len) // delay:
-            self.evict()
 
-    def evict(self) -> None:
+    # ---- eviction ---------------------------------------------------------------------------------
+    def step_rows(self, rows: list[int]) -> None:
+        """Run the policy for these rows now (rows with the same clocks step together)."""
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for r in rows:
+            groups.setdefault((self.seen[r], self.since[r], self.steps[r]), []).append(r)
+        for (seen, since, step), group in groups.items():
+            self._step(group, seen, since, step)
+
+    def _step(self, group: list[int], seen: int, since: int, step: int) -> None:
         policy, n = self.cache.policy, self.length
-        attention = None
-        if policy.needs_attention:
-            attention = torch.cat([torch.nn.functional.pad(a, (0, n - a.shape[-1])) for a in self.buffer], dim=2)
-        view = LayerView(self.layer_idx, self.keys, self.values, self.positions, self.valid, attention,
-                         self.since_step, self.tokens_seen, self.steps, self.state)
-        keep, state = policy.step(view)
-        keep = keep & self.valid
+        nv = n - self._future  # slots the stepping rows have seen (the rest belong to later queries)
+        rows = torch.tensor(group, device=self.keys.device)
+        sub = lambda t: t[rows, :, :nv]  # noqa: E731
+        attention = self._take_attention(rows, since, nv) if policy.needs_attention else None
+        view = LayerView(self.layer_idx, sub(self.keys), sub(self.values), sub(self.positions), sub(self.valid),
+                         attention, since, seen, step, {k: v[rows, :, :nv - since] for k, v in self.state.items()},
+                         rows=rows)
+        keep_rows, state = policy.step(view)
+        keep_rows = keep_rows & view.valid
+        keep = self.valid.clone()
+        keep[..., nv:] = True
+        keep[rows, :, :nv] = keep_rows
         if self.cache.on_evict is not None:
             self.cache.on_evict(self, keep)
-        before = int(self.valid.sum()) // max(self.valid.shape[0] * self.valid.shape[1], 1)
+        heads = self.valid.shape[1]
+        before = int(view.valid.sum()) // (len(group) * heads)
+        kept = keep_rows.float().sum(-1).mean(-1)
+        for name, value in state.items():
+            full = self.state.get(name)
+            if full is None:
+                full = value.new_zeros(self.valid.shape[0], heads, n, *value.shape[3:])
+            full[rows, :, :nv] = value.to(full.dtype)
+            self.state[name] = full
+        for r in group:
+            self.since[r], self.steps[r] = 0, self.steps[r] + 1
+        self._consume(group)
+        self._compact(keep)
+        self.cache.log.append(EvictionRecord(self.layer_idx, seen, before, int(keep_rows.sum()) // (len(group) * heads),
+                                             tuple(group), tuple(kept.tolist())))
+
+    def _take_attention(self, rows: torch.Tensor, t: int, nv: int) -> torch.Tensor:
+        """(R, H_kv, t, nv) float: the attention of each stepping row's t queries since its last step."""
+        n = self.length
+        att = torch.cat([F.pad(blk.attention[rows], (0, n - blk.attention.shape[-1])) for blk in self.buffer], dim=2)
+        pending = torch.cat([blk.pending[rows] for blk in self.buffer], dim=1)
+        if not bool((pending.sum(-1) == t).all()):
+            raise RuntimeError(f"layer {self.layer_idx}: buffered queries do not match the {t} tokens since the "
+                               "last step")
+        order = torch.sort((~pending).to(torch.uint8), dim=1, stable=True).indices[:, :t]
+        att = att.gather(2, order[:, None, :, None].expand(-1, att.shape[1], -1, n))
+        return att[..., :nv].float()
+
+    def _consume(self, rows: list[int]) -> None:
+        """These rows' buffered queries have been read; drop blocks nobody needs any more."""
+        for blk in self.buffer:
+            blk.pending[rows] = False
+        self.buffer = [blk for blk in self.buffer if bool(blk.pending.any())]
+
+    def _compact(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
-            self.state = state
-        else:
-            idx, valid = compact(keep)
-            self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
-            self.positions, self.valid = gather_tokens(self.positions, idx), valid
-            self.state = {k: gather_tokens(v, idx) for k, v in state.items()}
-        self.buffer.clear()
-        self.since_step = 0
-        self.steps += 1
-        after = int(self.valid.sum()) // max(self.valid.shape[0] * self.valid.shape[1], 1)
-        self.cache.log.append(EvictionRecord(self.layer_idx, self.tokens_seen, before, after))
+            return
+        idx, filled = compact(keep)
+        self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
+        self.columns, self.positions = gather_tokens(self.columns, idx), gather_tokens(self.positions, idx)
+        self.valid = filled & gather_tokens(self.valid, idx)  # padding not yet reached stays invalid
+        self.state = {k: gather_tokens(v, idx) for k, v in self.state.items()}
+        n = keep.shape[-1]
+        for blk in self.buffer:
+            att = F.pad(blk.attention, (0, n - blk.attention.shape[-1]))
+            blk.attention = att.gather(3, idx[:, :, None, :].expand(-1, -1, att.shape[2], -1))
+        self.all_valid = bool(self.valid.all())
+
+    def evict(self) -> None:
+        """Run the due steps of every row whose clock sits on a multiple of the delay (used after `fork`)."""
+        d = self.cache.policy.delay
+        due = [r for r, (s, t) in enumerate(zip(self.seen, self.since))
+               if t and s % d == 0 and (self.cache.until(r) is None or s <= self.cache.until(r))]
+        if due:
+            self.step_rows(due)
 
 
 class MemoryCache(Cache):
     """A Cache driven by a MemoryPolicy. Create one per sequence (or batch of sequences)."""
 
-    def __init__(self, policy: MemoryPolicy, on_evict=None, evict_until: int | None = None):
+    def __init__(self, policy: MemoryPolicy, on_evict=None, evict_until: int | list[int] | None = None,
+                 cut_forwards: bool = True):
         super().__init__(layers=[])
         self.policy = policy
-        self.evict_until = evict_until  # eviction steps only at token counts <= this (None: no limit)
+        # True: a forward is cut where a row reaches a multiple of the delay, so each step sees exactly `delay`
+        # new tokens wherever the forwards start and end. False: a forward that crosses a multiple runs one step
+        # after its last query, over all its tokens (the Decision Transformer's per-timestep window).
+        self.cut_forwards = cut_forwards
+        # eviction steps only at own token counts <= this (one per row when a list; None: no limit)
+        self.evict_until = list(evict_until) if isinstance(evict_until, (list, tuple)) else evict_until
         self.log: list[EvictionRecord] = []
         self.on_evict = on_evict  # callback(layer, keep_mask) before pruning: retention maps, tests
 
@@ -175,6 +317,10 @@ class MemoryCache(Cache):
             if layer.awaiting_capture and layer.layer_idx != layer_idx:
                 raise self.capture_error(layer.layer_idx)
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def until(self, row: int) -> int | None:
+        """Row `row`'s last own token count at which an eviction step may run (None: no limit)."""
+        return self.evict_until[row] if isinstance(self.evict_until, list) else self.evict_until
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].tokens_seen if layer_idx < len(self.layers) else 0
@@ -193,24 +339,37 @@ class MemoryCache(Cache):
             if layer.awaiting_capture:
                 raise self.capture_error(layer.layer_idx)
 
-    def fork(self, policy: MemoryPolicy, repeats: int) -> "MemoryCache":
-        """A copy with every batch row repeated `repeats` times and `policy` in charge, running the eviction
-        steps that are due now. Lets P population members share the computation of a common prefix: run the
-        prefix once (batch 1) under `HoldPolicy`, then fork at the first eviction boundary."""
-        new = MemoryCache(policy, on_evict=self.on_evict)
-        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+    def fork(self, policy: MemoryPolicy, repeats: int = 1, rows: list[int] | None = None) -> "MemoryCache":
+        """A copy holding batch rows `rows` (default all), each repeated `repeats` times, with `policy` in charge,
+        running the eviction steps that are due now. Lets P population members share the computation of a common
+        prefix: run the prefix once (batch 1) under `HoldPolicy`, then fork at the first eviction boundary; or
+        continue one row of a batch alone (`rows=[b]`)."""
+        n_rows = len(self.layers[0].seen) if self.layers else 0
+        pick = list(range(n_rows)) if rows is None else list(rows)
+        index = torch.tensor(pick, dtype=torch.long).repeat_interleave(repeats)
+        until = [self.evict_until[r] for r in index.tolist()] if isinstance(self.evict_until, list) else \
+            self.evict_until
+        new = MemoryCache(policy, on_evict=self.on_evict, evict_until=until, cut_forwards=self.cut_forwards)
+        rep = lambda t: t[index.to(t.device)]  # noqa: E731
+        per_row = lambda xs: [xs[r] for r in index.tolist()]  # noqa: E731
         for old in self.layers:
             layer = MemoryLayer(new, old.layer_idx)
             layer.keys, layer.values = rep(old.keys), rep(old.values)
-            layer.positions, layer.valid = rep(old.positions), rep(old.valid)
+            layer.columns, layer.positions, layer.valid = rep(old.columns), rep(old.positions), rep(old.valid)
             layer.state = {k: rep(v) for k, v in old.state.items()}
-            layer.buffer = [rep(a) for a in old.buffer]
-            layer.tokens_seen, layer.since_step, layer.steps = old.tokens_seen, old.since_step, old.steps
+            layer.buffer = [Block(rep(blk.attention), rep(blk.pending)) for blk in old.buffer]
+            layer.tokens_seen, layer.all_valid = old.tokens_seen, old.all_valid
+            layer.seen, layer.since = per_row(old.seen), per_row(old.since)
+            layer.steps, layer.offset = per_row(old.steps), per_row(old.offset)
             layer.is_initialized, layer.device = old.is_initialized, getattr(old, "device", None)
             new.layers.append(layer)
-            if policy.evicts and layer.since_step and layer.tokens_seen % policy.delay == 0:
+            if policy.evicts:
                 layer.evict()
-        new.log = list(self.log)
+        for rec in self.log:  # earlier steps, renumbered to the new rows
+            mine = [(i, rec.after_rows[rec.rows.index(r)]) for i, r in enumerate(index.tolist()) if r in rec.rows]
+            if mine:
+                new.log.append(replace(rec, rows=tuple(i for i, _ in mine), after_rows=tuple(a for _, a in mine)))
+        new.log.sort(key=lambda rec: rec.tokens_seen)
         return new
 
     # ---- statistics -------------------------------------------------------------------------------
@@ -222,15 +381,41 @@ class MemoryCache(Cache):
         """Bytes held now: keys, values, per-token state and buffered attention rows."""
         total = 0
         for l in self.layers:
-            tensors = [l.keys, l.values, l.positions, *l.state.values(), *l.buffer]
+            tensors = [l.keys, l.values, l.positions, *l.state.values(), *(b.attention for b in l.buffer)]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total
 
     @property
     def tokens_seen(self) -> int:
+        """Sequence columns processed (padding included; equals each row's tokens seen without padding)."""
         return self.layers[0].tokens_seen if self.layers else 0
 
+    def row_tokens_seen(self) -> list[int]:
+        """Each batch row's own tokens processed (its padding excluded)."""
+        return list(self.layers[0].seen) if self.layers else []
+
+    def row_fractions(self) -> list[float]:
+        """Per batch row: mean over layers of stored / seen tokens, now."""
+        seen = self.row_tokens_seen()
+        if not seen:
+            return []
+        stored = torch.stack([l.valid.float().sum(-1).mean(-1) for l in self.layers]).cpu()  # (layers, B)
+        return [float((stored[:, r] / s).mean()) if s else 1.0 for r, s in enumerate(seen)]
+
     def realised_fraction(self) -> float:
-        """Mean over layers of stored / seen tokens, now."""
-        lengths = self.cache_lengths()
-        return sum(lengths) / len(lengths) / self.tokens_seen if self.tokens_seen else 1.0
+        """Mean over rows and layers of stored / seen tokens, now."""
+        fractions = self.row_fractions()
+        return sum(fractions) / len(fractions) if fractions else 1.0
+
+    def kept_fractions(self) -> list[float]:
+        """Per batch row: stored / seen right after each layer's last eviction step for that row, mean over the
+        layers that evicted (1.0 for a row never evicted)."""
+        last: dict[tuple[int, int], float] = {}
+        for rec in self.log:
+            for r, after in zip(rec.rows, rec.after_rows):
+                last[(r, rec.layer)] = after / rec.tokens_seen
+        out = []
+        for r in range(len(self.row_tokens_seen())):
+            mine = [v for (row, _), v in last.items() if row == r]
+            out.append(sum(mine) / len(mine) if mine else 1.0)
+        return out

@@ -33,6 +33,7 @@ class LayerView:
     tokens_seen: int  # all tokens processed so far in this sequence
     step: int  # index of this eviction step for this layer
     state: dict[str, torch.Tensor]  # policy state of the N - T older slots, (B, H_kv, N - T, ...)
+    rows: torch.Tensor | None = None  # the cache's batch rows this view holds (None: all, in order)
 
 
 Decision = tuple[torch.Tensor, dict[str, torch.Tensor]]  # keep mask (B, H_kv, N), state for all N slots
@@ -47,18 +48,23 @@ def resolve_budget(budget: int | float, tokens_seen: int) -> int:
     raise ValueError(f"budget must be an int >= 1 (tokens) or a float in (0, 1] (fraction), got {budget!r}")
 
 
-def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask keeping the k highest-scoring valid slots per (row, head) (all valid slots if fewer)."""
+def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping the k highest-scoring valid slots per (row, head) (all valid slots if fewer).
+    k: one count, or one per batch row ((B,) long)."""
     s = scores.float().masked_fill(~valid, float("-inf"))
-    k = min(k, s.shape[-1])
-    idx = s.topk(k, dim=-1).indices
-    return torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+    if not isinstance(k, torch.Tensor):
+        idx = s.topk(min(k, s.shape[-1]), dim=-1).indices
+        return torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+    k_max = min(int(k.max()), s.shape[-1])
+    idx = s.topk(k_max, dim=-1).indices  # sorted: the first k of each row are its top k
+    take = torch.arange(k_max, device=s.device) < k.to(s.device)[:, None, None]
+    return torch.zeros_like(valid).scatter_(-1, idx, take.expand_as(idx)) & valid
 
 
-def newest(view: LayerView, r: int) -> torch.Tensor:
-    """Mask of the r most recent valid slots (by original position)."""
+def newest(view: LayerView, r: int | torch.Tensor) -> torch.Tensor:
+    """Mask of the r most recent valid slots (by original position); r per batch row or one count."""
     pos = view.positions.float().masked_fill(~view.valid, float("-inf"))
-    return keep_top(pos, view.valid, r) if r > 0 else torch.zeros_like(view.valid)
+    return keep_top(pos, view.valid, r)
 
 
 class MemoryPolicy:
@@ -92,15 +98,21 @@ class FullCache(MemoryPolicy):
 
 
 class BudgetPolicy(MemoryPolicy):
-    """A policy with a fixed budget (tokens or fraction)."""
+    """A policy with a fixed budget (tokens or fraction), or one budget per batch row (a list: row b of the
+    cache uses budget[b], so prompts evaluated at different cache sizes can share a batch)."""
 
-    def __init__(self, budget: int | float = 0.5, delay: int = 512):
+    def __init__(self, budget: int | float | list = 0.5, delay: int = 512):
         super().__init__(delay)
-        resolve_budget(budget, 1)
-        self.budget = budget
+        for b in budget if isinstance(budget, (list, tuple)) else [budget]:
+            resolve_budget(b, 1)
+        self.budget = list(budget) if isinstance(budget, (list, tuple)) else budget
 
-    def k(self, view: LayerView) -> int:
-        return resolve_budget(self.budget, view.tokens_seen)
+    def k(self, view: LayerView) -> int | torch.Tensor:
+        """Tokens to keep now: an int, or (B,) per row of the view when the budget is per row."""
+        if not isinstance(self.budget, list):
+            return resolve_budget(self.budget, view.tokens_seen)
+        rows = view.rows.tolist() if view.rows is not None else range(view.valid.shape[0])
+        return torch.tensor([resolve_budget(self.budget[r], view.tokens_seen) for r in rows])
 
     def describe(self) -> dict:
         return {**super().describe(), "budget": self.budget}
@@ -135,7 +147,8 @@ class H2O(BudgetPolicy):
         old = view.state.get("acc", view.attention.new_zeros(b, h, n - view.n_new))
         acc = torch.cat([old, old.new_zeros(b, h, view.n_new)], dim=-1) + view.attention.sum(dim=2)
         k = self.k(view)
-        recent = newest(view, round(k * self.recent_ratio))
+        r = (k * self.recent_ratio).round().long() if isinstance(k, torch.Tensor) else round(k * self.recent_ratio)
+        recent = newest(view, r)
         keep = keep_top(acc.masked_fill(recent, float("inf")), view.valid, k)
         return keep, {"acc": acc}
 
@@ -165,14 +178,15 @@ class SnapKV(BudgetPolicy):
     def step(self, view: LayerView) -> Decision:
         b, h, n = view.valid.shape
         w = min(self.window, view.n_new)
-        votes = view.attention[:, :, -w:, :].sum(dim=2)  # (B, H, N)
+        votes = view.attention[:, :, -w:, :].sum(dim=2)  # (B, H, N), each vote <= w
+        # the window outranks every pooled vote; inside it the newest first (when the budget is below the window)
+        window = (w + 1 + torch.arange(min(w, n), device=votes.device, dtype=votes.dtype)).expand(b, h, -1)
         if n <= w:  # nothing outside the observation window
-            return keep_top(votes.new_full((b, h, n), float("inf")), view.valid, self.k(view)), {}
+            return keep_top(window, view.valid, self.k(view)), {}
         prefix = votes[..., : n - w].reshape(b * h, 1, n - w)
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         pooled = pool(prefix, self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n - w)
-        score = torch.cat([pooled, votes.new_full((b, h, w), float("inf"))], dim=-1)
-        return keep_top(score, view.valid, self.k(view)), {}
+        return keep_top(torch.cat([pooled, window], dim=-1), view.valid, self.k(view)), {}
 
 
 class RandomEviction(BudgetPolicy):
@@ -218,16 +232,18 @@ class NAMMPolicy(MemoryPolicy):
                              f"{params.shape[-1]}; check the checkpoint matches NAMMConfig")
         self.params = params.reshape(-1, self.config.num_params)
         self.stats = stats if stats is not None else feat.RunningStats(self.config.num_bins)
-        self.member_of_row = member_of_row
         for name, t in (("parameters", self.params), ("normalisation statistics", self.stats.mean),
                         ("normalisation statistics", self.stats.m2)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"NAMM {name} contain NaN or inf: refusing a NAMM that would score nothing")
+        self.member_of_row = member_of_row
         self.collect_stats = collect_stats
         self.attention_dtype = getattr(torch, self.config.attention_dtype) if self.config.attention_dtype else None
 
-    def row_params(self, batch: int, heads: int, device) -> torch.Tensor:
-        members = self.member_of_row if self.member_of_row is not None else torch.arange(batch) % len(self.params)
+    def row_params(self, rows: torch.Tensor, heads: int, device) -> torch.Tensor:
+        """Parameters for each (row, KV head) of a view holding the cache's batch rows `rows`."""
+        rows = rows.cpu()
+        members = self.member_of_row[rows] if self.member_of_row is not None else rows % len(self.params)
         return self.params.to(device)[members.to(device).repeat_interleave(heads)]
 
     def step(self, view: LayerView) -> Decision:
@@ -242,7 +258,8 @@ class NAMMPolicy(MemoryPolicy):
             view.attention.reshape(r, view.n_new, n), view.positions.reshape(r, n), view.valid.reshape(r, n),
             ema_prev.reshape(r, n_old, cfg.num_bins), ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg,
             collect_stats=self.collect_stats)
-        scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(b, h, x.device), cfg).reshape(b, h, n)
+        rows = view.rows if view.rows is not None else torch.arange(b)
+        scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
         keep = select_tokens(scores, view.valid, cfg.threshold)
         return keep, {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer import make_policy  # noqa: E402
 from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
                                name_list, out_help, run_cli)
-from namm_transfer.language.benchmark import (append_record, evaluate_sample, paired_differences,  # noqa: E402
+from namm_transfer.language.benchmark import (append_record, evaluate_batch, paired_differences,  # noqa: E402
                                               summarise)
 from namm_transfer.language.tasks import PROTOCOLS, SPLIT_SIZE, STYLES, TASKS, eviction_limit, make_split  # noqa: E402
 from namm_transfer.policies import POLICIES  # noqa: E402
@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--style", default="raw", choices=STYLES)
     ap.add_argument("--chunk", type=int_in(1), default=128)
     ap.add_argument("--max-new-tokens", type=int_in(1), default=8)
+    ap.add_argument("--batch-size", type=int_in(1), default=1,
+                    help="samples evaluated together in one left-padded batch (results do not depend on it)")
     ap.add_argument("--out", default=None, help=out_help("eval_language"))
     ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -90,7 +92,8 @@ def run(args) -> int:
                 "protocol": args.protocol, "style": args.style, "chunk": args.chunk,
                 "max_new_tokens": args.max_new_tokens, "budget": args.budget, "delay": args.delay,
                 "device": args.device}
-    info = {"tasks": ",".join(args.tasks), "n": args.n, "policies": ",".join(policies)}
+    info = {"tasks": ",".join(args.tasks), "n": args.n, "policies": ",".join(policies),
+            "batch_size": args.batch_size}
     out = Path(args.out or default_out("eval_language"))
     with open_run(out, settings, "scripts/eval_language.py", args.argv, fillable=("namm", "namm_hash"),
                   legacy=LEGACY, info=info):
@@ -109,24 +112,28 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None) -> None:
     keys = [(name, f"{task}/{sample.seed}/{args.tokens}") for task, _, sample in samples for name in policies]
     from tqdm import tqdm
     bar = tqdm(total=len(samples) * len(policies), disable=args.no_progress, desc="eval", unit="run")
-    for task, i, sample in samples:
-        key = f"{task}/{sample.seed}/{args.tokens}"
-        for name in policies:
-            bar.update(1)
-            if (name, key) in done:
+    for first in range(0, len(samples), args.batch_size):
+        batch = [(f"{task}/{sample.seed}/{args.tokens}", sample) for task, _, sample in
+                 samples[first:first + args.batch_size]]
+        for name in policies:  # NAMM before the baselines matched to its cache on each sample
+            todo = [(key, sample) for key, sample in batch if (name, key) not in done]
+            bar.update(len(batch) - len(todo))
+            if not todo:
                 continue
-            budget = None
+            budgets = [None] * len(todo)
             if name == "full" or name == "namm":
                 policy = make_policy("full") if name == "full" else namm
             else:
-                ref = done.get(("namm", key))
-                budget = min(max(ref["kept_fraction"], 1e-3), 1.0) if ref else args.budget
-                policy = make_policy(name, budget=budget, delay=namm.delay if namm else args.delay)
-            rec = evaluate_sample(model, tok, sample, policy, name, key, args.style, args.chunk,
-                                  args.max_new_tokens, budget,
-                                  evict_until=eviction_limit(sample, tok, args.protocol, args.style))
-            append_record(records_path, rec)
-            done[(name, key)] = rec.__dict__
+                refs = [done.get(("namm", key)) for key, _ in todo]
+                budgets = [min(max(ref["kept_fraction"], 1e-3), 1.0) if ref else args.budget for ref in refs]
+                policy = make_policy(name, budget=budgets, delay=namm.delay if namm else args.delay)
+            recs = evaluate_batch(model, tok, [s for _, s in todo], policy, name, [k for k, _ in todo], args.style,
+                                  args.chunk, args.max_new_tokens, budgets,
+                                  [eviction_limit(s, tok, args.protocol, args.style) for _, s in todo])
+            for rec in recs:
+                append_record(records_path, rec)
+                done[(name, rec.key)] = rec.__dict__
+            bar.update(len(todo))
     bar.close()
     rows = [done[k] for k in keys]  # exactly this command's samples and policies
     table, md = summarise(rows, policies)

@@ -152,3 +152,18 @@ def test_snapkv_first_step_inside_window():
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(7))
     res = generate(model, ids, SnapKV(0.5, window=32, delay=32), max_new_tokens=2, chunk_size=32)
     assert len(res.tokens[0]) == 2
+
+
+def test_gqa_mean_is_taken_in_the_attention_dtype():
+    """With bf16 attention (NAMM's reference setting) the mean over the query heads of a KV head is itself
+    rounded to bf16, as the reference computes it, not averaged in fp32."""
+    from namm_transfer.cache import MemoryLayer
+    layer = MemoryLayer(MemoryCache(NAMMPolicy()), 0)
+    layer.keys = torch.zeros(1, 2, 40, 4)
+    layer._real = None
+    probs = torch.softmax(torch.randn(1, 6, 16, 40, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    layer.record(probs, 0, 16)
+    got = layer.buffer[0].attention
+    rounded = probs.to(torch.bfloat16).view(1, 2, 3, 16, 40)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, rounded.mean(2))
+    assert not torch.equal(got.float(), rounded.float().mean(2))  # what an fp32 mean would have given

@@ -43,16 +43,32 @@ def chunk_bounds(start: int, end: int, chunk: int, delay: int | None = None) -> 
     return bounds
 
 
+def own_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's own position of every column of a (B, L) 0/1 mask (padding gets 0), as transformers does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache: MemoryCache, chunk_size: int = 128,
-            keep_logits: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+            keep_logits: bool = False, attention_mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
     """Feed `input_ids` (B, L) in chunks; returns the last position's logits (B, V), optional per-chunk logits,
-    and the realised cache fraction after each chunk."""
+    and the realised cache fraction after each chunk. `attention_mask` (B, L): 0 marks left padding of a batch of
+    prompts of different lengths (each row then runs at its own positions and its own eviction steps)."""
     start = cache.tokens_seen
+    if attention_mask is not None and start:
+        raise ValueError("attention_mask is for a prompt fed from the start of a fresh cache")
     all_logits, fractions, logits = [], [], None
     for s, e in chunk_bounds(start, start + input_ids.shape[1], chunk_size, cache.policy.delay):
-        pos = torch.arange(s, e, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        out = model(input_ids=input_ids[:, s - start:e - start], cache=cache, use_cache=True, position_ids=pos)
+        if attention_mask is None:  # every new token is real: each row continues at its own count
+            mask = None
+            pos = torch.tensor(cache.row_tokens_seen() or [0] * input_ids.shape[0], device=input_ids.device)
+            pos = pos[:, None] + torch.arange(e - s, device=input_ids.device)
+        else:
+            mask = attention_mask[:, :e]
+            pos = own_positions(mask)[:, s:]
+        out = model(input_ids=input_ids[:, s - start:e - start], cache=cache, use_cache=True, position_ids=pos,
+                    attention_mask=mask)
         cache.assert_captured()
         logits = out.logits[:, -1].float()
         if keep_logits:
@@ -63,11 +79,13 @@ def prefill(model, input_ids: torch.Tensor, cache: MemoryCache, chunk_size: int 
 
 @torch.no_grad()
 def greedy_decode(model, cache: MemoryCache, logits: torch.Tensor, max_new_tokens: int, eos: set[int], device,
-                  fractions: list[float], keep_logits: bool = False, after_step=None
+                  fractions: list[float], keep_logits: bool = False, after_step=None,
+                  attention_mask: torch.Tensor | None = None
                   ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
-    """Greedy decoding from the prefill's last logits (B, V), one token per forward at its true position.
+    """Greedy decoding from the prefill's last logits (B, V), one token per forward at each row's true position.
     A row stops after emitting a token in `eos`; `fractions` gets the realised cache fraction after each step;
-    `after_step(cache)` runs after each forward. Returns (generated ids per row, step logits, last logits)."""
+    `after_step(cache)` runs after each forward; `attention_mask` (B, columns so far) is the prompt's padding
+    mask. Returns (generated ids per row, step logits, last logits)."""
     batch = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
@@ -82,8 +100,11 @@ def greedy_decode(model, cache: MemoryCache, logits: torch.Tensor, max_new_token
                 done[b] = int(nxt[b]) in eos
         if all(done) or len(generated[0]) >= max_new_tokens:
             break
-        pos = torch.full((batch, 1), cache.tokens_seen, device=device)
-        out = model(input_ids=nxt[:, None].to(device), cache=cache, use_cache=True, position_ids=pos)
+        pos = torch.tensor(cache.row_tokens_seen(), device=device)[:, None]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        out = model(input_ids=nxt[:, None].to(device), cache=cache, use_cache=True, position_ids=pos,
+                    attention_mask=attention_mask)
         cache.assert_captured()
         logits = out.logits[:, -1].float()
         if after_step is not None:
@@ -95,16 +116,18 @@ def greedy_decode(model, cache: MemoryCache, logits: torch.Tensor, max_new_token
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, policy: MemoryPolicy, max_new_tokens: int = 32,
              chunk_size: int = 128, eos_token_id: int | list[int] | None = None, tokenizer=None,
-             keep_logits: bool = False) -> GenerationResult:
-    """Greedy generation with `policy` managing the KV cache (eviction during prefill and decoding alike)."""
+             keep_logits: bool = False, attention_mask: torch.Tensor | None = None) -> GenerationResult:
+    """Greedy generation with `policy` managing the KV cache (eviction during prefill and decoding alike).
+    A batch of prompts of different lengths is left-padded with `attention_mask` (0 = padding), as a
+    tokenizer with padding_side="left" returns it; each row then gets what its prompt alone gets."""
     enable_memory_attention(model)
     cache = MemoryCache(policy)
     t0 = time.perf_counter()
-    logits, _, fractions = prefill(model, input_ids, cache, chunk_size)
+    logits, _, fractions = prefill(model, input_ids, cache, chunk_size, attention_mask=attention_mask)
     t1 = time.perf_counter()
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     generated, step_logits, logits = greedy_decode(model, cache, logits, max_new_tokens, eos, input_ids.device,
-                                                   fractions, keep_logits)
+                                                   fractions, keep_logits, attention_mask=attention_mask)
     t2 = time.perf_counter()
     text = None
     if tokenizer is not None:

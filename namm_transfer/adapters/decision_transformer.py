@@ -81,7 +81,7 @@ class KVStepper:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = MemoryCache(self.policy, on_evict=self.on_evict)
+        self.cache = MemoryCache(self.policy, on_evict=self.on_evict, cut_forwards=False)  # step per timestep
         self.prev_action: torch.Tensor | None = None
         self.prev_timestep: torch.Tensor | None = None
         self.fractions: list[float] = []  # realised cache fraction after every step

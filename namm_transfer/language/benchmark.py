@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters.causal_lm import prefill
 from ..attention import enable_memory_attention
@@ -47,44 +48,69 @@ def evaluate_sample(model, tok, sample: TaskSample, policy: MemoryPolicy, label:
                     budget: float | None = None, evict_until: int | None = None) -> Record:
     """`evict_until`: eviction steps only at token counts <= this (see tasks.eviction_limit); None = anywhere,
     the answer included."""
+    return evaluate_batch(model, tok, [sample], policy, label, [key], style, chunk, max_new_tokens, [budget],
+                          [evict_until])[0]
+
+
+@torch.no_grad()
+def evaluate_batch(model, tok, samples: list[TaskSample], policy: MemoryPolicy, label: str, keys: list[str],
+                   style: str = "raw", chunk: int = 128, max_new_tokens: int = 8,
+                   budgets: list[float | None] | None = None, evict_until: list[int | None] | None = None
+                   ) -> list[Record]:
+    """Evaluate several samples under one policy in one left-padded batch (row b = samples[b]; a baseline with
+    per-sample budgets takes them as a list). Each row gets what the sample alone gets: its own positions,
+    eviction steps and `evict_until`. Throughputs are the batch's: real prompt tokens / prefill time, generated
+    tokens / decode time."""
     enable_memory_attention(model)
     device = next(model.parameters()).device
-    ids = tok(sample.prompt(tok, style), return_tensors="pt").input_ids.to(device)
-    answer = tok(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    cache = MemoryCache(policy, evict_until=evict_until)
+    b = len(samples)
+    prompts = [tok(s.prompt(tok, style), return_tensors="pt").input_ids[0] for s in samples]
+    answers = [tok(s.continuation, add_special_tokens=False, return_tensors="pt").input_ids[0].to(device)
+               for s in samples]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts]).to(device)
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
+    until = None if evict_until is None or all(u is None for u in evict_until) else list(evict_until)
+    cache = MemoryCache(policy, evict_until=until)
     t0 = time.perf_counter()
-    logits, _, _ = prefill(model, ids, cache, chunk)
+    logits, _, _ = prefill(model, ids, cache, chunk, attention_mask=None if b == 1 else mask)
     t1 = time.perf_counter()
-    # teacher-forced branch (a copy of the cache; nothing is due for eviction right after the prefill)
-    tf_cache = cache.fork(policy, 1)
-    n = ids.shape[1]
-    tf_logits = [logits]
-    if answer.shape[1] > 1:  # chunks cut at eviction boundaries, like the prompt
-        _, chunks, _ = prefill(model, answer[:, :-1], tf_cache, chunk, keep_logits=True)
-        tf_logits += [row for c in chunks for row in c[0]]
-    logp = torch.stack([l.reshape(-1) for l in tf_logits]).log_softmax(-1)
-    answer_prob = float(logp.gather(-1, answer[0][:, None]).exp().mean())
-    # greedy branch
-    generated, eos = [], tok.eos_token_id
+    # teacher-forced branch, row by row on a copy of its cache (nothing is due for eviction right after the prefill)
+    answer_probs = []
+    for r, answer in enumerate(answers):
+        row_logits = [logits[r]]
+        if len(answer) > 1:  # chunks cut at eviction boundaries, like the prompt
+            _, chunks, _ = prefill(model, answer[None, :-1], cache.fork(policy, 1, rows=[r]), chunk, keep_logits=True)
+            row_logits += [row for c in chunks for row in c[0]]
+        logp = torch.stack(row_logits).log_softmax(-1)
+        answer_probs.append(float(logp.gather(-1, answer[:, None]).exp().mean()))
+    # greedy branch, all rows together
     t2 = time.perf_counter()
+    generated, done, eos = [[] for _ in range(b)], [False] * b, tok.eos_token_id
     for step in range(max_new_tokens):
-        nxt = int(logits.argmax(-1)[0])
-        if nxt == eos:
+        nxt = logits.argmax(-1)
+        for r in range(b):
+            done[r] = done[r] or int(nxt[r]) == eos
+            if not done[r]:
+                generated[r].append(int(nxt[r]))
+        if all(done) or step + 1 == max_new_tokens:
             break
-        generated.append(nxt)
-        if step + 1 == max_new_tokens:
-            break
-        out = model(input_ids=torch.tensor([[nxt]], device=device), cache=cache, use_cache=True,
-                    position_ids=torch.tensor([[cache.tokens_seen]], device=device))
-        logits = out.logits[:, -1].float()
+        pos = torch.tensor(cache.row_tokens_seen(), device=device)[:, None]
+        logits = model(input_ids=nxt[:, None], cache=cache, use_cache=True, position_ids=pos).logits[:, -1].float()
     t3 = time.perf_counter()
-    prediction = tok.decode(generated, skip_special_tokens=True)
-    scores = score_generation(prediction, sample.answer)
-    last = {r.layer: r.after / r.tokens_seen for r in cache.log}
-    kept = sum(last.values()) / len(last) if last else 1.0
-    return Record(label, sample.task, key, n, sample.answer, prediction, scores["em"], scores["char_acc"],
-                  answer_prob, cache.realised_fraction(), kept, budget, n / (t1 - t0),
-                  len(generated) / (t3 - t2) if generated else float("nan"), evict_until)
+    realised, kept = cache.row_fractions(), cache.kept_fractions()
+    n_generated = sum(len(g) for g in generated)
+    prefill_speed = sum(len(p) for p in prompts) / (t1 - t0)
+    decode_speed = n_generated / (t3 - t2) if n_generated else float("nan")
+    out = []
+    for r, sample in enumerate(samples):
+        prediction = tok.decode(generated[r], skip_special_tokens=True)
+        scores = score_generation(prediction, sample.answer)
+        out.append(Record(label, sample.task, keys[r], len(prompts[r]), sample.answer, prediction, scores["em"],
+                          scores["char_acc"], answer_probs[r], realised[r], kept[r],
+                          None if budgets is None else budgets[r], prefill_speed, decode_speed,
+                          None if evict_until is None else evict_until[r]))
+    return out
 
 
 def append_record(path: Path, rec: Record) -> None:

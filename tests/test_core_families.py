@@ -1,0 +1,127 @@
+"""The memory attention on families the core tests do not name: sliding windows (per layer), logit soft-caps,
+attention sinks, partial rotary, mixture of experts. Keep-all == the model's own eager attention; evict == that
+attention with the evicted keys hidden; what is not reproduced is refused before any output."""
+import dataclasses
+
+import pytest
+import torch
+import transformers as T
+
+import namm_transfer.attention as memory_attention_module
+from namm_transfer import (CaptureError, FullCache, H2O, MemoryCache, NAMMPolicy, UnsupportedAttention,
+                           enable_memory_attention)
+from namm_transfer.adapters.causal_lm import generate
+
+from helpers_core import run_with_policy
+from helpers_families import FAMILIES, VOCAB, WINDOW, eager_logits, family_model
+
+L, DELAY, CHUNK, DECODE_FROM = 300, 64, 40, 280  # 4 eviction steps per layer; chunks straddle them; 20 decode steps
+
+
+def prompt(seed=0, n=L):
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def random_namm(seed=0):
+    return NAMMPolicy(torch.randn(4172, generator=torch.Generator().manual_seed(seed)) * 0.5, delay=DELAY)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_keep_all_equals_the_models_own_attention(name):
+    """FullCache and a zero NAMM (whose steps run and keep everything) in 40-token chunks + single-token decoding,
+    and one 300-token forward (eviction steps inside it), equal the model's eager attention on the whole prompt."""
+    model = family_model(name)
+    ids = prompt()
+    ref = eager_logits(model, ids)
+    for policy in (FullCache(), NAMMPolicy(delay=DELAY)):
+        got, cache, _ = run_with_policy(model, ids, policy, chunk=CHUNK, decode_from=DECODE_FROM)
+        assert torch.allclose(got, ref, atol=1e-4), (name, policy.name, (got - ref).abs().max())
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert len(cache.log) == 2 * (L // DELAY) and all(r.before == r.after for r in cache.log)
+    enable_memory_attention(model)
+    cache = MemoryCache(NAMMPolicy(delay=DELAY))
+    with torch.no_grad():
+        one_shot = model(input_ids=ids, cache=cache, use_cache=True).logits
+    assert torch.allclose(one_shot, ref, atol=1e-4) and len(cache.log) == 2 * (L // DELAY)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_evict_equals_eager_attention_with_the_evicted_keys_hidden(name):
+    model = family_model(name)
+    ids = prompt(1)
+    for policy in (H2O(0.5, delay=DELAY), random_namm()):
+        got, cache, events = run_with_policy(model, ids, policy, chunk=CHUNK, decode_from=DECODE_FROM)
+        assert cache.realised_fraction() < 0.7
+        ref = eager_logits(model, ids, events)
+        assert torch.allclose(got, ref, atol=1e-4), (name, policy.name, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("name, feature", [("gemma2", "softcap"), ("gpt_oss", "sinks"), ("mistral-window", "mask")])
+def test_dropping_a_feature_is_caught(name, feature, monkeypatch):
+    """The checks above can fail: the same run with one feature switched off in the memory attention is far
+    from the reference (the window lives in the model's mask; dropping the mask loses it)."""
+    model = family_model(name)
+    ids = prompt()
+    ref = eager_logits(model, ids)
+    if feature == "mask":
+        monkeypatch.setattr(memory_attention_module, "boolean_mask", lambda *a: None)
+        spec = memory_attention_module.attention_spec
+        monkeypatch.setattr(memory_attention_module, "attention_spec",
+                            lambda *a: dataclasses.replace(spec(*a), sliding_window=None))
+    else:
+        spec = memory_attention_module.attention_spec
+        monkeypatch.setattr(memory_attention_module, "attention_spec",
+                            lambda *a: dataclasses.replace(spec(*a), **{feature: None}))
+    got, _, _ = run_with_policy(model, ids, FullCache(), chunk=CHUNK, decode_from=DECODE_FROM)
+    assert (got - ref).abs().max() > 1.0
+
+
+def test_window_hides_keys_eviction_kept():
+    """A key outside a query's window stays hidden however the policy ranks it: with everything kept, the
+    window layer's attention never reaches back more than WINDOW columns."""
+    model = family_model("mistral-window")
+    enable_memory_attention(model)
+    with torch.no_grad():
+        out = model(input_ids=prompt(), cache=MemoryCache(FullCache()), use_cache=True, output_attentions=True)
+    att = out.attentions[0][0]  # (H, L, L) over sequence columns
+    q, k = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    assert att[:, (k <= q - WINDOW) | (k > q)].abs().max() == 0
+    assert torch.allclose(att.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_unknown_attention_features_are_refused_before_any_output():
+    model = family_model("mistral")
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="MistralAttention passes foo_bias"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True, foo_bias=torch.ones(1))
+    with torch.no_grad():  # a plain forward afterwards is unaffected by the refused cache
+        assert torch.allclose(model(input_ids=prompt(n=8)).logits, eager_logits(model, prompt(n=8)), atol=1e-4)
+
+
+def test_dropout_in_training_and_non_causal_attention_are_refused():
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**cfg, attention_dropout=0.1)).train()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="dropout"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**cfg, head_dim=16, use_bidirectional_attention=True)).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="non-causal"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
+def test_a_family_whose_attention_cannot_be_routed_is_refused_when_enabling():
+    model = T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4))
+    with pytest.raises(CaptureError, match="FalconForCausalLM: this model family is not supported"):
+        enable_memory_attention(model)
+
+
+def test_right_padding_is_refused():
+    model = family_model("mistral")
+    ids = prompt(n=20)
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    with pytest.raises(UnsupportedAttention, match="only left padding"):
+        generate(model, ids, FullCache(), max_new_tokens=2, attention_mask=mask)
