@@ -1,38 +1,40 @@
 #!/usr/bin/env bash
-# End of a working period: refresh the README's training table, stage training/ and check that what is staged
-# is a consistent state (each state.json matches its state.safetensors, and the last generation replays exactly),
-# then commit. The searches may keep running while this runs: a pair caught mid-save is re-staged.
+# End of a working period: commit the searches' state (training/namm-*) with the README's training table made
+# from exactly that state. Works beside other people's uncommitted or staged work: the commit is built in a
+# private index from HEAD + training/ + the refreshed README block, and nothing else. A state pair caught
+# mid-save (the searches may keep running) is detected by its content hash and staged again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MSG=${1:-"training: search state at the end of a working period"}
+export GIT_INDEX_FILE="$PWD/runs/commit-state.index"
+mkdir -p runs
 for attempt in 1 2 3 4 5; do
-  git add training/namm-*/{state,prev.state}.{json,safetensors} training/namm-*/{log.jsonl,val.jsonl,curve.png} \
-    training/namm-*/namm 2>/dev/null || true
+  rm -f "$GIT_INDEX_FILE"; git read-tree HEAD
+  git add -f training/namm-*/{state,prev.state}.{json,safetensors} training/namm-*/{log.jsonl,val.jsonl,curve.png} \
+    training/namm-*/namm
   rm -rf runs/staged && mkdir -p runs/staged && git checkout-index -a --prefix=runs/staged/
-  if .venv/bin/python - <<'PY'
-import sys
+  if (cd runs/staged && ../../.venv/bin/python -c "
 from pathlib import Path
-sys.path.insert(0, "runs/staged")
 from namm_transfer.evolution.trainer import load_state
-for run in sorted(Path("runs/staged/training").glob("namm-*")):
-    load_state(run), load_state(run, "prev.")
-PY
-  then
-    # the README table is made from the staged state, so the two always agree
-    (cd runs/staged && ../../.venv/bin/python scripts/training_report.py) > runs/staged-report.md
-    # the block goes into the staged README (other uncommitted README edits stay unstaged) and the work tree's
-    git show :README.md > runs/staged-README.md
-    .venv/bin/python - <<'PY'
-import sys
-from pathlib import Path
-sys.path.insert(0, "scripts")
-from training_report import write_readme
-block = open("runs/staged-report.md").read()
-write_readme(block, Path("runs/staged-README.md"))
-write_readme(block, Path("README.md"))
-PY
-    git update-index --cacheinfo "100644,$(git hash-object -w runs/staged-README.md),README.md"
-    git commit -q -m "${1:-training: search state at the end of a working period}" && git log --oneline | head -1
-    rm -rf runs/staged runs/staged-report.md runs/staged-README.md
+for run in sorted(Path('training').glob('namm-*')):
+    load_state(run), load_state(run, 'prev.')
+"); then
+    (cd runs/staged && ../../.venv/bin/python scripts/training_report.py --write-readme > /dev/null)
+    git update-index --cacheinfo "100644,$(git hash-object -w runs/staged/README.md),README.md"
+    tree=$(git write-tree)
+    commit=$(git commit-tree "$tree" -p HEAD -m "$MSG")
+    git update-ref HEAD "$commit"
+    unset GIT_INDEX_FILE
+    git reset -q -- training README.md  # the shared index follows the new HEAD for these paths
+    # the work tree's README gets the same block (other README edits there stay as they are)
+    .venv/bin/python -c "
+import sys; sys.path.insert(0, 'scripts')
+from training_report import BEGIN, END, write_readme
+text = open('runs/staged/README.md').read()
+write_readme(text.split(BEGIN, 1)[1].split(END, 1)[0].lstrip('\n'))
+"
+    rm -rf runs/staged runs/commit-state.index
+    git log --oneline | head -1
     exit 0
   fi
   echo "staged state caught mid-save; retrying"; sleep 5
