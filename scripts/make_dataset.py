@@ -36,9 +36,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +45,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from namm_transfer.cli import UsageError, default_out, float_in, int_in, out_help, run_cli  # noqa: E402
+from namm_transfer.records import read_json, write_json  # noqa: E402
+from namm_transfer.runs import open_run  # noqa: E402
 
 # Stop thresholds on the local 0-100 scale for the policy that collects the data.
 TARGET_SCORE = {"medium": 45.0, "medium-replay": 45.0, "expert": 90.0}
@@ -136,6 +138,66 @@ def evaluate(model, gym_id: str, episodes: int, seed: int) -> np.ndarray:
     return np.asarray(rets)
 
 
+POLICY_FILE = "a make_dataset policy.pt (SB3 parameters, SAC's entropy coefficient)"
+BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def save_policy(model, work: Path) -> None:
+    """The training state as data only: SB3 parameters (+ SAC's entropy coefficient) with torch.save, SAC's replay
+    buffer as npz (SB3's own save/load would unpickle code on resume)."""
+    import torch
+
+    state = {"params": model.get_parameters()}
+    if getattr(model, "log_ent_coef", None) is not None:
+        state["log_ent_coef"] = model.log_ent_coef.detach().cpu()
+    torch.save(state, work / "policy.pt.tmp")
+    os.replace(work / "policy.pt.tmp", work / "policy.pt")
+    buf = getattr(model, "replay_buffer", None)
+    if buf is not None:  # off-policy: the replay buffer is part of the training state
+        arrays = {k: getattr(buf, k) for k in BUFFER_FIELDS if getattr(buf, k, None) is not None}
+        np.savez(work / "replay_buffer.tmp.npz", pos=buf.pos, full=buf.full, **arrays)
+        os.replace(work / "replay_buffer.tmp.npz", work / "replay_buffer.npz")
+
+
+def load_policy(model, work: Path) -> None:
+    """Resume `model` (built fresh) from `save_policy`'s files; ValueError naming the file when they do not fit."""
+    import torch
+
+    from namm_transfer.checkpoints import load_torch_file
+
+    state = load_torch_file(work / "policy.pt", POLICY_FILE)
+    try:
+        model.set_parameters(state["params"], exact_match=True, device="cpu")
+        if "log_ent_coef" in state:
+            with torch.no_grad():
+                model.log_ent_coef.copy_(state["log_ent_coef"])
+        if (work / "replay_buffer.npz").exists():
+            with np.load(work / "replay_buffer.npz", allow_pickle=False) as saved:
+                for k in BUFFER_FIELDS:
+                    if k in saved:
+                        getattr(model.replay_buffer, k)[...] = saved[k]
+                model.replay_buffer.pos, model.replay_buffer.full = int(saved["pos"]), bool(saved["full"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise ValueError(f"{work}: the saved policy does not fit --algo {type(model).__name__.lower()} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def save_episodes(episodes: list[dict], path: Path) -> None:
+    """Episodes (dicts of per-step lists) as one npz: no pickle."""
+    arrays = {f"{i}/{k}": np.asarray(v) for i, ep in enumerate(episodes) for k, v in ep.items() if k != "seed"}
+    np.savez(path, **arrays, seeds=np.array([-1 if ep.get("seed") is None else ep["seed"] for ep in episodes]))
+
+
+def load_episodes(path: Path) -> list[dict]:
+    with np.load(path, allow_pickle=False) as f:
+        eps = [{"seed": None if s < 0 else int(s)} for s in f["seeds"]]
+        for key in f.files:
+            if key != "seeds":
+                i, name = key.split("/", 1)
+                eps[int(i)][name] = f[key]
+    return eps
+
+
 def train_policy(cfg: Config, spec, work: Path, log) -> object:
     """Train (or resume) until the target score or ``max_train_steps``; return the SB3 model."""
     import gymnasium as gym
@@ -146,21 +208,23 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
 
     algo_cls = {"ppo": PPO, "sac": SAC}[cfg.algo]
     target = cfg.target_score if cfg.target_score is not None else TARGET_SCORE[cfg.quality]
-    state_path, model_path = work / "train_state.json", work / "policy.zip"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"timesteps": 0, "evals": [], "done": False}
+    state_path, model_path = work / "train_state.json", work / "policy.pt"
+    state = read_json(state_path, "timesteps, evals, done") if state_path.exists() else {"timesteps": 0, "evals": [],
+                                                                                          "done": False}
     if state["evals"]:  # re-decide with this run's target / budget (e.g. a larger --max-train-steps)
         state["done"] = state["evals"][-1]["score_local"] >= target or state["timesteps"] >= cfg.max_train_steps
     record = cfg.quality == "medium-replay"
     env = gym.make(spec.gym_id)
     if record:
         env = EpisodeRecorder(env)
+    model = algo_cls("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
     if model_path.exists():
-        model = algo_cls.load(model_path, env=env, device="cpu")
-        if cfg.algo == "sac" and (work / "replay_buffer.pkl").exists():
-            model.load_replay_buffer(work / "replay_buffer.pkl")
+        try:
+            load_policy(model, work)
+        except ValueError as err:  # not what this script writes (or a crafted file)
+            raise UsageError(str(err)) from None
+        model.num_timesteps = int(state["timesteps"])
         log(f"resumed {cfg.algo} policy at {state['timesteps']} steps")
-    else:
-        model = algo_cls("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
     model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes a /tmp/SB3-* folder per learn()
     t0 = time.time()
     while not state["done"]:
@@ -171,14 +235,11 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
         state["evals"].append({"timesteps": state["timesteps"], "return": float(rets.mean()),
                                "std": float(rets.std()), "score_local": score})
         if record:
-            chunk = work / f"replay_{len(state['evals']):04d}.pkl"
-            chunk.write_bytes(pickle.dumps(env.finished))
+            save_episodes(env.finished, work / f"replay_{len(state['evals']):04d}.npz")
             env.finished = []
         state["done"] = score >= target or state["timesteps"] >= cfg.max_train_steps
-        model.save(model_path)
-        if cfg.algo == "sac":  # off-policy: the replay buffer is part of the training state
-            model.save_replay_buffer(work / "replay_buffer.pkl")
-        state_path.write_text(json.dumps(state, indent=1))
+        save_policy(model, work)
+        write_json(state_path, state)
         log(f"[train] steps {state['timesteps']:>8d}  return {rets.mean():8.1f} ± {rets.std():6.1f}  "
             f"local score {score:5.1f} (target {target})  {time.time() - t0:6.0f}s")
     if state["evals"][-1]["score_local"] < target:
@@ -230,7 +291,7 @@ def load_local_episodes(dataset_id: str) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = Config()
     p.add_argument("--env", default=d.env, choices=["hopper", "walker2d", "halfcheetah", "minigrid"])
@@ -238,20 +299,27 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["medium", "medium-replay", "expert", "medium-expert", "memory"],
                    help="memory: MiniGrid Memory (with --env minigrid only)")
     p.add_argument("--algo", default=d.algo, choices=["ppo", "sac"])
-    p.add_argument("--steps", type=int, default=d.steps,
+    p.add_argument("--steps", type=int_in(1), default=d.steps,
                    help="environment steps to collect (complete episodes); default 1M (MuJoCo), 60k (minigrid)")
-    p.add_argument("--p-correct", type=float, default=d.p_correct,
+    p.add_argument("--p-correct", type=float_in(0, 1), default=d.p_correct,
                    help="minigrid: probability that the scripted agent picks the matching object")
-    p.add_argument("--max-train-steps", type=int, default=d.max_train_steps)
-    p.add_argument("--target-score", type=float, default=None, help="stop training at this local 0-100 score")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="train steps between evaluations/checkpoints")
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workdir", default="", help="policy checkpoints (default runs/make_dataset/{env}-{quality})")
+    p.add_argument("--max-train-steps", type=int_in(1), default=d.max_train_steps)
+    p.add_argument("--target-score", type=float_in(), default=None, help="stop training at this local 0-100 score")
+    p.add_argument("--eval-every", type=int_in(1), default=d.eval_every,
+                   help="train steps between evaluations/checkpoints")
+    p.add_argument("--eval-episodes", type=int_in(1), default=d.eval_episodes)
+    p.add_argument("--seed", type=int_in(0), default=d.seed)
+    p.add_argument("--workdir", default="", help="policy checkpoints; " + out_help("make_dataset", "<env>-<quality>"))
     p.add_argument("--data-dir", default="", help="Minari root; sets MINARI_DATASETS_PATH (default: minari's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing local dataset")
     cfg = Config(**vars(p.parse_args(argv)))
+    if (cfg.env == "minigrid") != (cfg.quality == "memory"):
+        p.error("--quality memory goes with --env minigrid (and only it)")
+    return run_cli(lambda: make(cfg, argv))
 
+
+def make(cfg: Config, argv: list[str] | None) -> int:
+    """Train or resume the collection policy in the work folder (locked, settings checked), collect, save."""
     import torch
 
     torch.set_num_threads(1)
@@ -259,22 +327,30 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["MINARI_DATASETS_PATH"] = str(Path(cfg.data_dir).resolve())
     import minari
 
-    from envs.registry import get_spec, normalized_score
+    from envs.registry import get_spec
 
-    if (cfg.env == "minigrid") != (cfg.quality == "memory"):
-        raise SystemExit("--quality memory goes with --env minigrid (and only it)")
     spec = get_spec(f"{cfg.env}-{cfg.quality}")
     steps = cfg.steps if cfg.steps is not None else (60_000 if spec.env == "minigrid" else 1_000_000)
-    work = Path(cfg.workdir or f"runs/make_dataset/{spec.name}")
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(cfg.workdir or default_out("make_dataset", spec.name))
+    if spec.local_dataset_id in minari.list_local_datasets() and not cfg.force:
+        raise UsageError(f"dataset {spec.local_dataset_id} already exists (pass --force to overwrite)")
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("env", "quality", "algo", "seed", "eval_every",
+                                                              "eval_episodes")}
+    with open_run(work, settings, "scripts/make_dataset.py", argv):
+        build(cfg, spec, steps, work)
+    return 0
+
+
+def build(cfg: Config, spec, steps: int, work: Path) -> None:
+    import minari
+
+    from envs.registry import get_spec, normalized_score
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     log(f"config: {asdict(cfg)}")
     if spec.local_dataset_id in minari.list_local_datasets():
-        if not cfg.force:
-            raise SystemExit(f"dataset {spec.local_dataset_id} already exists (pass --force to overwrite)")
         minari.delete_dataset(spec.local_dataset_id)
 
     dtypes, env_id = {}, spec.gym_id
@@ -294,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = train_policy(cfg, spec, work, log)
         if cfg.quality == "medium-replay":
-            episodes = [ep for f in sorted(work.glob("replay_*.pkl")) for ep in pickle.loads(f.read_bytes())]
+            episodes = [ep for f in sorted(work.glob("replay_*.npz")) for ep in load_episodes(f)]
         else:
             episodes = collect(model, spec, steps, log, cfg.seed)
         algorithm = f"stable-baselines3 {cfg.algo.upper()} (stochastic actions)"
@@ -327,4 +403,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,12 +22,12 @@ def _script(name):
 TINY_PPO = ["--max-train-steps", "1", "--eval-every", "64", "--eval-episodes", "1"]
 
 
-def test_make_dataset_then_train_dt(tmp_path, monkeypatch):
+def test_make_dataset_then_train_dt(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     data_dir = ["--data-dir", str(tmp_path / "minari")]
     _script("make_dataset").main(["--env", "hopper", "--quality", "medium", "--steps", "300",
                                   "--workdir", str(tmp_path / "ppo"), *TINY_PPO, *data_dir])
-    assert (tmp_path / "ppo" / "policy.zip").exists()
+    assert (tmp_path / "ppo" / "policy.pt").exists()
     state = json.loads((tmp_path / "ppo" / "train_state.json").read_text())
     assert state["done"] and state["timesteps"] >= 1
 
@@ -35,9 +35,9 @@ def test_make_dataset_then_train_dt(tmp_path, monkeypatch):
 
     ds = minari.load_dataset("namm_transfer/hopper/medium-v0")
     assert ds.total_steps >= 300 and ds.storage.metadata["ref_max_score"] == 3234.3
-    with pytest.raises(SystemExit, match="already exists"):
-        _script("make_dataset").main(["--env", "hopper", "--steps", "10", "--workdir", str(tmp_path / "ppo"),
-                                      *data_dir])
+    assert _script("make_dataset").main(["--env", "hopper", "--steps", "10", "--workdir", str(tmp_path / "ppo"),
+                                         *data_dir]) == 2
+    assert "already exists (pass --force to overwrite)" in capsys.readouterr().err
 
     train = _script("train_dt")
     args = ["--env", "hopper-medium", "--steps", "3", "--ckpt-every", "2", "--batch-size", "4", "--hidden", "16",
@@ -144,3 +144,31 @@ def test_train_dt_refuses_bad_input_before_any_work(tmp_path, capsys):
     before["ckpt.pt"] = (out / "ckpt.pt").read_bytes()
     refused(train.main, args, capsys, "ckpt.pt: refused to load", "can run code")
     assert not (tmp_path / "pwned").exists() and snapshot(out) == before
+
+
+def test_make_dataset_resumes_from_data_only_files_and_refuses_code(tmp_path, monkeypatch, capsys):
+    import os
+
+    import torch
+    from helpers_inputs import refused
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    md = _script("make_dataset")
+    for bad, msg in ((["--eval-every", "0"], "an integer >= 1"), (["--steps", "0"], "an integer >= 1"),
+                     (["--env", "minigrid", "--p-correct", "1.5"], "<= 1"),
+                     (["--quality", "memory"], "--quality memory goes with --env minigrid")):
+        refused(md.main, ["--workdir", str(tmp_path / "w"), *bad], capsys, msg)
+    assert not (tmp_path / "w").exists()
+    args = ["--env", "hopper", "--quality", "medium-replay", "--workdir", str(tmp_path / "w"),
+            "--data-dir", str(tmp_path / "minari"), *TINY_PPO]
+    assert md.main(args) == 0 and sorted(p.name for p in (tmp_path / "w").glob("replay_*")) == ["replay_0001.npz"]
+    more = [*args[:-6], "--max-train-steps", "3000", "--eval-every", "64", "--eval-episodes", "1", "--force"]
+    assert md.main(more) == 0  # resumed from policy.pt (PPO's first rollout: 2048 steps), one more period
+    assert "resumed ppo policy at 2048 steps" in capsys.readouterr().out
+    assert len(list((tmp_path / "w").glob("replay_*.npz"))) == 2
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save({"params": Exploit()}, tmp_path / "w" / "policy.pt")
+    refused(md.main, [*more[:-1], "--force"], capsys, "policy.pt: refused to load", "can run code")
+    assert not (tmp_path / "pwned").exists()
