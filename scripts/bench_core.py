@@ -107,35 +107,50 @@ def run_one(args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> int:
     from namm_transfer.checkpoints import DEFAULT_NAMM
+    from namm_transfer.cli import default_out, int_in, number_list, out_help, run_cli
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="1024,2048")
+    ap.add_argument("--lengths", type=number_list(int_in(16), "lengths"), default="1024,2048")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--namm", default=str(DEFAULT_NAMM))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="runs/bench_core")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--out", default=str(default_out("bench_core")), help=out_help("bench_core"))
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)))
-        return
+        return 0
+    return run_cli(lambda: bench(args))
+
+
+def bench(args) -> int:
+    """Each (length, policy) in its own process (clean peak memory), then the table."""
+    from namm_transfer.cli import UsageError, check_device, load_namm_arg
+    from namm_transfer.records import write_json, write_text
+
+    check_device(args.device)
+    try:
+        load_namm_arg(args.namm)  # a bad --namm is reported here, not as a child's traceback
+    except UsageError as err:
+        if "no NAMM checkpoint" not in str(err):  # a missing one is measured with zero parameters
+            raise
     rows = []
-    for length in [int(x) for x in args.lengths.split(",")]:
+    for length in args.lengths:
         for policy in ["full", "namm", "h2o"]:
             cmd = [sys.executable, __file__, "--one", "--length", str(length), "--policy", policy, "--model",
                    args.model, "--namm", args.namm, "--device", args.device, "--threads", str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
-                sys.exit(res.stderr)
+                raise UsageError(f"the {policy} run at {length} tokens failed:\n{res.stderr[-2000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"  {length:5d} {policy:5s} {rows[-1]['seconds']:.1f}s", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_core.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "bench_core.json", rows)
     lines = ["| tokens | policy | forward s | NAMM s | NAMM % of forward | FLOP share % | measured / FLOP share "
              "| peak cache MB | peak RSS MB | realised cache % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -149,9 +164,10 @@ def main() -> None:
                      f"{100 * r['realised_fraction']:.1f} |")
     namm_src = next((r["namm_source"] for r in rows if r["policy"] == "namm"), "")
     table = "\n".join(lines) + f"\n\nNAMM: {namm_src}; device {args.device}, {args.threads} thread(s).\n"
-    (out / "bench_core.md").write_text(table)
+    write_text(out / "bench_core.md", table)
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

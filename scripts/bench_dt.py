@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from namm_transfer.cli import budget, float_in, int_in, name_list, run_cli  # noqa: E402
 from run_dt import (BASELINES, DEFAULT_DELAY, POLICY_NAMES, UsageError, load_checkpoint,  # noqa: E402
                     load_namm_policy, make_kv_policy)
 
@@ -32,36 +33,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--env", default="hopper-medium")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--state-stats", default=None)
-    ap.add_argument("--policies", default="full,window,namm,h2o,l2")
+    ap.add_argument("--policies", type=name_list(POLICY_NAMES), default="full,window,namm,h2o,l2")
     ap.add_argument("--namm", default=None)
-    ap.add_argument("--budget", type=float, default=None)
-    ap.add_argument("--delay", type=int, default=DEFAULT_DELAY)
-    ap.add_argument("--max-steps", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target-return", type=float, default=None)
+    ap.add_argument("--budget", type=budget, default=None)
+    ap.add_argument("--delay", type=int_in(1), default=DEFAULT_DELAY)
+    ap.add_argument("--max-steps", type=int_in(1), default=1000)
+    ap.add_argument("--repeats", type=int_in(1), default=1)
+    ap.add_argument("--seed", type=int_in(0), default=0)
+    ap.add_argument("--target-return", type=float_in(), default=None)
     ap.add_argument("--device", default="cpu", choices=["cpu"],
                     help="CPU only: envs.rollout's recompute rollout builds its inputs on the CPU")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--skip-missing-namm", action="store_true", help="drop namm when no checkpoint exists")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--out", default=None, help="also write the results as JSON to this file (default: printed only)")
     args = ap.parse_args(argv)
-    args.policy_list = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in args.policy_list if p not in POLICY_NAMES]
-    if bad:
-        ap.error(f"--policies: unknown {bad}; choose from {', '.join(POLICY_NAMES)}")
+    args.policy_list = list(args.policies)
     args.policy_list.sort(key=lambda p: (p in BASELINES, POLICY_NAMES.index(p)))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        bench(args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: bench(args) and 0)
 
 
 def bench(args) -> dict:

@@ -117,16 +117,23 @@ def bench_decoding(repeats: int) -> None:
         print("decord does not import here: only PyAV was timed")
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    from namm_transfer.cli import check_device, int_in, run_cli
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--frames", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--frames", type=int_in(1), default=32)
+    ap.add_argument("--repeats", type=int_in(1), default=3)
     ap.add_argument("--no-big", action="store_true", help="skip the bigger random config")
     ap.add_argument("--no-decoding", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    args = ap.parse_args(argv)
+    return run_cli(lambda: check_device(args.device) or bench(args))
+
+
+def bench(args) -> int:
+    """Prints the tables (nothing is written)."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, enc = tiny_inputs(args.frames)
@@ -137,7 +144,8 @@ def main() -> None:
                       args.repeats)
     if not args.no_decoding:
         bench_decoding(args.repeats)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

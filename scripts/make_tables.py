@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from namm_transfer.cli import default_out, out_help  # noqa: E402
+from namm_transfer.records import write_text  # noqa: E402
 from namm_transfer.reporting.plots import plot_sweep, slug, sweep_groups  # noqa: E402
 from namm_transfer.reporting.results import DOMAIN_TITLES, ResultFormatError, read_results  # noqa: E402
 from namm_transfer.reporting.tables import build_rows, missing_domains, to_csv, to_markdown  # noqa: E402
@@ -38,7 +40,7 @@ def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], in
     written: list[Path] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(md)
+        write_text(out / "table.md", md)
         to_csv(rows, out / "table.csv")
         written += [out / "table.md", out / "table.csv"]
         for (domain, model, metric), panels in sweep_groups(results).items():
@@ -51,7 +53,8 @@ def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="result folders or their summary / records files")
-    ap.add_argument("--out", default="runs/tables", help="folder for table.md, table.csv, sweep_*.png")
+    ap.add_argument("--out", default=str(default_out("tables")),
+                    help="folder for table.md, table.csv, sweep_*.png; " + out_help("tables"))
     args = ap.parse_args(argv)
     md, written, code = make_tables(args.results, Path(args.out))
     print(md, end="")

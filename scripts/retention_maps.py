@@ -33,7 +33,6 @@ Default NAMM: namm_transfer/checkpoints/namm-smollm2 (pass --namm PATH when it i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,12 +41,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import numpy as np  # noqa: E402
 
-from namm_transfer.records import in_repo  # noqa: E402
+from namm_transfer.cli import UsageError, budget, int_in, load_namm_arg, out_help, run_cli  # noqa: E402
+from namm_transfer.records import in_repo, write_json  # noqa: E402
 from namm_transfer.reporting import retention as ret  # noqa: E402
-
-
-class UsageError(Exception):
-    """Printed without a traceback."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,38 +53,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="language: model name (default smollm2-135m; tiny-llama for "
                                                   "tests); video: as scripts/run_video.py --model")
     ap.add_argument("--task", default="passkey", help="language task")
-    ap.add_argument("--tokens", type=int, default=1024, help="language prompt length")
-    ap.add_argument("--index", type=int, default=0, help="which test sample (language, video)")
-    ap.add_argument("--layer", type=int, default=None, help="layer for the per-token views (default: middle)")
-    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--tokens", type=int_in(64), default=1024, help="language prompt length")
+    ap.add_argument("--index", type=int_in(0), default=0, help="which test sample (language, video)")
+    ap.add_argument("--layer", type=int_in(0), default=None, help="layer for the per-token views (default: middle)")
+    ap.add_argument("--chunk", type=int_in(1), default=128)
     ap.add_argument("--env", default="hopper-medium", help="dt task")
     ap.add_argument("--checkpoint", default=None, help="dt checkpoint (default: the embedded hopper-medium DT)")
-    ap.add_argument("--max-steps", type=int, default=200, help="dt episode cap")
-    ap.add_argument("--episodes", type=int, default=1, help="dt: episodes per policy (the first is mapped)")
+    ap.add_argument("--max-steps", type=int_in(1), default=200, help="dt episode cap")
+    ap.add_argument("--episodes", type=int_in(1), default=1, help="dt: episodes per policy (the first is mapped)")
     ap.add_argument("--policies", default="namm", help="dt: namm plus baselines of scripts/run_dt.py, e.g. "
                                                       "namm,h2o,l2,recency,snapkv")
-    ap.add_argument("--budget", type=float, default=None, help="dt: baseline budget (default: NAMM's, matched)")
-    ap.add_argument("--seed", type=int, default=0, help="dt reset seed / video seed")
+    ap.add_argument("--budget", type=budget, default=None, help="dt: baseline budget (default: NAMM's, matched)")
+    ap.add_argument("--seed", type=int_in(0), default=0, help="dt reset seed / video seed")
     ap.add_argument("--dataset", default="synthetic", help="video dataset")
     ap.add_argument("--data-root", default=None)
-    ap.add_argument("--frames", type=int, default=32)
-    ap.add_argument("--delay", type=int, default=None, help="eviction period (default: the domain's harness default)")
+    ap.add_argument("--frames", type=int_in(1), default=32)
+    ap.add_argument("--delay", type=int_in(1), default=None,
+                    help="eviction period (default: the domain's harness default)")
     ap.add_argument("--evict-during", default="video", choices=["video", "prompt"],
                     help="video: as run_video.py (eviction steps only while the video is read)")
     ap.add_argument("--renorm", action="store_true", help="also map namm-renorm (see above)")
     ap.add_argument("--save-renorm", default=None, help="write the namm-renorm checkpoint here")
-    ap.add_argument("--calib-n", type=int, default=2, help="calibration prompts / episodes / videos for --renorm")
+    ap.add_argument("--calib-n", type=int_in(1), default=2, help="calibration prompts / episodes / videos for --renorm")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--out", default=None, help=out_help("retention", "<domain>"))
     args = ap.parse_args(argv)
     if args.save_renorm:
         args.renorm = True
     args.baselines = [p.strip() for p in args.policies.split(",") if p.strip() and p.strip() != "namm"]
     if args.baselines and args.domain != "dt":
         ap.error("--policies with baselines is for --domain dt")
-    if args.episodes < 1:
-        ap.error("--episodes must be >= 1")
     return args
 
 
@@ -110,13 +105,12 @@ def namm_path(args) -> str:
 
 class LanguageTarget:
     def __init__(self, args):
-        from namm_transfer import load_namm
         from namm_transfer.language.tasks import make_split
         from train_namm import load_model
 
         self.args = args
         model_name = args.model or "smollm2-135m"
-        self.namm = load_namm(namm_path(args), **({"delay": args.delay} if args.delay else {}))
+        self.namm = load_namm_arg(namm_path(args), args.delay)
         self.model, self.tok = load_model(model_name, args.device)
         sample = make_split(args.task, "test", args.index + 1, args.tokens, self.tok)[args.index]
         self.ids = self.encode(sample)
@@ -372,11 +366,7 @@ def pick_layer(args, keep: np.ndarray) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args, argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args, argv))
 
 
 def run(args, argv=None) -> int:
@@ -421,7 +411,7 @@ def run(args, argv=None) -> int:
                  f"(mean over {extra['cue_kept_episodes']} episodes)"))
     if hasattr(target, "plot_policies"):
         written += target.plot_policies(report, out)
-    (out / "retention.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "retention.json", report)
     print("wrote " + ", ".join(map(str, written + [out / "retention.json"])), file=sys.stderr)
     return 0
 
