@@ -1,25 +1,12 @@
 """scripts/run_dt.py and scripts/bench_dt.py end to end on a tiny DT checkpoint (in-process, temp dirs)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
+from helpers_inputs import script as _script
 from namm_transfer import save_namm
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
