@@ -137,8 +137,9 @@ TASKS["minigrid-memory"] = TaskSpec(
     local_dataset_id="namm_transfer/minigrid/memory-v0", d4rl_file="", target_returns=(1.0, 0.0),
     hf_checkpoint=None, return_scale=1.0, max_ep_len=24, metric="success", discrete_actions=True,
     normalize_states=False, dt_delay=16,
-    dt_train=(("context", 24), ("hidden", 64), ("layers", 3), ("heads", 2), ("batch_size", 64), ("lr", 3e-4),
-              ("warmup", 500), ("steps", 8000), ("ckpt_every", 500)),
+    dt_train=(("context", 24), ("hidden", 64), ("layers", 3), ("heads", 2), ("batch_size", 64), ("dropout", 0.0),
+              ("lr", 6e-4), ("warmup", 500), ("steps", 6000), ("ckpt_every", 500), ("eval_every", 500),
+              ("eval_episodes", 50)),
 )
 
 

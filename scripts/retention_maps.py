@@ -218,7 +218,8 @@ class DTTarget:
             state = snaps[d - 1][:, 1::3]
             cue = [t for t in range(d) if infos[t].get(self.CUE)]
             extra.update(decision_step=d, cue_steps=cue, state_kept_entering_decision=state.mean(0).tolist(),
-                         cue_kept_share=float(state[:, cue].mean()) if cue else None)
+                         cue_kept_share=float(state[:, cue].mean()) if cue else None,
+                         cue_kept_share_per_layer=state[:, cue].mean(1).tolist() if cue else None)
         return keep, extra
 
     def run(self, policy):
@@ -231,7 +232,9 @@ class DTTarget:
                                                   if x["eviction_fraction"] is not None]))
         cue = [x["cue_kept_share"] for x in every if x.get("cue_kept_share") is not None]
         if cue:
+            per_layer = [x["cue_kept_share_per_layer"] for x in every if x.get("cue_kept_share") is not None]
             extra.update(cue_kept_share_mean=mean(cue), cue_kept_episodes=len(cue),
+                         cue_kept_share_per_layer_mean=np.mean(per_layer, axis=0).tolist(),
                          success_rate=100 * float(np.mean(np.array(extra["returns"]) > 0)))
         return keep, extra
 
