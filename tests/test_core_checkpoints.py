@@ -97,7 +97,8 @@ def test_a_crafted_pickle_is_refused_without_running_it(tmp_path):
 def test_official_ckpt_with_numpy_scalars_loads(tmp_path):
     import numpy as np
     official_ckpt(tmp_path / "ckpt.pt", torch.randn(4172), torch.rand(17), torch.rand(17) + 0.5)
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)  # test-made file: rewrite it with numpy values
+    from namm_transfer.checkpoints import load_torch_file
+    ckpt = load_torch_file(tmp_path / "ckpt.pt", "test file")  # rewritten with numpy values below
     ckpt.update(iter_num=np.int64(7), best_val_loss=np.float64(0.5), history=np.zeros(3))
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert load_namm(tmp_path / "ckpt.pt").params.shape == (1, 4172)

@@ -172,3 +172,15 @@ def test_make_dataset_resumes_from_data_only_files_and_refuses_code(tmp_path, mo
     torch.save({"params": Exploit()}, tmp_path / "w" / "policy.pt")
     refused(md.main, [*more[:-1], "--force"], capsys, "policy.pt: refused to load", "can run code")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_train_dt_stops_when_the_loss_diverges(tmp_path, capsys):
+    import numpy as np
+    from helpers_inputs import refused
+    from test_envs_data import _d4rl
+    d4rl = _d4rl(tmp_path / "hopper-medium-v2.hdf5", actions=np.full((12, 3), 1e30, np.float32))  # finite, huge
+    out = tmp_path / "dt"
+    refused(_script("train_dt").main, ["--env", "hopper-medium", "--d4rl-file", str(d4rl), "--steps", "2",
+                                       "--batch-size", "2", "--hidden", "8", "--layers", "1", "--warmup", "1",
+                                       "--eval-episodes", "0", "--out", str(out)], capsys, "training diverged at step 1")
+    assert not (out / "ckpt.pt").exists() and not (out / "final").exists()
