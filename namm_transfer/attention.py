@@ -119,9 +119,10 @@ def visible_keys(mask: torch.Tensor | None, columns: torch.Tensor, valid: torch.
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
-           spec: AttentionSpec, need_probs: bool, training: bool = False
+           spec: AttentionSpec, need_probs: bool, training: bool = False, blind_rows: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of query (B, H, q, D) over key/value (B, H_kv, N, D); visible (B, H_kv or H, q, N) or None (all).
+    `blind_rows`: some query may see no key at all (padding); it then gets zeros, as SDPA gives, not NaN.
     Returns (output (B, H, q, D), probabilities (B, H, q, N) in the query dtype or None)."""
     h, h_kv = query.shape[1], key.shape[1]
     k, v = (key, value) if h == h_kv else (key.repeat_interleave(h // h_kv, 1), value.repeat_interleave(h // h_kv, 1))
@@ -142,8 +143,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    if visible is not None:  # a query that sees nothing (padding) gets zeros, as SDPA gives, not NaN
-        probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros((), dtype=probs.dtype))
+    if visible is not None and blind_rows:
+        probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     probs = probs.to(query.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
@@ -208,7 +209,8 @@ def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec)
                 spec.sliding_window is not None and start + e > spec.sliding_window):
             vis = visible_keys(None if mask is None else mask[:, :, a:e], layer.columns, layer.valid, q_cols,
                                spec.sliding_window)
-        out, probs = attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs)
+        out, probs = attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs,
+                            blind_rows=mask is not None or not layer.lockstep)
         if probs is not None:
             layer.record(probs, a, e)
             if spec.output_attentions:

@@ -1,9 +1,9 @@
 """MemoryCache: a transformers Cache whose layers prune keys, values and per-token state together.
 
 Each layer keeps, per batch row and KV head: keys/values after RoPE, the sequence column each slot came from
-(padding included: what the model's attention mask indexes), the row's own position of the token (padding
-excluded: what policies see), a validity flag (False for padding tokens and for the filler slots that keep the
-cache rectangular when rows or heads keep different counts) and the policy's per-token state.
+(padding included: what the model's attention mask indexes; minus the row's left padding it is the row's own
+position of the token, what policies see), a validity flag (False for padding tokens and for the filler slots that
+keep the cache rectangular when rows or heads keep different counts) and the policy's per-token state.
 
 Every row has its own clock: its tokens seen count only its real tokens, and the policy runs for a row when that
 count reaches a multiple of `policy.delay`, on exactly the queries since the row's previous step. The attention
@@ -59,6 +59,21 @@ def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
+def _fit(state: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-slot state (B, H, S, ...) cut or zero-padded to n slots (slots past S have not been through a step)."""
+    if state.shape[2] >= n:
+        return state[:, :, :n]
+    return torch.cat([state, state.new_zeros(*state.shape[:2], n - state.shape[2], *state.shape[3:])], dim=2)
+
+
+def _pending(blk: Block) -> torch.Tensor:
+    """A block's (B, q) pending mask, materialised."""
+    if blk.pending is not None:
+        return blk.pending
+    b, _, q, _ = blk.attention.shape
+    return torch.ones(b, q, dtype=torch.bool, device=blk.attention.device)
+
+
 @dataclass
 class EvictionRecord:
     layer: int
@@ -72,10 +87,10 @@ class EvictionRecord:
 @dataclass
 class Block:
     """Buffered attention of one piece of a forward: (B, H_kv, q, N then), and which of its queries are real
-    tokens of each row not yet read by that row's eviction step (B, q)."""
+    tokens of each row not yet read by that row's eviction step (B, q; None = all, while the rows are in lockstep)."""
 
     attention: torch.Tensor
-    pending: torch.Tensor
+    pending: torch.Tensor | None = None
 
 
 class MemoryLayer(DynamicLayer):
@@ -85,9 +100,8 @@ class MemoryLayer(DynamicLayer):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.columns: torch.Tensor | None = None  # (B, H, N) sequence column of each slot
-        self.positions: torch.Tensor | None = None  # (B, H, N) the row's own position of the token
         self.valid: torch.Tensor | None = None
-        self.state: dict[str, torch.Tensor] = {}  # (B, H, N, ...) for every slot, zeros before a slot's first step
+        self.state: dict[str, torch.Tensor] = {}  # (B, H, S, ...) for the first S slots; later slots: zeros
         self.buffer: list[Block] = []
         self.tokens_seen = 0  # sequence columns processed (padding included)
         self.seen: list[int] = []  # per row: own (real) tokens processed
@@ -95,6 +109,7 @@ class MemoryLayer(DynamicLayer):
         self.steps: list[int] = []  # per row: steps run
         self.offset: list[int] = []  # per row: padding columns before its first real token
         self.all_valid = True  # no padding and no filler slot anywhere (lets single queries skip the mask)
+        self.lockstep = True  # no padding ever: all rows share one clock
         self.awaiting_capture = False
         self._future = 0  # slots of the forward in progress that no query has reached yet
         self._real: torch.Tensor | None = None  # (B, q) real tokens of the forward in progress
@@ -113,10 +128,8 @@ class MemoryLayer(DynamicLayer):
         dev = key_states.device
         cols = torch.arange(self.tokens_seen, self.tokens_seen + q, device=dev).expand(b, h, q)
         self.columns = cols if self.columns is None else torch.cat([self.columns, cols], dim=2)
-        self.positions = cols if self.positions is None else torch.cat([self.positions, cols], dim=2)
         new_valid = torch.ones(b, h, q, dtype=torch.bool, device=dev)
         self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=2)
-        self.state = {k: torch.cat([v, v.new_zeros(b, h, q, *v.shape[3:])], dim=2) for k, v in self.state.items()}
         self._future = q
         self.awaiting_capture = True
         _CAPTURE.pending = (self.cache, self.layer_idx)
@@ -137,6 +150,13 @@ class MemoryLayer(DynamicLayer):
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[2]
 
     @property
+    def positions(self) -> torch.Tensor:
+        """(B, H, N) each slot's position in its row's own tokens (meaningless on invalid slots)."""
+        if self.lockstep:
+            return self.columns
+        return self.columns - torch.tensor(self.offset, device=self.columns.device)[:, None, None]
+
+    @property
     def wants_attention(self) -> bool:
         return self.cache.policy.needs_attention and self.cache.policy.evicts
 
@@ -154,16 +174,13 @@ class MemoryLayer(DynamicLayer):
                     raise UnsupportedAttention("only left padding is supported: a row's attention_mask has a 0 "
                                                "after its first 1")
         if any(lead):
-            self.all_valid = False
+            self.all_valid = self.lockstep = False
             new_valid = (torch.arange(q, device=self.valid.device)[None]
                          >= torch.tensor(lead, device=self.valid.device)[:, None])
             self.valid[..., -q:] = new_valid[:, None, :]
             for r in range(b):
                 if self.seen[r] == 0:
                     self.offset[r] = self.tokens_seen + lead[r]
-        if any(self.offset):
-            off = torch.tensor(self.offset, device=self.columns.device)[:, None, None]
-            self.positions = torch.cat([self.positions[..., :-q], self.columns[..., -q:] - off], dim=2)
         self._real = None if not any(lead) else new_valid
         self._lead = lead
         self._due = {}
@@ -187,9 +204,10 @@ class MemoryLayer(DynamicLayer):
             return
         dtype = self.cache.policy.attention_dtype
         att = gqa_mean(probs if dtype is None else probs.to(dtype), self.keys.shape[1])
-        b = att.shape[0]
-        pending = (torch.ones(b, e - a, dtype=torch.bool, device=att.device) if self._real is None
-                   else self._real[:, a:e].clone())
+        pending = None
+        if not self.lockstep:
+            pending = (torch.ones(att.shape[0], e - a, dtype=torch.bool, device=att.device) if self._real is None
+                       else self._real[:, a:e].clone())
         self.buffer.append(Block(att, pending))
 
     def advance(self, a: int, e: int) -> None:
@@ -225,39 +243,51 @@ class MemoryLayer(DynamicLayer):
         policy, n = self.cache.policy, self.length
         nv = n - self._future  # slots the stepping rows have seen (the rest belong to later queries)
         rows = torch.tensor(group, device=self.keys.device)
-        sub = lambda t: t[rows, :, :nv]  # noqa: E731
+        every_row = len(group) == self.valid.shape[0]
+        whole = every_row and nv == n  # the step covers the whole layer (no other row, no later query)
+
+        def sub(t: torch.Tensor, width: int = nv) -> torch.Tensor:  # the stepping rows' first `width` slots
+            return t[:, :, :width] if every_row else t[rows, :, :width]
         attention = self._take_attention(rows, since, nv) if policy.needs_attention else None
         view = LayerView(self.layer_idx, sub(self.keys), sub(self.values), sub(self.positions), sub(self.valid),
-                         attention, since, seen, step, {k: v[rows, :, :nv - since] for k, v in self.state.items()},
+                         attention, since, seen, step, {k: sub(_fit(v, nv - since)) for k, v in self.state.items()},
                          rows=rows)
         keep_rows, state = policy.step(view)
         keep_rows = keep_rows & view.valid
-        keep = self.valid.clone()
-        keep[..., nv:] = True
-        keep[rows, :, :nv] = keep_rows
+        if whole:
+            keep = keep_rows
+        else:  # other rows keep their valid slots, later queries' slots stay
+            keep = self.valid.clone()
+            keep[..., nv:] = True
+            keep[rows, :, :nv] = keep_rows
         if self.cache.on_evict is not None:
             self.cache.on_evict(self, keep)
-        heads = self.valid.shape[1]
-        before = int(view.valid.sum()) // (len(group) * heads)
-        kept = keep_rows.float().sum(-1).mean(-1)
         for name, value in state.items():
+            if whole:
+                self.state[name] = value
+                continue
             full = self.state.get(name)
-            if full is None:
-                full = value.new_zeros(self.valid.shape[0], heads, n, *value.shape[3:])
+            full = value.new_zeros(*self.valid.shape, *value.shape[3:]) if full is None else _fit(full, n)
             full[rows, :, :nv] = value.to(full.dtype)
             self.state[name] = full
         for r in group:
             self.since[r], self.steps[r] = 0, self.steps[r] + 1
+        counts = torch.cat([view.valid.sum()[None].float(), keep_rows.sum()[None].float(),
+                            keep_rows.float().sum(-1).mean(-1)]).tolist()  # before, after, after per row
         self._consume(group)
         self._compact(keep)
-        self.cache.log.append(EvictionRecord(self.layer_idx, seen, before, int(keep_rows.sum()) // (len(group) * heads),
-                                             tuple(group), tuple(kept.tolist())))
+        heads = self.valid.shape[1]
+        self.cache.log.append(EvictionRecord(self.layer_idx, seen, int(counts[0]) // (len(group) * heads),
+                                             int(counts[1]) // (len(group) * heads), tuple(group), tuple(counts[2:])))
 
     def _take_attention(self, rows: torch.Tensor, t: int, nv: int) -> torch.Tensor:
         """(R, H_kv, t, nv) float: the attention of each stepping row's t queries since its last step."""
         n = self.length
+        if self.lockstep and len(rows) == self.valid.shape[0]:  # every buffered query is pending for every row
+            att = torch.cat([F.pad(blk.attention, (0, n - blk.attention.shape[-1])) for blk in self.buffer], dim=2)
+            return att[..., :nv].float()
         att = torch.cat([F.pad(blk.attention[rows], (0, n - blk.attention.shape[-1])) for blk in self.buffer], dim=2)
-        pending = torch.cat([blk.pending[rows] for blk in self.buffer], dim=1)
+        pending = torch.cat([_pending(blk)[rows] for blk in self.buffer], dim=1)
         if not bool((pending.sum(-1) == t).all()):
             raise RuntimeError(f"layer {self.layer_idx}: buffered queries do not match the {t} tokens since the "
                                "last step")
@@ -267,7 +297,11 @@ class MemoryLayer(DynamicLayer):
 
     def _consume(self, rows: list[int]) -> None:
         """These rows' buffered queries have been read; drop blocks nobody needs any more."""
+        if self.lockstep and len(rows) == self.valid.shape[0]:
+            self.buffer.clear()
+            return
         for blk in self.buffer:
+            blk.pending = _pending(blk)
             blk.pending[rows] = False
         self.buffer = [blk for blk in self.buffer if bool(blk.pending.any())]
 
@@ -276,10 +310,10 @@ class MemoryLayer(DynamicLayer):
             return
         idx, filled = compact(keep)
         self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
-        self.columns, self.positions = gather_tokens(self.columns, idx), gather_tokens(self.positions, idx)
-        self.valid = filled & gather_tokens(self.valid, idx)  # padding not yet reached stays invalid
-        self.state = {k: gather_tokens(v, idx) for k, v in self.state.items()}
         n = keep.shape[-1]
+        self.columns = gather_tokens(self.columns, idx)
+        self.valid = filled & gather_tokens(self.valid, idx)  # padding not yet reached stays invalid
+        self.state = {k: gather_tokens(_fit(v, n), idx) for k, v in self.state.items()}
         for blk in self.buffer:
             att = F.pad(blk.attention, (0, n - blk.attention.shape[-1]))
             blk.attention = att.gather(3, idx[:, :, None, :].expand(-1, -1, att.shape[2], -1))
@@ -355,10 +389,11 @@ class MemoryCache(Cache):
         for old in self.layers:
             layer = MemoryLayer(new, old.layer_idx)
             layer.keys, layer.values = rep(old.keys), rep(old.values)
-            layer.columns, layer.positions, layer.valid = rep(old.columns), rep(old.positions), rep(old.valid)
+            layer.columns, layer.valid = rep(old.columns), rep(old.valid)
             layer.state = {k: rep(v) for k, v in old.state.items()}
-            layer.buffer = [Block(rep(blk.attention), rep(blk.pending)) for blk in old.buffer]
-            layer.tokens_seen, layer.all_valid = old.tokens_seen, old.all_valid
+            layer.buffer = [Block(rep(blk.attention), None if blk.pending is None else rep(blk.pending))
+                            for blk in old.buffer]
+            layer.tokens_seen, layer.all_valid, layer.lockstep = old.tokens_seen, old.all_valid, old.lockstep
             layer.seen, layer.since = per_row(old.seen), per_row(old.since)
             layer.steps, layer.offset = per_row(old.steps), per_row(old.offset)
             layer.is_initialized, layer.device = old.is_initialized, getattr(old, "device", None)
@@ -381,7 +416,7 @@ class MemoryCache(Cache):
         """Bytes held now: keys, values, per-token state and buffered attention rows."""
         total = 0
         for l in self.layers:
-            tensors = [l.keys, l.values, l.positions, *l.state.values(), *(b.attention for b in l.buffer)]
+            tensors = [l.keys, l.values, l.columns, *l.state.values(), *(b.attention for b in l.buffer)]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total
 

@@ -17,6 +17,8 @@ def gqa_mean(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     b, h, q, n = attn.shape
     if h % num_kv_heads:
         raise ValueError(f"{h} query heads cannot be grouped into {num_kv_heads} KV heads")
+    if h == num_kv_heads:
+        return attn
     return attn.view(b, num_kv_heads, h // num_kv_heads, q, n).mean(dim=2)
 
 

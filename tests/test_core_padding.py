@@ -139,3 +139,23 @@ def test_per_row_budgets_equal_one_policy_per_row():
         for r, b in enumerate(budgets):
             alone, _ = cls(b, delay=16).step(view([r]))
             assert torch.equal(together[r], alone[0]), (cls.name, r)
+
+
+def test_rows_with_their_own_eviction_limits():
+    """Rows of one length (no padding) that stop evicting at different token counts (evict_until per row, as the
+    context-only protocol gives) equal each row alone with its limit."""
+    from namm_transfer.adapters.causal_lm import prefill
+    model = tiny_model("llama")
+    enable_memory_attention(model)
+    prompts, _, _ = padded_batch([260, 260, 260])
+    ids = torch.stack(prompts)
+    limits = [100, 260, 200]
+    for policy in policies()[1:]:
+        cache = MemoryCache(policy, evict_until=limits)
+        together, _, _ = prefill(model, ids, cache, chunk_size=40, keep_logits=True)
+        for r, limit in enumerate(limits):
+            alone_cache = MemoryCache(policy, evict_until=limit)
+            alone, _, _ = prefill(model, ids[r:r + 1], alone_cache, chunk_size=40, keep_logits=True)
+            assert torch.allclose(together[r], alone[0], atol=1e-4), (policy.name, r)
+            assert max(rec.tokens_seen for rec in alone_cache.log) <= limit
+        assert cache.row_fractions() != [cache.row_fractions()[0]] * 3
