@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from envs.registry import RefScores, Scorer
+from envs.registry import Scorer
 from envs.rollout import DTPolicy, rollout_recompute
 from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper
 from namm_transfer.policies import MemoryPolicy

@@ -162,3 +162,36 @@ def test_wilson_interval():
     assert lo < 95 < hi and hi < 100
     lo, hi = interval95([1.0, 2.0, 3.0])
     assert lo < 2 < hi
+
+
+EMBEDDED = "envs/checkpoints/dt-minigrid-memory"
+
+
+def test_embedded_dt_follows_the_return_it_is_asked_for():
+    from pathlib import Path
+
+    from envs.rollout import evaluate, load_dt
+
+    pol = load_dt(Path(__file__).resolve().parents[1] / EMBEDDED)
+    assert pol.discrete_actions and pol.context == pol.max_ep_len == SPEC.max_ep_len
+    for target, rate in ((1.0, 100.0), (0.0, 0.0)):
+        out = evaluate(pol, SPEC.gym_id, target, episodes=6, refs=SPEC.scorers())
+        assert out["score_success_mean"] == rate
+
+
+def test_retention_maps_report_the_cue_per_policy(tmp_path):
+    import json
+
+    from test_envs_cli import ROOT
+
+    rm = _script("retention_maps")
+    out = tmp_path / "ret"
+    assert rm.main(["--domain", "dt", "--env", "minigrid-memory", "--checkpoint", str(ROOT / EMBEDDED), "--policies",
+                    "namm,window,recency", "--budget", "6", "--episodes", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "retention.json").read_text())["policies"]
+    assert report["window"]["cue_kept_share_mean"] == 1.0  # the DT's K = the whole episode: keeps everything
+    assert report["recency"]["cue_kept_share_mean"] == 0.0  # 4 sinks + the 2 newest tokens: the cue is gone
+    for p in report.values():
+        d = p["decision_step"]
+        assert len(p["state_kept_entering_decision"]) == d and all(t < d for t in p["cue_steps"])
+    assert (out / "policies_timesteps.png").exists()
