@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 scripts/train_namm.py ...        # members sharded across ranks (gloo / nccl)
 
 `--out DIR` alone resumes whatever DIR holds (its saved settings are the defaults; a flag that changes the search
-is refused unless --change-settings). State: <out>/state.safetensors + state.json (data only), every generation. Outputs: <out>/namm (safetensors + JSON, the CMA-ES
-mean), <out>/log.jsonl, <out>/curve.png. `--ship` copies the result into namm_transfer/checkpoints/namm-smollm2.
+is refused unless --change-settings; <out>/.lock stops a second run into DIR). State: <out>/state.safetensors +
+state.json (data only), saved every generation. Outputs: <out>/namm (safetensors + JSON, the CMA-ES mean),
+<out>/log.jsonl, <out>/val.jsonl (validation curve), <out>/curve.png. `--ship` copies the result into namm_transfer/checkpoints/namm-smollm2.
 `--measure-speedup` prints the throughput ratio of batched + shared-prefix evaluation vs member-by-member.
 """
 from __future__ import annotations
@@ -157,16 +158,27 @@ def main() -> None:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"
     model, tok = load_model(cfg.model, device)
     trainer = Trainer(cfg, model, tok, device)
+    from contextlib import nullcontext
+    from namm_transfer.cli import UsageError
+    from namm_transfer.runs import folder_lock
+    if world()[0] == 0:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
     try:
-        if args.measure_speedup:
-            trainer.try_resume(args.change_settings) or trainer.measure_stats()
-            measure_speedup(trainer)
-            return
-        t0 = time.time()
-        trainer.train(args.max_generations, accept_changes=args.change_settings,
-                      more_generations=args.more_generations)
-    except ValueError as err:  # settings refused / unreadable state: a message, not a traceback
+        lock = folder_lock(Path(cfg.out)) if world()[0] == 0 else nullcontext()  # rank 0 holds it for all
+        with lock:
+            run(args, trainer, cfg)
+    except (ValueError, UsageError) as err:  # settings refused / unreadable state / busy folder: a message
         ap.exit(2, f"error: {err}\n")
+
+
+def run(args, trainer: Trainer, cfg: TrainConfig) -> None:
+    """Train (or measure the population speed-up), then report and optionally ship the CMA-ES mean."""
+    if args.measure_speedup:
+        trainer.try_resume(args.change_settings) or trainer.measure_stats()
+        measure_speedup(trainer)
+        return
+    t0 = time.time()
+    trainer.train(args.max_generations, accept_changes=args.change_settings, more_generations=args.more_generations)
     if world()[0] == 0:
         print(f"done: generation {trainer.es.generation}/{trainer.total_generations} in {time.time() - t0:.0f}s; "
               f"NAMM (CMA-ES mean) at {Path(cfg.out) / 'namm'}")

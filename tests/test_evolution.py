@@ -158,3 +158,11 @@ def test_spearman_matches_hand_values():
     assert spearman(a, -a) == pytest.approx(-1.0)
     # ties get average ranks: ranks (1.5, 1.5, 3, 4) vs (1, 2, 3, 4) -> 0.9486833
     assert spearman(torch.tensor([1.0, 1.0, 3.0, 4.0]), a) == pytest.approx(0.9486833, abs=1e-6)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(full_run, tmp_path):
+    from namm_transfer.runs import folder_lock
+    out = copy_run(full_run[0], tmp_path / "run")
+    with folder_lock(out):
+        res = run_train(["--out", out])
+    assert res.returncode == 2 and "being written by another run" in res.stderr and "Traceback" not in res.stderr
