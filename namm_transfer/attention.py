@@ -29,8 +29,8 @@ from .cache import _CAPTURE, CaptureError, UnsupportedAttention
 
 ATTN_NAME = "namm_memory"
 # keyword arguments that carry nothing for the attention maths (already applied to q/k/v, or bookkeeping)
-IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_router_logits", "output_hidden_states",
-                            "return_dict", "cache_position", "token_type_ids"})
+IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_router_logits",
+                            "output_hidden_states", "return_dict"})
 
 
 @dataclass(frozen=True)
