@@ -8,7 +8,8 @@ the kept keys:
     evicted key back, and eviction never brings back a key the window hides);
   * logits q k^T * scaling, soft-capped by tanh when the model passes `softcap` (Gemma2);
   * attention sinks `s_aux` (GPT-OSS): one learned logit per head joins the softmax and is dropped after it;
-  * softmax in float32, probabilities cast to the value dtype before the product with V (as eager does).
+  * softmax in float32 (with sinks: in the logits' dtype, as GPT-OSS), probabilities cast to the value dtype
+    before the product with V (as eager does).
 The query block of one forward is cut where any batch row reaches an eviction step, so a one-shot prefill equals
 the same tokens fed in chunks. Anything else (dropout in training, non-causal attention, an argument this module
 does not know, a mask it cannot read) raises `UnsupportedAttention` naming it before any output is produced.
@@ -137,12 +138,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    scores = scores.float()
-    if spec.sinks is not None:
-        sink = spec.sinks.float().reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    if spec.sinks is not None:  # as GPT-OSS's eager: the sink joins the logits, softmax in the logits' dtype
+        sink = spec.sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
+        logits = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
     else:
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1)
     if visible is not None and blind_rows:
         probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     probs = probs.to(query.dtype)

@@ -56,6 +56,19 @@ def test_evict_equals_eager_attention_with_the_evicted_keys_hidden(name):
         assert torch.allclose(got, ref, atol=1e-4), (name, policy.name, (got - ref).abs().max())
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss", "mistral-window"])
+def test_bf16_follows_the_models_own_rounding(name):
+    """In bf16 the memory attention rounds where the model's eager attention rounds (fp32 softmax cast to bf16;
+    GPT-OSS: the sink softmax in bf16): equal here bit for bit; an fp32 sink softmax was 2.6 away."""
+    model = family_model(name).to(torch.bfloat16)
+    ids = prompt()
+    ref = eager_logits(model, ids).float()
+    got, _, _ = run_with_policy(model, ids, NAMMPolicy(delay=DELAY), chunk=CHUNK, decode_from=DECODE_FROM)
+    assert (got.float() - ref).abs().max() < 0.5
+    got, _, events = run_with_policy(model, ids, H2O(0.5, delay=DELAY), chunk=CHUNK, decode_from=DECODE_FROM)
+    assert (got.float() - eager_logits(model, ids, events).float()).abs().max() < 0.5
+
+
 @pytest.mark.parametrize("name, feature", [("gemma2", "softcap"), ("gpt_oss", "sinks"), ("mistral-window", "mask")])
 def test_dropping_a_feature_is_caught(name, feature, monkeypatch):
     """The checks above can fail: the same run with one feature switched off in the memory attention is far
