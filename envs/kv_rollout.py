@@ -15,7 +15,7 @@ R̂ₜ₊₁ = R̂ₜ − rₜ / scale; stop on termination, truncation or ``max
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -139,6 +139,75 @@ def run_kv(dt: DTPolicy, env, policy: MemoryPolicy, target_return: float, seed: 
     wall, env_s = time.perf_counter() - t0, env.seconds - env_s
     return Episode(KV, ret, length, _scores(ret, refs), stepper.mean_fraction(), stepper.mean_eviction_fraction(),
                    float(np.mean(stepper.cache.cache_lengths())), length / wall, 1e3 * (wall - env_s) / length)
+
+
+@dataclass
+class _Row:
+    """One episode of a batched rollout while it runs."""
+
+    env: TimedEnv
+    obs: np.ndarray
+    rtg: float
+    ret: float = 0.0
+    length: int = 0
+    fractions: list[float] = field(default_factory=list)
+    eviction_fractions: list[float] = field(default_factory=list)
+    final_tokens: float = 0.0
+
+
+@torch.no_grad()
+def kv_batch(dt: DTPolicy, envs: list, stepper: KVStepper, target_return: float, seeds: list[int | None]
+             ) -> list[_Row]:
+    """len(envs) episodes in lockstep through `stepper`: one batch row (and MemoryCache row) per episode, one
+    batched DT forward per timestep; a finished episode's row is dropped before the next step. Row i is the
+    episode `kv_episode` runs on envs[i] with reset seed seeds[i]."""
+    dev = stepper.device
+    mean, std = torch.as_tensor(dt.state_mean, device=dev), torch.as_tensor(dt.state_std, device=dev)
+    rows = [_Row(env, env.reset(seed=seed)[0], target_return / dt.scale) for env, seed in zip(envs, seeds)]
+    alive = list(range(len(rows)))
+    for t in range(dt.max_ep_len):
+        if not alive:
+            break
+        obs = torch.as_tensor(np.stack([rows[i].obs for i in alive]), dtype=torch.float32, device=dev)
+        rtg = torch.tensor([rows[i].rtg for i in alive], dtype=torch.float32, device=dev)
+        evictions = len(stepper.cache.log)
+        preds = stepper.step((obs - mean) / std, rtg, torch.full((len(alive),), t, dtype=torch.long))
+        acted = [dt.env_action(p) for p in preds]
+        if dt.discrete_actions:
+            stepper.set_action(torch.stack([token for _, token in acted]))
+        fractions, evicted = stepper.cache.row_fractions(), len(stepper.cache.log) > evictions
+        lengths = torch.stack([l.valid.float().sum(-1).mean(-1) for l in stepper.cache.layers]).mean(0).tolist()
+        keep = []
+        for j, (i, (action, _)) in enumerate(zip(alive, acted)):
+            row = rows[i]
+            row.fractions.append(fractions[j])
+            if evicted:
+                row.eviction_fractions.append(fractions[j])
+            row.obs, r, terminated, truncated, _ = row.env.step(action)
+            row.ret, row.length, row.final_tokens = row.ret + float(r), t + 1, lengths[j]
+            row.rtg -= float(r) / dt.scale
+            if not (terminated or truncated):
+                keep.append(j)
+        alive = [alive[j] for j in keep]
+        if alive:
+            stepper.keep_rows(keep)
+    return rows
+
+
+def run_kv_batch(dt: DTPolicy, envs: list, policy: MemoryPolicy, target_return: float, seeds: list[int | None],
+                 refs: dict[str, Scorer] | None = None, max_steps: int | None = None, fast: bool = True
+                 ) -> list[Episode]:
+    """`run_kv` for len(envs) episodes at once (`kv_batch`): the same returns and actions as one by one. steps_per_s
+    and policy_ms are the batch's (all its env steps over its wall time), the same for each of its episodes."""
+    dt, envs = _capped(dt, max_steps), [_timed(e) for e in envs]
+    stepper = KVStepper(dt.model, policy, fast=fast)
+    env_s, t0 = sum(e.seconds for e in envs), time.perf_counter()
+    rows = kv_batch(dt, envs, stepper, target_return, seeds)
+    wall, env_s = time.perf_counter() - t0, sum(e.seconds for e in envs) - env_s
+    steps = sum(r.length for r in rows)
+    return [Episode(KV, r.ret, r.length, _scores(r.ret, refs), float(np.mean(r.fractions)),
+                    float(np.mean(r.eviction_fractions)) if r.eviction_fractions else None, r.final_tokens,
+                    steps / wall, 1e3 * (wall - env_s) / steps) for r in rows]
 
 
 def make_env(gym_id: str, max_steps: int) -> TimedEnv:

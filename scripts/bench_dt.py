@@ -2,6 +2,7 @@
 
     python scripts/bench_dt.py                                  # embedded hopper-medium DT, 1 episode of 1000 steps
     python scripts/bench_dt.py --policies full,window,namm,h2o,l2 --max-steps 500 --repeats 3
+    python scripts/bench_dt.py --policies full,namm,h2o --batch 8   # + batched rollout: episodes/s, 8 vs 1
 
 For every policy one Hopper-v5 episode (reset seed --seed) runs with the KV-cache rollout; the recompute
 rollout runs the same episode before and after each policy (their mean is the reference, which evens out drift
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=["cpu"],
                     help="CPU only: envs.rollout's recompute rollout builds its inputs on the CPU")
     ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--batch", type=int_in(1), default=1,
+                    help="also time N episodes (reset seeds seed..seed+N-1) one by one and as one batched kv-cache "
+                         "rollout (run_dt.py --batch N): episodes/s of each, their ratio, whether returns match")
     ap.add_argument("--skip-missing-namm", action="store_true", help="drop namm when no checkpoint exists")
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file (default: printed only)")
     args = ap.parse_args(argv)
@@ -105,7 +109,11 @@ def bench(args) -> dict:
         ref_ms = median((a.policy_ms + b.policy_ms) / 2 for a, b in ref)
         ref_sps = median((a.steps_per_s + b.steps_per_s) / 2 for a, b in ref)
         kv_ms, kv_sps = median(e.policy_ms for e in kv), median(e.steps_per_s for e in kv)
-        rows.append({"policy": name, "budget": budget if name in BASELINES else None, "steps": kv[0].length,
+        if args.batch > 1:
+            batch_row = time_batch(dt, spec.gym_id, lambda: make_kv_policy(name, args, dt, namm, budget), target,
+                                   args.seed, args.batch, steps)
+        rows.append({**(batch_row if args.batch > 1 else {}),
+                     "policy": name, "budget": budget if name in BASELINES else None, "steps": kv[0].length,
                      "realised_cache_pct": 100 * kv[0].realised_fraction,
                      "eviction_fraction": kv[0].eviction_fraction, "kv_policy_ms": kv_ms,
                      "recompute_policy_ms": ref_ms, "speedup": ref_ms / kv_ms, "kv_steps_per_s": kv_sps,
@@ -123,12 +131,39 @@ def bench(args) -> dict:
         print(f"| {r['policy']} | {b} | {r['steps']} | {r['realised_cache_pct']:.1f} | {r['kv_policy_ms']:.3f} | "
               f"{r['recompute_policy_ms']:.3f} | {r['speedup']:.2f}x | {r['kv_steps_per_s']:.0f} | "
               f"{r['recompute_steps_per_s']:.0f} | {r['speedup_with_env']:.2f}x |")
+    if args.batch > 1:
+        print(f"\n{args.batch} episodes (reset seeds {args.seed}..{args.seed + args.batch - 1}), env included:")
+        print("| policy | one by one, episodes/s | batched, episodes/s | ratio | returns equal |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['policy']} | {r['seq_episodes_per_s']:.3f} | {r['batch_episodes_per_s']:.3f} | "
+                  f"{r['batch_ratio']:.2f}x | {r['batch_returns_equal']} |")
     result = {"env": spec.gym_id, "steps": steps, "device": device, "checkpoint": args.checkpoint,
               "namm": args.namm if namm is not None else None, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def time_batch(dt, gym_id: str, make_policy, target: float, seed: int, n: int, steps: int) -> dict:
+    """Episodes/s of n kv-cache episodes one by one and as one batched rollout (env included), and whether the
+    returns are bitwise equal."""
+    import time
+
+    from envs.kv_rollout import make_env, run_kv, run_kv_batch
+
+    envs = [make_env(gym_id, steps) for _ in range(n)]
+    t0 = time.perf_counter()
+    one = [run_kv(dt, envs[0], make_policy(), target, seed + i, max_steps=steps) for i in range(n)]
+    t1 = time.perf_counter()
+    batched = run_kv_batch(dt, envs, make_policy(), target, list(range(seed, seed + n)), max_steps=steps)
+    t2 = time.perf_counter()
+    for env in envs:
+        env.close()
+    return {"batch": n, "seq_episodes_per_s": n / (t1 - t0), "batch_episodes_per_s": n / (t2 - t1),
+            "batch_ratio": (t1 - t0) / (t2 - t1), "batch_returns_equal": [e.ret for e in one] == [e.ret for e in batched],
+            "batch_max_return_diff": max(abs(a.ret - b.ret) for a, b in zip(one, batched))}
 
 
 if __name__ == "__main__":

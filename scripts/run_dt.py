@@ -2,7 +2,9 @@
 
     python scripts/run_dt.py                                    # hopper-medium, embedded DT, full vs namm, 3 episodes
     python scripts/run_dt.py --policies full,window,namm,h2o,l2 --episodes 5
-    python scripts/run_dt.py --checkpoint edbeeching/decision-transformer-gym-hopper-medium   # needs the Hub
+    python scripts/run_dt.py --env walker2d-expert --checkpoint edbeeching/decision-transformer-gym-walker2d-expert
+                                     # a public DT: Hub id (from the local Hub cache) or its downloaded folder
+    python scripts/run_dt.py --policies full,namm,h2o --episodes 16 --batch 8   # 8 episodes per batched forward
     python scripts/run_dt.py --env minigrid-memory --policies full,namm,h2o,l2,recency,snapkv --episodes 200
     python scripts/run_dt.py --env minigrid-memory --policies full,window --window 4 --rollout kv   # memory check
 
@@ -30,6 +32,11 @@ policy, seed, episode) already there), summary.json and table.md, and run.json: 
 the checkpoint, its state statistics and the NAMM. A rerun into the same --out with other settings is refused (the
 differences listed) and a lock stops two runs writing one folder. --state-stats files are JSON, checked against the
 checkpoint (length, finite, std > 0); checkpoints are loaded as data only and refused when not finite.
+Public DTs (edbeeching/decision-transformer-gym-{hopper,walker2d,halfcheetah}-{medium,medium-replay,expert}; envs/hub.py):
+--checkpoint takes the Hub id (read from the local Hub cache, no network) or the downloaded folder; the state
+statistics of its model card are used (--state-stats JSON or the D4RL .hdf5 overrides them); a checkpoint trained on
+another task than --env (its name, or env_name in its config) or with other state/action sizes is refused.
+--batch N runs N kv-cache episodes in lockstep through one batched DT forward (see --help).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safetensors import SafetensorError  # noqa: E402
 
+from envs import hub  # noqa: E402
 from namm_transfer.cli import (UsageError, budget, check_device, default_out, float_in, int_in,  # noqa: E402
                                load_namm_arg, name_list, number_list, out_help, run_cli)
 from namm_transfer.records import read_json  # noqa: E402
@@ -53,16 +61,6 @@ CHECKPOINTS = ROOT / "envs" / "checkpoints"  # the embedded DTs: dt-<task name>
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "window", "namm") + BASELINES
 DEFAULT_DELAY = 48
-# State statistics of the public checkpoints live on their model cards, not in config.json (benchmarks.md §2.3).
-CARD_STATS = {
-    "edbeeching/decision-transformer-gym-hopper-medium": {
-        "trained_on": "D4RL hopper-medium-v2 (Hopper-v3 data; run here on Hopper-v5)",
-        "state_mean": [1.311279, -0.08469521, -0.5382719, -0.07201576, 0.04932366, 2.1066856, -0.15017354,
-                       0.00878345, -0.2848186, -0.18540096, -0.28461286],
-        "state_std": [0.17790751, 0.05444621, 0.21297139, 0.14530419, 0.6124444, 0.85174465, 1.4515252,
-                      0.6751696, 1.536239, 1.6160746, 5.6072536],
-    },
-}
 SETTINGS = ("env", "checkpoint", "target_return", "delay", "namm", "budget", "max_steps", "device", "window",
             "checkpoint_hash", "state_stats_hash", "namm_hash")
 LEGACY = {"window": None}  # what runs recorded before --window existed used
@@ -89,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--window", type=int_in(1), default=None,
                     help="policy window: the last N timesteps (default: the DT's K)")
     ap.add_argument("--max-steps", type=int_in(1), default=None, help="cap episode length (tests, smoke runs)")
+    ap.add_argument("--batch", type=int_in(1), default=1,
+                    help="kv-cache episodes run in lockstep through one batched DT forward (one cache row each; "
+                         "finished episodes drop out). Same returns as one by one: bitwise for full, window and "
+                         "token-budget baselines; NAMM to float rounding (its rows keep different counts)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--out", default=None, help=out_help("dt", "<env>"))
@@ -116,16 +118,15 @@ def load_checkpoint(args):
     from envs.rollout import load_dt
     from namm_transfer.records import in_repo
 
-    ckpt = args.checkpoint or str(CHECKPOINTS / f"dt-{args.env.strip().lower()}")
+    given = args.checkpoint
+    ckpt = hub.cached_snapshot(given) if given else str(CHECKPOINTS / f"dt-{args.env.strip().lower()}")
     local = Path(ckpt).exists()
-    if not args.checkpoint and not local:
+    if not given and not local:
         raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): train one with "
-                         f"`python scripts/train_dt.py --env {args.env}` and pass --checkpoint DIR")
-    stats = read_json(args.state_stats, "state_mean and state_std") if args.state_stats else CARD_STATS.get(ckpt, {})
-    for key in ("state_mean", "state_std") if args.state_stats else ():
-        v = stats.get(key)
-        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-            raise UsageError(f"--state-stats {args.state_stats}: {key!r} must be a list of numbers")
+                         f"`python scripts/train_dt.py --env {args.env}`, or download the public one "
+                         f"(`huggingface-cli download {hub.hub_id(args.env)}`), and pass --checkpoint")
+    check_trained_on(hub.trained_task(given or ""), given, args.env)
+    stats = read_state_stats(args.state_stats) if args.state_stats else hub.card_stats(hub.trained_task(given or ""))
     try:
         dt = load_dt(ckpt, state_mean=stats.get("state_mean"), state_std=stats.get("state_std"))
     except OSError as err:
@@ -136,16 +137,48 @@ def load_checkpoint(args):
     except ValueError as err:
         if "state_mean" not in str(err):
             raise UsageError(f"cannot load DT checkpoint {ckpt!r}: {str(err).splitlines()[0]}") from None
-        raise UsageError(f"{err}\nPass --state-stats FILE (JSON with state_mean and state_std).") from None
+        raise UsageError(f"{err}\nPass --state-stats FILE: a JSON with state_mean and state_std, or the D4RL "
+                         "dataset the DT was trained on (<env>-<quality>-v2.hdf5; mean and std + 1e-6 over its "
+                         "states, as the official DT and Hugging Face's example compute them).") from None
     except (KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as err:
         raise UsageError(f"cannot load DT checkpoint {ckpt!r}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    check_dt(dt, ckpt, args.state_stats or "the checkpoint's config (state_mean/state_std)")
-    args.checkpoint = in_repo(Path(ckpt).resolve()) if local else ckpt
+    check_trained_on(dt.meta.get("env_name"), given or in_repo(ckpt), args.env)
+    check_dt(dt, ckpt, args.state_stats or ("the model card's statistics" if "trained_on" in stats
+                                             else "the checkpoint's config (state_mean/state_std)"))
+    args.checkpoint = given if given and not Path(given).exists() else in_repo(Path(ckpt).resolve()) if local else ckpt
     args.checkpoint_hash = model_hash(ckpt)
     args.state_stats_hash = json_hash([dt.state_mean.tolist(), dt.state_std.tolist()])
     dt.meta.setdefault("dataset_id", stats.get("trained_on", "unknown data"))
+    if "dataset_source" in stats:
+        dt.meta.setdefault("dataset_source", stats["dataset_source"])
     return dt
+
+
+def check_trained_on(task: str | None, checkpoint: str | None, env: str) -> None:
+    """UsageError when a checkpoint was trained on another task than --env (both named): what a public checkpoint's
+    name says, or the env_name in the config of one trained here."""
+    if task is not None and task != env.strip().lower():
+        raise UsageError(f"DT checkpoint {checkpoint} was trained on {task}, but --env is {env}: pass --env {task}, "
+                         f"or a checkpoint trained on {env} (the public one: {hub.hub_id(env.strip().lower())})")
+
+
+def read_state_stats(path: str) -> dict:
+    """--state-stats: a JSON with state_mean and state_std, or a D4RL hdf5 dataset (its states' mean and std + 1e-6)."""
+    if path.endswith((".hdf5", ".h5")):
+        from envs.data import load_d4rl_hdf5
+
+        try:
+            mean, std = load_d4rl_hdf5(path).state_stats()
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(f"--state-stats {path}: {str(err).splitlines()[0]}") from None
+        return {"state_mean": mean.tolist(), "state_std": std.tolist(), "trained_on": f"statistics of {path}"}
+    stats = read_json(path, "state_mean and state_std")
+    for key in ("state_mean", "state_std"):
+        v = stats.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise UsageError(f"--state-stats {path}: {key!r} must be a list of numbers")
+    return stats
 
 
 def check_dt(dt, ckpt: str, stats_from: str) -> None:
@@ -322,11 +355,24 @@ def check_env_dims(dt, env, checkpoint: str, gym_id: str) -> None:
                              "for another task? Pass --env or --checkpoint to match")
 
 
+def batches(keys: list[tuple], size: int) -> list[list[tuple]]:
+    """Consecutive kv-cache keys of one policy in groups of up to `size` (run as one batched rollout); every
+    recompute key alone."""
+    out: list[list[tuple]] = []
+    for key in keys:
+        last = out[-1] if out else None
+        if last and key[0] != "recompute-last-K" and last[0][:2] == key[:2] and len(last) < size:
+            last.append(key)
+        else:
+            out.append([key])
+    return out
+
+
 def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings) -> int:
     """Run the episodes episodes.jsonl does not hold yet; write summary.json and table.md."""
     from tqdm import tqdm
 
-    from envs.kv_rollout import KV, RECOMPUTE, run_kv, run_recompute
+    from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_kv_batch, run_recompute
     from namm_transfer.records import read_records, write_json, write_text
 
     path = out / "episodes.jsonl"
@@ -346,27 +392,35 @@ def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs,
         if args.episodes == 3 else ""
     print(f"{len(keys)} episodes{quick}, {len(keys) - len(todo)} already in {path}", file=sys.stderr)
 
+    envs = [env]  # the batched rollout's envs: env, then more as --batch needs them
     with open(path, "a") as f, tqdm(total=len(todo), disable=args.no_progress, desc="DT episodes") as bar:
-        for key in todo:
-            rollout, name, seed, episode = key
+        for group in batches(todo, args.batch):
+            rollout, name = group[0][:2]
             budget = source = None
             if rollout == KV and name in BASELINES:
                 budget, source = baseline_budget(args, done, keys)
-            reset_seed = 1000 * seed + episode
+            reset_seeds = [1000 * seed + episode for _, _, seed, episode in group]
             if rollout == RECOMPUTE:
-                ep = run_recompute(dt_recompute, env, args.target_return, reset_seed, refs, max_steps)
-            else:
+                eps = [run_recompute(dt_recompute, env, args.target_return, reset_seeds[0], refs, max_steps)]
+            elif len(group) == 1:
                 policy = make_kv_policy(name, args, dt, namm, budget)
-                ep = run_kv(dt, env, policy, args.target_return, reset_seed, refs, max_steps)
-            rec = {"rollout": rollout, "policy": name, "seed": seed, "episode": episode, "reset_seed": reset_seed,
-                   "budget": budget, "budget_source": source, **{k: v for k, v in ep.to_dict().items()
-                                                                  if k != "rollout"}}
-            done[key] = rec
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            bar.update(1)
-            bar.set_postfix_str(f"{rollout}/{name} return {ep.ret:.0f}")
-    env.close()
+                eps = [run_kv(dt, env, policy, args.target_return, reset_seeds[0], refs, max_steps)]
+            else:  # one batched DT forward per timestep, one cache row per episode (identical episodes)
+                envs += [make_env(spec.gym_id, max_steps) for _ in range(len(group) - len(envs))]
+                policy = make_kv_policy(name, args, dt, namm, budget)
+                eps = run_kv_batch(dt, envs[:len(group)], policy, args.target_return, reset_seeds, refs, max_steps)
+            for key, reset_seed, ep in zip(group, reset_seeds, eps):
+                rollout, name, seed, episode = key
+                rec = {"rollout": rollout, "policy": name, "seed": seed, "episode": episode,
+                       "reset_seed": reset_seed, "budget": budget, "budget_source": source,
+                       **{k: v for k, v in ep.to_dict().items() if k != "rollout"}}
+                done[key] = rec
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                bar.update(1)
+                bar.set_postfix_str(f"{rollout}/{name} return {ep.ret:.0f}")
+    for e in envs:
+        e.close()
 
     rows = summarise([done[k] for k in keys])
     header = [*notes]

@@ -29,6 +29,11 @@ of `delay`, so every eviction step sees exactly `delay` new tokens (NAMM needs a
 `fast=True` (default) runs the encoder's GPT-2 blocks written out with its own weights (no module-call overhead,
 no causal-mask construction, which the memory attention does not use); `fast=False` calls `model.encoder(...,
 cache=...)`. Both give the same actions to float rounding (tests/test_dt_adapter.py).
+
+Batch rows are independent episodes (`envs.kv_rollout.kv_batch`): every linear map of the fast path is one matrix
+product per row (`row_linear`), so a row's numbers do not depend on the batch size and a batched episode equals
+the same episode alone bitwise while the rows keep equal token counts (full cache, window, token-budget baselines);
+`keep_rows` drops finished episodes. A NAMM keeps different counts per row: filler slots then change float rounding.
 """
 from __future__ import annotations
 
@@ -53,6 +58,28 @@ def _rows(x) -> torch.Tensor:
     return x[None] if x.dim() == 1 else x
 
 
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (B, n, in) @ weight (in, out) + bias as one matrix product per batch row (`baddbmm`): a row's result does
+    not depend on how many rows the batch holds, unlike one (B*n, in) product whose kernel changes with B. This
+    makes a batched rollout's episodes bitwise equal to the same episodes run one by one."""
+    return torch.baddbmm(bias, x, weight.expand(x.shape[0], *weight.shape))
+
+
+def _apply_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` for x (B, in) through `row_linear`."""
+    return row_linear(x[:, None], linear.weight.T, linear.bias)[:, 0]
+
+
+def predict_action_rows(model, hidden: torch.Tensor) -> torch.Tensor:
+    """`model.predict_action(hidden)` (hidden (B, hidden)) with its linear layer applied per row."""
+    head = model.predict_action
+    layers = list(head) if isinstance(head, torch.nn.Sequential) else [head]
+    out = _apply_linear(layers[0], hidden)
+    for layer in layers[1:]:
+        out = layer(out)
+    return out
+
+
 def step_embeddings(model, return_to_go: torch.Tensor, state: torch.Tensor, timestep: torch.Tensor,
                     prev_action: torch.Tensor | None = None, prev_timestep: torch.Tensor | None = None
                     ) -> torch.Tensor:
@@ -60,9 +87,9 @@ def step_embeddings(model, return_to_go: torch.Tensor, state: torch.Tensor, time
     [a_{t-1}], R_t, s_t, each + its timestep embedding, then embed_ln.
     return_to_go (B, 1), state (B, state_dim), timestep (B,) long; prev_action (B, act_dim)."""
     time = model.embed_timestep(timestep)
-    tokens = [model.embed_return(return_to_go) + time, model.embed_state(state) + time]
+    tokens = [_apply_linear(model.embed_return, return_to_go) + time, _apply_linear(model.embed_state, state) + time]
     if prev_action is not None:
-        tokens.insert(0, model.embed_action(prev_action) + model.embed_timestep(prev_timestep))
+        tokens.insert(0, _apply_linear(model.embed_action, prev_action) + model.embed_timestep(prev_timestep))
     return model.embed_ln(torch.stack(tokens, dim=1))
 
 
@@ -99,6 +126,18 @@ class KVStepper:
             raise RuntimeError("set_action() needs a previous step(): it replaces the action that step returned")
         self.prev_action = _rows(torch.as_tensor(action, dtype=torch.float32, device=self.device))
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Continue with these batch rows only (finished episodes drop out): the cache's rows are selected with
+        `MemoryCache.fork` (same policy, no step runs: every step due ran at the end of the last forward), and so
+        are the pending action tokens. Per-step fraction statistics restart their per-layer lengths."""
+        if rows == list(range(self.prev_action.shape[0] if self.prev_action is not None else len(rows))):
+            return
+        self.cache = self.cache.fork(self.policy, rows=rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if self.prev_action is not None:
+            self.prev_action, self.prev_timestep = self.prev_action[index], self.prev_timestep[index]
+        self._lengths, self._evictions_seen = [], len(self.cache.log)
+
     def split_points(self, n: int) -> list[tuple[int, int]]:
         """[start, end) pieces of the next n tokens so that no forward spans an eviction boundary."""
         d, seen = self.policy.delay, self.cache.tokens_seen
@@ -132,15 +171,14 @@ class KVStepper:
         b, n, d = h.shape
         for w in enc["blocks"]:
             attn = w["module"]
-            y = F.layer_norm(h, (d,), *w["ln_1"]).view(b * n, d)
-            qkv = torch.addmm(w["c_attn"][1], y, w["c_attn"][0]).view(b, n, 3, attn.num_heads, attn.head_dim)
+            y = F.layer_norm(h, (d,), *w["ln_1"])
+            qkv = row_linear(y, *w["c_attn"]).view(b, n, 3, attn.num_heads, attn.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             k, v = self.cache.update(k, v, attn.layer_idx)
             o, _ = memory_attention(attn, q, k, v, None, scaling=attn.scaling)
-            h = h + torch.addmm(w["c_proj"][1], o.reshape(b * n, d), w["c_proj"][0]).view(b, n, d)
-            y = F.layer_norm(h, (d,), *w["ln_2"]).view(b * n, d)
-            y = w["act"](torch.addmm(w["c_fc"][1], y, w["c_fc"][0]))
-            h = h + torch.addmm(w["mlp_proj"][1], y, w["mlp_proj"][0]).view(b, n, d)
+            h = h + row_linear(o.reshape(b, n, d), *w["c_proj"])
+            y = F.layer_norm(h, (d,), *w["ln_2"])
+            h = h + row_linear(w["act"](row_linear(y, *w["c_fc"])), *w["mlp_proj"])
         return F.layer_norm(h, (d,), *enc["ln_f"])
 
     def _collect_weights(self) -> dict:
@@ -165,7 +203,7 @@ class KVStepper:
         t = torch.as_tensor(timestep, dtype=torch.long, device=dev).reshape(state.shape[0])
         x = step_embeddings(self.model, rtg, state, t, self.prev_action, self.prev_timestep)
         hidden = self.feed(x)
-        action = self.model.predict_action(hidden[:, -1])
+        action = predict_action_rows(self.model, hidden[:, -1])
         self.prev_action, self.prev_timestep = action, t
         self._track_fraction(x.shape[1])
         return action[0] if unbatched else action
