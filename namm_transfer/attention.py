@@ -142,8 +142,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         sink = spec.sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
         logits = torch.cat([scores, sink], dim=-1)
         probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores.float(), dim=-1)
+    else:  # float32 as eager (float64 models keep float64)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     if visible is not None and blind_rows:
         probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
     probs = probs.to(query.dtype)
