@@ -167,8 +167,8 @@ def main() -> None:
         lock = folder_lock(Path(cfg.out)) if world()[0] == 0 else nullcontext()  # rank 0 holds it for all
         with lock:
             run(args, trainer, cfg)
-    except (ValueError, UsageError) as err:  # settings refused / unreadable state / busy folder: a message
-        ap.exit(2, f"error: {err}\n")
+    except (ValueError, UsageError, FloatingPointError) as err:  # refused settings, unreadable state, busy
+        ap.exit(2, f"error: {err}\n")                            # folder, non-finite fitness: a message
 
 
 def run(args, trainer: Trainer, cfg: TrainConfig) -> None:
