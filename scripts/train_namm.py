@@ -56,6 +56,15 @@ def load_model(name: str, device: str):
     return load_causal_lm(name, device=device)
 
 
+def model_files_hash(name: str) -> str | None:
+    """Content hash of the model's files (None for the tiny/random test models, built from a config)."""
+    if name.startswith(("tiny-", "random-")):
+        return None
+    from namm_transfer.language.models import resolve_model_path
+    from namm_transfer.runs import model_hash
+    return model_hash(resolve_model_path(name))
+
+
 def measure_speedup(trainer: Trainer, n_samples: int = 2) -> None:
     from namm_transfer.evolution.fitness import score_rows
     from namm_transfer.policies import NAMMPolicy
@@ -157,7 +166,7 @@ def main() -> None:
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"
     model, tok = load_model(cfg.model, device)
-    trainer = Trainer(cfg, model, tok, device)
+    trainer = Trainer(cfg, model, tok, device, model_hash=model_files_hash(cfg.model))
     from contextlib import nullcontext
     from namm_transfer.cli import UsageError
     from namm_transfer.runs import folder_lock

@@ -166,3 +166,23 @@ def test_a_second_run_into_a_busy_folder_is_refused(full_run, tmp_path):
     with folder_lock(out):
         res = run_train(["--out", out])
     assert res.returncode == 2 and "being written by another run" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_other_model_files_under_the_same_name_are_refused(full_run, tmp_path):
+    out = copy_run(full_run[0], tmp_path / "run")
+    state = json.loads((out / "state.json").read_text())
+    assert state["model_hash"] is None  # tiny test models are built from a config: nothing to hash
+    from namm_transfer.evolution import trainer as tr
+    state["model_hash"] = "sha256:saved"
+    info_tensors = load_file(str(out / "state.safetensors"))
+    tr.save_state(out, info_tensors, {k: v for k, v in state.items() if k != "tensors_sha256"})
+
+    class Probe(tr.Trainer):
+        def __init__(self, model_hash):  # only what try_resume needs
+            self.out, self.rank, self.model_hash = out, 0, model_hash
+            self.cfg = tr.TrainConfig.from_dict({**state["config"], "out": str(out)})
+            self.es = SepCMAES(4172, self.cfg.popsize, self.cfg.sigma0, self.cfg.elite_ratio, seed=self.cfg.seed)
+            self.stats = tr.RunningStats(17)
+    with pytest.raises(ValueError, match="model files: sha256:saved"):
+        Probe("sha256:other").try_resume()
+    assert Probe("sha256:saved").try_resume() and Probe(None).try_resume()

@@ -230,8 +230,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model, tokenizer, device: str = "cpu", log=print):
+    def __init__(self, cfg: TrainConfig, model, tokenizer, device: str = "cpu", log=print,
+                 model_hash: str | None = None):
         self.cfg, self.model, self.tok, self.device, self.log = cfg, model, tokenizer, device, log
+        self.model_hash = model_hash  # content hash of the model's files (checked on resume when both are known)
         self.rank, self.world = world()
         self.out = Path(cfg.out)
         self.namm_cfg = NAMMConfig(delay=cfg.delay)
@@ -261,7 +263,7 @@ class Trainer:
                    "stats_m2": self.stats.m2}
         if es["y"] is not None:
             tensors["es_y"] = es["y"]
-        info = {"format": "namm_transfer.train_state/1", "config": self.cfg.to_dict(),
+        info = {"format": "namm_transfer.train_state/1", "config": self.cfg.to_dict(), "model_hash": self.model_hash,
                 "es": {"sigma": es["sigma"], "generation": es["generation"], "popsize": es["popsize"],
                        "dim": es["dim"]},
                 "stats": {"count": self.stats.count, "frozen": self.stats.frozen}, "refs": self.refs,
@@ -296,6 +298,9 @@ class Trainer:
         tensors, info = load_state(self.out)
         saved = TrainConfig.from_dict(info["config"])
         diffs = settings_differences(saved, self.cfg)
+        if info.get("model_hash") and self.model_hash and info["model_hash"] != self.model_hash:
+            diffs.append(f"model files: {info['model_hash']} (saved) != {self.model_hash} (now): the same name "
+                         "now loads other weights")
         if diffs and not accept_changes:
             raise ValueError(f"{self.out} holds a run with other search settings:\n  " + "\n  ".join(diffs) +
                              "\nresume with the saved settings (pass only --out), use another --out, or pass "
@@ -305,6 +310,7 @@ class Trainer:
         self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
         self.refs, self.history = info["refs"], info["history"]
         self.validation, self.settings_changes = info.get("validation", []), info.get("settings_changes", [])
+        self.model_hash = self.model_hash or info.get("model_hash")
         if diffs:
             self.settings_changes.append({"generation": self.es.generation, "changes": diffs})
         return True
