@@ -2,6 +2,7 @@
 
     python scripts/eval_language.py [--namm PATH] [--tasks passkey,kv_retrieval,passage_retrieval]
         [--tokens 1024] [--n 8] [--policies full,namm,h2o,l2,recency,snapkv] [--out runs/eval_language]
+    torchrun --nproc-per-node 8 scripts/eval_language.py --device cuda ...     # samples sharded over 8 GPUs
 
 Samples come from the test split (seeds disjoint from training). Baselines run, per sample, at the realised
 cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list). Where eviction happens
@@ -14,21 +15,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer import make_policy  # noqa: E402
+from namm_transfer import distributed, make_policy  # noqa: E402
 from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
                                name_list, out_help, run_cli)
-from namm_transfer.language.benchmark import (append_record, evaluate_batch, paired_differences,  # noqa: E402
-                                              summarise)
+from namm_transfer.language.benchmark import evaluate_batch, paired_differences, summarise  # noqa: E402
 from namm_transfer.language.tasks import PROTOCOLS, SPLIT_SIZE, STYLES, TASKS, eviction_limit, make_split  # noqa: E402
 from namm_transfer.policies import POLICIES  # noqa: E402
-from namm_transfer.records import in_repo, read_records, write_json, write_text  # noqa: E402
-from namm_transfer.runs import content_hash, model_hash, open_run  # noqa: E402
+from namm_transfer.records import in_repo, write_json, write_text  # noqa: E402
+from namm_transfer.runs import content_hash, model_hash  # noqa: E402
 
 # protocol of runs recorded before --protocol existed: eviction steps anywhere, the answer included
 LEGACY = {"protocol": "anywhere (before --protocol)"}
@@ -83,10 +84,11 @@ def main(argv=None) -> int:
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     check_device(args.device)
+    world = distributed.init(args.device)  # under torchrun: this rank's share of the samples, its own GPU
     policies = args.policies
     namm = load_namm_arg(args.namm) if "namm" in policies else None
     namm_path = in_repo(Path(namm.source).resolve()) if namm else None
-    model, tok, model_sha = load_model(args.model, args.device)
+    model, tok, model_sha = world.in_turn(lambda: load_model(args.model, args.device))  # a first load fills a cache
     settings = {"model": args.model, "model_hash": model_sha, "namm": namm_path,
                 "namm_hash": content_hash(namm.source) if namm else None, "tokens": args.tokens,
                 "protocol": args.protocol, "style": args.style, "chunk": args.chunk,
@@ -95,26 +97,30 @@ def run(args) -> int:
     info = {"tasks": ",".join(args.tasks), "n": args.n, "policies": ",".join(policies),
             "batch_size": args.batch_size}
     out = Path(args.out or default_out("eval_language"))
-    with open_run(out, settings, "scripts/eval_language.py", args.argv, fillable=("namm", "namm_hash"),
-                  legacy=LEGACY, info=info):
-        evaluate(args, out, model, tok, namm, namm_path)
+    with distributed.open_run(world, out, settings, "scripts/eval_language.py", args.argv,
+                              fillable=("namm", "namm_hash"), legacy=LEGACY, info=info):
+        evaluate(args, out, model, tok, namm, namm_path, world)
     return 0
 
 
-def evaluate(args, out: Path, model, tok, namm, namm_path: str | None) -> None:
-    """Run what records.jsonl does not hold yet; write summary.json / summary.md / paired.json of this command's
-    samples and policies."""
+def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: distributed.World) -> None:
+    """Run what records.jsonl does not hold yet (under torchrun: this rank's share of the batches); write
+    summary.json / summary.md / paired.json of this command's samples and policies (rank 0)."""
     policies = args.policies
-    records_path = out / "records.jsonl"
-    done = {(r["policy"], r["key"]): r for r in read_records(records_path)}
+    journal = distributed.RankRecords(out / "records.jsonl", world, key=lambda r: (r["policy"], r["key"]))
+    done = journal.load()
     samples = [(task, i, s) for task in args.tasks
                for i, s in enumerate(make_split(task, "test", args.n, args.tokens, tok))]
     keys = [(name, f"{task}/{sample.seed}/{args.tokens}") for task, _, sample in samples for name in policies]
+    # the unit of work is one process's batch with all its policies: baselines take NAMM's cache on the same sample
+    batches = [[(f"{task}/{sample.seed}/{args.tokens}", sample) for task, _, sample in
+                samples[first:first + args.batch_size]] for first in range(0, len(samples), args.batch_size)]
+    order = [(name, key) for batch in batches for name in policies for key, _ in batch]  # one process's order
+    mine = world.shard([b for b in batches if any((name, key) not in done for name in policies for key, _ in b)])
     from tqdm import tqdm
-    bar = tqdm(total=len(samples) * len(policies), disable=args.no_progress, desc="eval", unit="run")
-    for first in range(0, len(samples), args.batch_size):
-        batch = [(f"{task}/{sample.seed}/{args.tokens}", sample) for task, _, sample in
-                 samples[first:first + args.batch_size]]
+    bar = tqdm(total=sum(map(len, mine)) * len(policies), disable=args.no_progress or not world.main, desc="eval",
+               unit="run")
+    for batch in mine:
         for name in policies:  # NAMM before the baselines matched to its cache on each sample
             todo = [(key, sample) for key, sample in batch if (name, key) not in done]
             bar.update(len(batch) - len(todo))
@@ -131,10 +137,12 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None) -> None:
                                   args.chunk, args.max_new_tokens, budgets,
                                   [eviction_limit(s, tok, args.protocol, args.style) for _, s in todo])
             for rec in recs:
-                append_record(records_path, rec)
-                done[(name, rec.key)] = rec.__dict__
+                journal.add(asdict(rec))
             bar.update(len(todo))
     bar.close()
+    done = journal.merge(order)
+    if not world.main:
+        return
     rows = [done[k] for k in keys]  # exactly this command's samples and policies
     table, md = summarise(rows, policies)
     if "namm" in policies:

@@ -7,6 +7,7 @@
     python scripts/run_dt.py --policies full,namm,h2o --episodes 16 --batch 8   # 8 episodes per batched forward
     python scripts/run_dt.py --env minigrid-memory --policies full,namm,h2o,l2,recency,snapkv --episodes 200
     python scripts/run_dt.py --env minigrid-memory --policies full,window --window 4 --rollout kv   # memory check
+    torchrun --nproc-per-node 8 scripts/run_dt.py --env minigrid-memory --episodes 300 --device cuda   # 8 GPUs
 
 Two rollouts, named in every output:
   recompute-last-K  the standard DT rollout: the model re-run on the last K timesteps at every step (no policy);
@@ -313,7 +314,7 @@ def run(args) -> int:
 
     from envs.kv_rollout import make_env
     from envs.registry import get_spec
-    from namm_transfer.runs import open_run
+    from namm_transfer import distributed
 
     torch.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()
@@ -322,6 +323,7 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     check_device(args.device)
+    world = distributed.init(args.device)  # under torchrun: this rank's share of the episodes, its own GPU
     args.namm_hash = None
     namm, namm_meta = load_namm_policy(args) if "namm" in args.policy_list and args.rollout != "recompute" \
         else (None, {})
@@ -338,8 +340,9 @@ def run(args) -> int:
 
     out = Path(args.out or default_out("dt", spec.name))
     settings = {k: getattr(args, k) for k in SETTINGS}
-    with open_run(out, settings, "scripts/run_dt.py", args.argv, fillable=("namm", "namm_hash"), legacy=LEGACY):
-        return run_episodes(args, out, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings)
+    with distributed.open_run(world, out, settings, "scripts/run_dt.py", args.argv, fillable=("namm", "namm_hash"),
+                              legacy=LEGACY):
+        return run_episodes(args, out, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings, world)
 
 
 def check_env_dims(dt, env, checkpoint: str, gym_id: str) -> None:
@@ -368,15 +371,19 @@ def batches(keys: list[tuple], size: int) -> list[list[tuple]]:
     return out
 
 
-def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings) -> int:
-    """Run the episodes episodes.jsonl does not hold yet; write summary.json and table.md."""
+def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings,
+                 world) -> int:
+    """Run the episodes episodes.jsonl does not hold yet (under torchrun: this rank's share); write summary.json
+    and table.md (rank 0)."""
     from tqdm import tqdm
 
     from envs.kv_rollout import KV, RECOMPUTE, make_env, run_kv, run_kv_batch, run_recompute
-    from namm_transfer.records import read_records, write_json, write_text
+    from namm_transfer.distributed import RankRecords
+    from namm_transfer.records import write_json, write_text
 
     path = out / "episodes.jsonl"
-    done = {(r["rollout"], r["policy"], r["seed"], r["episode"]): r for r in read_records(path)}
+    journal = RankRecords(path, world, key=lambda r: (r["rollout"], r["policy"], r["seed"], r["episode"]))
+    done = journal.load()
 
     jobs = [(RECOMPUTE, "full")] if args.rollout in ("recompute", "both") else []
     jobs += [(KV, p) for p in args.policy_list] if args.rollout in ("kv", "both") else []
@@ -390,37 +397,46 @@ def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs,
         notes.append(f"NAMM (zero-shot): {args.namm}" + (f" — {namm_meta}" if namm_meta else ""))
     quick = " (3 per policy by default: a quick look; use --episodes 10+ for reportable numbers)" \
         if args.episodes == 3 else ""
-    print(f"{len(keys)} episodes{quick}, {len(keys) - len(todo)} already in {path}", file=sys.stderr)
-
+    if world.main:
+        print(f"{len(keys)} episodes{quick}, {len(keys) - len(todo)} already in {path}"
+              + (f"; {world.size} ranks" if world.size > 1 else ""), file=sys.stderr)
+    # ranks share one process's groups (--batch), so each episode runs as it does there; the baselines run at NAMM's
+    # fraction over all of this run's NAMM episodes: they start once every rank has finished its share of those
+    baseline = [k[0] == KV and k[1] in BASELINES for k in todo]
+    phases = [world.shard(batches([k for k, b in zip(todo, baseline) if b == later], args.batch))
+              for later in (False, True)]
     envs = [env]  # the batched rollout's envs: env, then more as --batch needs them
-    with open(path, "a") as f, tqdm(total=len(todo), disable=args.no_progress, desc="DT episodes") as bar:
-        for group in batches(todo, args.batch):
-            rollout, name = group[0][:2]
-            budget = source = None
-            if rollout == KV and name in BASELINES:
-                budget, source = baseline_budget(args, done, keys)
-            reset_seeds = [1000 * seed + episode for _, _, seed, episode in group]
-            if rollout == RECOMPUTE:
-                eps = [run_recompute(dt_recompute, env, args.target_return, reset_seeds[0], refs, max_steps)]
-            elif len(group) == 1:
-                policy = make_kv_policy(name, args, dt, namm, budget)
-                eps = [run_kv(dt, env, policy, args.target_return, reset_seeds[0], refs, max_steps)]
-            else:  # one batched DT forward per timestep, one cache row per episode (identical episodes)
-                envs += [make_env(spec.gym_id, max_steps) for _ in range(len(group) - len(envs))]
-                policy = make_kv_policy(name, args, dt, namm, budget)
-                eps = run_kv_batch(dt, envs[:len(group)], policy, args.target_return, reset_seeds, refs, max_steps)
-            for key, reset_seed, ep in zip(group, reset_seeds, eps):
-                rollout, name, seed, episode = key
-                rec = {"rollout": rollout, "policy": name, "seed": seed, "episode": episode,
-                       "reset_seed": reset_seed, "budget": budget, "budget_source": source,
-                       **{k: v for k, v in ep.to_dict().items() if k != "rollout"}}
-                done[key] = rec
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                bar.update(1)
-                bar.set_postfix_str(f"{rollout}/{name} return {ep.ret:.0f}")
+    with tqdm(total=sum(len(g) for phase in phases for g in phase), disable=args.no_progress or not world.main,
+              desc="DT episodes") as bar:
+        for phase in phases:
+            for group in phase:
+                rollout, name = group[0][:2]
+                budget = source = None
+                if rollout == KV and name in BASELINES:
+                    budget, source = baseline_budget(args, done, keys)
+                reset_seeds = [1000 * seed + episode for _, _, seed, episode in group]
+                if rollout == RECOMPUTE:
+                    eps = [run_recompute(dt_recompute, env, args.target_return, reset_seeds[0], refs, max_steps)]
+                elif len(group) == 1:
+                    policy = make_kv_policy(name, args, dt, namm, budget)
+                    eps = [run_kv(dt, env, policy, args.target_return, reset_seeds[0], refs, max_steps)]
+                else:  # one batched DT forward per timestep, one cache row per episode (identical episodes)
+                    envs += [make_env(spec.gym_id, max_steps) for _ in range(len(group) - len(envs))]
+                    policy = make_kv_policy(name, args, dt, namm, budget)
+                    eps = run_kv_batch(dt, envs[:len(group)], policy, args.target_return, reset_seeds, refs,
+                                       max_steps)
+                for (_, _, seed, episode), reset_seed, ep in zip(group, reset_seeds, eps):
+                    journal.add({"rollout": rollout, "policy": name, "seed": seed, "episode": episode,
+                                 "reset_seed": reset_seed, "budget": budget, "budget_source": source,
+                                 **{k: v for k, v in ep.to_dict().items() if k != "rollout"}})
+                    bar.update(1)
+                    bar.set_postfix_str(f"{rollout}/{name} return {ep.ret:.0f}")
+            journal.sync()  # every rank's episodes into `done` on every rank
     for e in envs:
         e.close()
+    done = journal.merge(keys)
+    if not world.main:
+        return 0
 
     rows = summarise([done[k] for k in keys])
     header = [*notes]

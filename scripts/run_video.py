@@ -3,6 +3,7 @@
     python scripts/run_video.py --dataset longvideobench --data-root /data --frames 32 --policies full,namm,h2o,l2
     python scripts/run_video.py --dataset mlvu --data-root /data --device cuda --dtype float16 --limit 200
     python scripts/run_video.py --dataset synthetic --limit 8          # offline smoke run, tiny model
+    torchrun --nproc-per-node 8 scripts/run_video.py --dataset mlvu --data-root /data --device cuda   # 8 GPUs
 
 Writes to --out (default <checkout>/runs/video/<dataset>_<model>_<frames>f): records.jsonl (one line per (policy,
 sample), flushed as it goes; rerunning the same command skips pairs already there), summary.json and summary.md
@@ -33,7 +34,6 @@ evicting through the question. Realised cache % always counts every token, text 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import fields
@@ -315,8 +315,9 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from namm_transfer.records import drop_records, in_repo, read_records, write_json, write_text
-    from namm_transfer.runs import content_hash, model_hash, open_run
+    from namm_transfer import distributed
+    from namm_transfer.records import in_repo, write_json, write_text
+    from namm_transfer.runs import content_hash, model_hash
     from video.datasets import SampleError
     from video.decoding import VideoDecodeError
     from video.pipeline import error_record, prepare_inputs, run_policy
@@ -324,8 +325,9 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     check_device(args.device)
+    world = distributed.init(args.device)  # under torchrun: this rank's share of the samples, its own GPU
     notes: list[str] = []
-    all_samples = load_samples(args, notes)  # fail fast (data, NAMM) before loading the model
+    all_samples = world.in_turn(lambda: load_samples(args, notes))  # fail fast (data, NAMM) before the model
     samples = all_samples[: args.limit]
     namm = load_namm_policy(args) if "namm" in args.policy_list else None
     model, processor = load_model(args, notes)
@@ -341,27 +343,33 @@ def run(args) -> int:
     args.namm_hash = content_hash(namm.source) if namm is not None else None
     args.model_hash = f"generated (seed {args.seed})" if args.model == TINY_RANDOM else model_hash(args.model_source)
     args.data_hash = data_hash(all_samples, args.data_root)
-    for n in notes:
+    for n in notes if world.main else []:  # one copy, not one per rank
         print(("\n!!! " + n + "\n") if n.startswith("WARNING") else f"note: {n}", file=sys.stderr)
 
     model_tag = Path(args.model.rstrip("/")).name
     out = Path(args.out or default_out("video", f"{args.dataset}_{model_tag}_{args.frames}f"))
     settings = {k: getattr(args, k) for k in SETTINGS}
-    with open_run(out, settings, "scripts/run_video.py", args.argv, fillable=("namm", "namm_hash"),
-                  legacy=LEGACY_SETTINGS):
+    with distributed.open_run(world, out, settings, "scripts/run_video.py", args.argv, fillable=("namm", "namm_hash"),
+                              legacy=LEGACY_SETTINGS):
         path = out / "records.jsonl"
+        journal = distributed.RankRecords(path, world, key=lambda r: (r["policy"], r["id"]))
         ids = {s.id for s in samples}
         if args.retry_errors:
-            n = drop_records(path, lambda r: bool(r.get("error")) and r["id"] in ids and r["policy"] in args.policy_list)
-            print(f"--retry-errors: {n} error record(s) dropped, to be run again", file=sys.stderr)
-        done = {(r["policy"], r["id"]): r for r in read_records(path)}
+            n = journal.drop(lambda r: bool(r.get("error")) and r["id"] in ids and r["policy"] in args.policy_list)
+            if world.main:
+                print(f"--retry-errors: {n} error record(s) dropped, to be run again", file=sys.stderr)
+        done = journal.load()
         todo = [(i, s) for i, s in enumerate(samples) if any((p, s.id) not in done for p in args.policy_list)]
         n_todo = sum((p, s.id) not in done for _, s in todo for p in args.policy_list)
-        print(f"{len(samples)} samples x {len(args.policy_list)} policies: {n_todo} to run, "
-              f"{len(samples) * len(args.policy_list) - n_todo} already in {path}", file=sys.stderr)
+        if world.main:
+            print(f"{len(samples)} samples x {len(args.policy_list)} policies: {n_todo} to run, "
+                  f"{len(samples) * len(args.policy_list) - n_todo} already in {path}"
+                  + (f"; {world.size} ranks" if world.size > 1 else ""), file=sys.stderr)
 
-        with open(path, "a") as f, tqdm(total=n_todo, disable=args.no_progress, desc="video QA") as bar:
-            for index, sample in todo:
+        mine = world.shard(todo)  # a sample's policies stay together: baselines use NAMM's cache on that sample
+        n_mine = sum((p, s.id) not in done for _, s in mine for p in args.policy_list)
+        with tqdm(total=n_mine, disable=args.no_progress or not world.main, desc="video QA") as bar:
+            for index, sample in mine:
                 try:
                     inputs, failure = prepare_inputs(sample, processor, args.frames, sampling=args.frame_sampling,
                                                      subtitles=args.subtitles), None
@@ -377,12 +385,14 @@ def run(args) -> int:
                         rec = run_policy(model, processor, sample, inputs, policy, index, args.seed, args.chunk,
                                          args.evict_during)
                     rec = {"policy": name, "sample_index": index, "budget": budget, "budget_source": source, **rec}
-                    done[(name, sample.id)] = rec
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
+                    journal.add(rec)
                     bar.update(1)
                     if rec.get("error"):
                         tqdm.write(f"{sample.id} [{name}]: {rec['error']}", file=sys.stderr)
+        # one process's order: sample by sample, policies in --policies order
+        done = journal.merge((p, s.id) for s in samples for p in args.policy_list)
+        if not world.main:
+            return 0
 
         records = [r for (p, i), r in done.items() if i in ids and p in args.policy_list]
         n_errors = sum(bool(r.get("error")) for r in records)
