@@ -90,12 +90,14 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaNextVideoProcessor:
-    """Official processor classes at 56x56 (CLIP mean/std, bicubic resize + centre crop)."""
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None,
+                    image_size: int = IMAGE_SIZE) -> LlavaNextVideoProcessor:
+    """Official processor classes at image_size x image_size, 56 by default (CLIP mean/std, bicubic resize +
+    centre crop); 336 is the real 7B-hf checkpoint's."""
     tokenizer = tokenizer or build_tokenizer()
-    size, crop = {"shortest_edge": IMAGE_SIZE}, {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    size, crop = {"shortest_edge": image_size}, {"height": image_size, "width": image_size}
     video_processor = LlavaNextVideoVideoProcessor(size=size, crop_size=crop)
-    image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
+    image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=[[image_size, image_size]])
     return LlavaNextVideoProcessor(
         video_processor=video_processor,
         image_processor=image_processor,
@@ -117,20 +119,30 @@ class ModelSize:
     text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
+    vision_intermediate: int | None = None  # None: 2 x hidden
+    text_intermediate: int | None = None
+    image_size: int = IMAGE_SIZE
 
 
 TINY = ModelSize()  # tests: random weights, a fraction of a second per forward
 SMALL = ModelSize(vision_hidden=64, vision_layers=3, vision_heads=4, text_hidden=128, text_layers=4)  # trained
+# The geometry of llava-hf/LLaVA-NeXT-Video-7B-hf: CLIP ViT-L/14 at 336 px (1024 wide, 24 layers, 16 heads, MLP
+# 4096) and a Vicuna-7B language model (4096 wide, 32 layers, 32 heads, no GQA, MLP 11008); 144 tokens per frame
+# after the 2x2 pool. The vocabulary stays the small synthetic one (an embedding table, not a compute cost).
+SEVEN_B = ModelSize(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+                    text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, text_intermediate=11008,
+                    image_size=336)
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, size: ModelSize = TINY) -> LlavaNextVideoConfig:
     vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+        hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate or 2 * size.vision_hidden,
         num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        image_size=size.image_size, patch_size=PATCH_SIZE,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
+        vocab_size=len(tokenizer), hidden_size=size.text_hidden,
+        intermediate_size=size.text_intermediate or 2 * size.text_hidden,
         num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -140,7 +152,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, size: ModelSize = TINY) -> 
         text_config=text,
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+        image_grid_pinpoints=[[size.image_size, size.image_size]],
         spatial_pool_mode="average",
         spatial_pool_stride=2,
         vision_feature_select_strategy="default",
@@ -153,7 +165,7 @@ def build_tiny_llava_next_video(
     seed: int = 0, save_dir: str | os.PathLike | None = None, size: ModelSize = TINY
 ) -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
     """Random tiny model + processor (eval mode, eager attention); saved to `save_dir` when given."""
-    processor = build_processor()
+    processor = build_processor(image_size=size.image_size)
     config = build_config(processor.tokenizer, size)
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(config).eval()

@@ -1,0 +1,31 @@
+"""The prepared GPU check (scripts/gpu_video_7b.py): the 7B geometry, and the whole path at tiny size on CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seven_b_shape_has_the_real_geometry():
+    from transformers import LlavaNextVideoForConditionalGeneration
+    from video.tiny_model import SEVEN_B, build_config, build_processor, tokens_per_frame
+    processor = build_processor(image_size=SEVEN_B.image_size)
+    config = build_config(processor.tokenizer, SEVEN_B)
+    with torch.device("meta"):
+        model = LlavaNextVideoForConditionalGeneration(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 6.8e9 < n < 7.2e9  # Vicuna-7B + CLIP ViT-L/14 + projector, small vocabulary
+    assert tokens_per_frame(processor) == 144  # (336 / 14 / 2)^2, as the 7B-hf checkpoint
+
+
+def test_gpu_check_runs_end_to_end_at_tiny_size_on_cpu(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_video_7b.py"), "--shape", "tiny", "--device",
+                          "cpu", "--dtype", "float32", "--samples", "2", "--frames", "8", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["policies"]["full"]["n"] == 2 and result["policies"]["namm"]["n_errors"] == 0
+    assert result["namm_over_full"]["seconds_per_sample"] > 0 and "| namm |" in res.stdout
