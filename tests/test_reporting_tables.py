@@ -237,3 +237,27 @@ def test_paths_inside_the_checkout_are_recorded_relative_to_it(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert namm_variant("results/video/namm-renorm-video") == "namm-renorm"
     assert namm_variant("namm_transfer/checkpoints/namm-smollm2") == "namm"
+
+
+def test_named_namm_variants_are_read_tabled_and_plotted(tmp_path):
+    """A NAMM from a search toward a cache target is named in its meta (namm-c50) and keeps that name in tables
+    and sweeps, as a point of emergent cache size."""
+    import torch
+    from namm_transfer import save_namm
+    from namm_transfer.reporting.plots import is_fixed
+    from namm_transfer.reporting.results import REPO_ROOT, is_namm, namm_variant
+    from namm_transfer.reporting.tables import TableRow
+    folder = tmp_path / "namm"
+    save_namm(folder, torch.zeros(4172), None, meta={"variant": "namm-c50", "cache_target": 0.5})
+    assert namm_variant(str(folder)) == "namm-c50"  # an absolute path: REPO_ROOT / abs = abs
+    save_namm(folder, torch.zeros(4172), None, meta={"variant": "not-a-namm"})
+    assert namm_variant(str(folder)) == "namm"
+    assert is_namm("namm-c75") and is_namm("namm") and not is_namm("h2o") and not is_namm("nammx")
+    assert is_fixed("namm-c50") and is_fixed("full") and not is_fixed("recency")
+    assert REPO_ROOT.is_dir()
+    from namm_transfer.reporting.results import MethodScore
+    row = TableRow.__new__(TableRow)
+    row.result = type("R", (), {"methods": {"full": MethodScore("full", 1.0, 100.0),
+                                            "namm-c50": MethodScore("namm-c50", 0.9, 50.0),
+                                            "h2o": MethodScore("h2o", 0.8, 50.0)}})()
+    assert row.namm.method == "namm-c50"

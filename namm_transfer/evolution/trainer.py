@@ -274,7 +274,14 @@ class Trainer:
         if self.history:
             plot_curve(self.out / "log.jsonl", self.out / "curve.png", self.out / "val.jsonl")
         save_namm(self.out / "namm", self.es.mean.float(), self.stats, self.namm_cfg,
-                  meta={"generation": self.es.generation, "model": self.cfg.model, "sigma": self.es.sigma})
+                  meta={"generation": self.es.generation, "model": self.cfg.model, "sigma": self.es.sigma,
+                        "variant": self.variant, "cache_target": self.cfg.cache_target})
+
+    @property
+    def variant(self) -> str:
+        """How result tables name this NAMM: 'namm-c50' for a search toward a 50% cache (hinge term on), else
+        'namm'."""
+        return f"namm-c{round(100 * self.cfg.cache_target)}" if self.cfg.cache_weight > 0 else "namm"
 
     def keep_previous(self) -> None:
         """Keep the state before the next generation as prev.state.* (lets a test replay the last generation

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import RENORM, ResultSet
+from .results import RENORM, ResultSet, is_namm
 
-FIXED = ("full", "namm", RENORM)  # methods whose cache size is not set by a budget
+def is_fixed(method: str) -> bool:
+    """Methods whose cache size is not set by a budget: full cache and every NAMM variant."""
+    return method == "full" or is_namm(method)
 
 
 def _plt():
@@ -47,7 +49,7 @@ def sweep_groups(results: list[ResultSet]) -> dict[tuple[str, str, str], dict[st
 
     def swept(pts: list[SweepPoint]) -> bool:
         return any(len({p.cache_pct for p in pts if p.method == method}) >= 2
-                   for method in {p.method for p in pts} if method not in FIXED)
+                   for method in {p.method for p in pts} if not is_fixed(method))
 
     out = {k: {bench: pts for bench, pts in v.items() if swept(pts)} for k, v in groups.items()}
     return {k: v for k, v in out.items() if v}
@@ -70,8 +72,9 @@ def plot_sweep(panels: dict[str, list[SweepPoint]], path: str | Path, title: str
             x, y = [p.cache_pct for p in mp], [p.score for p in mp]
             if method == "full":
                 ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="full cache")
-            elif method in ("namm", RENORM):
-                ax.scatter(x, y, s=110, marker="*" if method == "namm" else "P", zorder=5,
+            elif is_namm(method):
+                marker = {"namm": "*", RENORM: "P"}.get(method, "D")
+                ax.scatter(x, y, s=110 if marker == "*" else 70, marker=marker, zorder=5,
                            label=f"{method.upper() if method == 'namm' else method} (emergent cache)")
             else:
                 ax.plot(x, y, marker="o", ms=4, label=method)

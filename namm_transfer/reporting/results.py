@@ -29,6 +29,11 @@ from ..records import REPO_ROOT, in_repo
 DOMAINS = ("language", "video", "dt")
 DOMAIN_TITLES = {"language": "language", "video": "video", "dt": "decision transformer"}
 RENORM = "namm-renorm"
+
+
+def is_namm(method: str) -> bool:
+    """'namm' and its named variants ('namm-renorm', 'namm-c50', ...): methods whose cache size is emergent."""
+    return method == "namm" or method.startswith("namm-")
 COMMAND_FILE = "command.json"
 
 
@@ -200,14 +205,16 @@ def provenance(result_file: Path, folder: Path, script: str, run: dict | None, e
 
 
 def namm_variant(checkpoint: str | None) -> str:
-    """'namm-renorm' for a checkpoint written by `calibration.save_renormalised` (meta variant), else 'namm'."""
+    """The variant a NAMM checkpoint names in its meta ('namm-renorm' from `calibration.save_renormalised`,
+    'namm-c50' from a search toward a 50% cache target, ...), else 'namm'."""
     if not checkpoint:
         return "namm"
     cfg = REPO_ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
     if cfg.is_file():
         try:
-            if json.loads(cfg.read_text()).get("meta", {}).get("variant") == RENORM:
-                return RENORM
+            variant = json.loads(cfg.read_text()).get("meta", {}).get("variant")
+            if isinstance(variant, str) and is_namm(variant):
+                return variant
         except json.JSONDecodeError:
             pass
     return "namm"

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import DOMAIN_TITLES, DOMAINS, RENORM, MethodScore, ResultSet
+from .results import DOMAIN_TITLES, DOMAINS, RENORM, MethodScore, ResultSet, is_namm
 
 BASELINES = ("h2o", "l2", "recency")
 LABELS = {"h2o": "H2O", "l2": "L2", "recency": "recency"}
@@ -31,8 +31,7 @@ class TableRow:
 
     @property
     def namm(self) -> MethodScore | None:
-        m = self.result.methods
-        return m.get(RENORM) or m.get("namm")
+        return next((v for k, v in self.result.methods.items() if is_namm(k)), None)
 
     def cells(self) -> list[str]:
         """The formatted cells of HEADER, shared by markdown and CSV."""
@@ -48,7 +47,7 @@ class TableRow:
         budgets = sorted({m[b].budget for b in BASELINES if b in m and m[b].budget != "-"})
         cells.append("; ".join(budgets) or "-")
         others = [f"{k} {fmt(v.score)} @ {_pct(v.cache_pct)}%" for k, v in m.items()
-                  if k not in ("full", "namm", RENORM, *BASELINES)]
+                  if k not in ("full", *BASELINES) and not is_namm(k)]
         cells.append("; ".join(others) or "-")
         return cells
 
@@ -87,6 +86,9 @@ def to_markdown(rows: list[TableRow], missing: list[str] | None = None, errors: 
         if any(r.namm and r.namm.method == RENORM for r in rows):
             lines.append(f"- NAMM variant {RENORM}: the language NAMM with normalisation statistics re-estimated on "
                          "the target model (keep-all pass); an ablation, reported separately from the default.")
+        searched = sorted({r.namm.method for r in rows if r.namm and r.namm.method.startswith("namm-c")})
+        lines += [f"- NAMM variant {v}: evolved on language toward a realised cache of {v.removeprefix('namm-c')}% "
+                  f"(training/{v})." for v in searched]
         notes = list(dict.fromkeys(n for row in rows for n in row.result.notes))
         lines += [f"- note: {n}" for n in notes]
         lines += ["", "Sources:"]
