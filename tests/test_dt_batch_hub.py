@@ -166,3 +166,16 @@ def test_run_dt_loads_a_public_checkpoint_layout(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--state-stats" in err and "hdf5" in err
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o5").exists()
+    # ... which may be the D4RL dataset itself: mean and std + 1e-6 over its states
+    from test_envs_data import _d4rl
+
+    d4rl = _d4rl(tmp_path / "walker2d-medium-v2.hdf5", obs_dim=17, act_dim=6)
+    assert run_dt.main(["--env", "walker2d-medium", "--checkpoint", str(unnamed), "--state-stats", str(d4rl),
+                        *common, "--out", str(tmp_path / "o6")]) == 0
+    from envs.data import load_d4rl_hdf5
+    from namm_transfer.runs import json_hash
+
+    mean, std = load_d4rl_hdf5(d4rl).state_stats()
+    assert float(std.min()) > 1e-6
+    settings = json.loads((tmp_path / "o6" / "summary.json").read_text())["settings"]
+    assert settings["state_stats_hash"] == json_hash([mean.tolist(), std.tolist()])
