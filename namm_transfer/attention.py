@@ -11,7 +11,11 @@ the kept keys:
   * softmax in float32 (with sinks: in the logits' dtype, as GPT-OSS), probabilities cast to the value dtype
     before the product with V (as eager does).
 The query block of one forward is cut where any batch row reaches an eviction step, so a one-shot prefill equals
-the same tokens fed in chunks. Anything else (dropout in training, non-causal attention, an argument this module
+the same tokens fed in chunks. Causal fast path: when no slot of any row is invalid, no window hides a key, the
+model's mask is purely causal and the policy reads no attention from these queries (FullCache, L2, recency; the
+queries outside SnapKV's observation window), the queries go to fused SDPA with is_causal (no older slot), no mask
+(one query) or one shared bottom-right causal mask, as the unmodified model does; everything else keeps the
+explicit visibility below. Anything else (dropout in training, non-causal attention, an argument this module
 does not know, a mask it cannot read) raises `UnsupportedAttention` naming it before any output is produced.
 Without a MemoryCache the function is transformers' SDPA attention (or the same exact math when the model needs
 soft-capping, sinks or attention weights).
@@ -125,15 +129,17 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
     """Attention of query (B, H, q, D) over key/value (B, H_kv, N, D); visible (B, H_kv or H, q, N) or None (all).
     `blind_rows`: some query may see no key at all (padding); it then gets zeros, as SDPA gives, not NaN.
     Returns (output (B, H, q, D), probabilities (B, H, q, N) in the query dtype or None)."""
-    h, h_kv = query.shape[1], key.shape[1]
-    k, v = (key, value) if h == h_kv else (key.repeat_interleave(h // h_kv, 1), value.repeat_interleave(h // h_kv, 1))
+    b, h, q, d = query.shape
+    h_kv = key.shape[1]
     if visible is not None and visible.shape[1] != h:
         visible = visible.repeat_interleave(h // visible.shape[1], dim=1)
     dropout = spec.dropout if training else 0.0
     if not need_probs and not spec.exact_only:
-        return F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=spec.scaling,
-                                              dropout_p=dropout), None
-    scores = torch.matmul(query, k.transpose(-1, -2)) * spec.scaling
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=spec.scaling,
+                                              dropout_p=dropout, enable_gqa=h != h_kv), None
+    # grouped heads without copying K/V: the g query heads of a KV head as one (g * q) block of rows
+    scores = torch.matmul(query.reshape(b, h_kv, (h // h_kv) * q, d), key.transpose(-1, -2))
+    scores = scores.view(b, h, q, key.shape[2]) * spec.scaling
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if visible is not None:
@@ -149,7 +155,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
     probs = probs.to(query.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)
-    return torch.matmul(probs.to(v.dtype), v), probs
+    out = torch.matmul(probs.to(value.dtype).reshape(b, h_kv, (h // h_kv) * q, key.shape[2]), value)
+    return out.view(b, h, q, value.shape[-1]), probs
 
 
 def plain_attention(module, query, key, value, mask, spec: AttentionSpec, kwargs: dict):
@@ -190,6 +197,57 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise
 
 
+# how often the causal fast path ran, by kind (tests read it; "causal": is_causal, "single": one query, no mask,
+# "bottom_right": a (q, N) causal mask shared by every row and head)
+FAST_PATH_CALLS = {"causal": 0, "single": 0, "bottom_right": 0}
+
+
+def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, start: int, q_len: int, a: int, e: int
+                     ) -> tuple[int, bool, torch.Tensor | None] | None:
+    """When the queries [a, e) of this forward see every valid slot up to their own, in order (no invalid slot in
+    any row, no window hiding a key, the model's mask purely causal), return (slots to attend, is_causal, mask):
+    attention over the first slots then equals SDPA with is_causal (no older slot), no mask (one query) or one
+    bottom-right causal (q, N) mask shared by all rows and heads. None: the explicit visibility is needed."""
+    if not layer.all_valid or (spec.sliding_window is not None and start + e > spec.sliding_window):
+        return None
+    q = e - a
+    n_vis = layer.length - (q_len - e)  # the forward's later queries' slots are the last ones
+    older = n_vis - q  # slots before this piece's own keys: every query sees them all
+    if mask is not None:  # the model's mask must be purely causal over the columns seen (no block pattern)
+        cols = torch.arange(mask.shape[-1], device=mask.device)
+        causal = cols[None, :] <= torch.arange(start + a, start + e, device=mask.device)[:, None]
+        if not bool((mask[:, :, a:e] == causal).all()):
+            return None
+    if q == 1:
+        return n_vis, False, None
+    if older == 0:
+        return n_vis, True, None
+    vis = torch.arange(n_vis, device=layer.keys.device)[None, :] <= \
+        older + torch.arange(q, device=layer.keys.device)[:, None]
+    return n_vis, False, vis[None, None]
+
+
+def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: int, e: int, need_probs: bool):
+    """Output (B, H, e - a, D) of the forward's queries [a, e) over the layer's slots (and their probabilities
+    over the slots when need_probs): the causal fast path when it applies, else the explicit visibility."""
+    if not need_probs and not spec.exact_only:
+        fast = causal_fast_path(layer, mask, spec, start, q_len, a, e)
+        if fast is not None:
+            n_vis, is_causal, vis = fast
+            FAST_PATH_CALLS["causal" if is_causal else ("single" if vis is None else "bottom_right")] += 1
+            k, v = layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis]
+            return F.scaled_dot_product_attention(query[:, :, a:e], k, v, attn_mask=vis, scale=spec.scaling,
+                                                  is_causal=is_causal, enable_gqa=query.shape[1] != k.shape[1]), None
+    q_cols = torch.arange(start + a, start + e, device=query.device)
+    vis = None
+    if mask is not None or e - a > 1 or not layer.all_valid or (
+            spec.sliding_window is not None and start + e > spec.sliding_window):
+        vis = visible_keys(None if mask is None else mask[:, :, a:e], layer.columns, layer.valid, q_cols,
+                           spec.sliding_window)
+    return attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs,
+                  blind_rows=mask is not None or not layer.lockstep)
+
+
 def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec):
     """Attention of the new queries over the slots of a MemoryCache layer, cut at the rows' eviction steps."""
     if module.training and spec.dropout:
@@ -204,19 +262,19 @@ def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec)
     need_probs = layer.wants_attention or spec.output_attentions
     outs, weights, a = [], [], 0
     for e in cuts:
-        q_cols = torch.arange(start + a, start + e, device=query.device)
-        vis = None
-        if mask is not None or e - a > 1 or not layer.all_valid or (
-                spec.sliding_window is not None and start + e > spec.sliding_window):
-            vis = visible_keys(None if mask is None else mask[:, :, a:e], layer.columns, layer.valid, q_cols,
-                               spec.sliding_window)
-        out, probs = attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs,
-                            blind_rows=mask is not None or not layer.lockstep)
-        if probs is not None:
-            layer.record(probs, a, e)
-            if spec.output_attentions:
-                weights.append(scatter_columns(probs, layer.columns, start + q_len))
-        outs.append(out)
+        # queries whose attention no step reads (SnapKV reads only its window's) are computed without it
+        unread = layer.unread_queries(e - a) if layer.wants_attention and not spec.output_attentions else 0
+        for s0, s1, probs_needed in ((a, a + unread, False), (a + unread, e, need_probs)):
+            if s1 == s0:
+                continue
+            out, probs = _piece(layer, query, mask, spec, start, q_len, s0, s1, probs_needed)
+            outs.append(out)
+            if probs is not None:
+                layer.record(probs, s0, s1)
+                if spec.output_attentions:
+                    weights.append(scatter_columns(probs, layer.columns, start + q_len))
+            elif layer.wants_attention:
+                layer.record_unread(s1 - s0)
         layer.advance(a, e)
         a = e
     layer.finish()

@@ -210,6 +210,21 @@ class MemoryLayer(DynamicLayer):
                        else self._real[:, a:e].clone())
         self.buffer.append(Block(att, pending))
 
+    def unread_queries(self, q: int) -> int:
+        """How many of the next q queries (one piece, never past a step) no step will read: the policy reads only
+        the attention of the last `attention_window` queries before each step. Counted only while the rows are
+        in lockstep and forwards are cut at the steps (elsewhere every query is buffered)."""
+        policy = self.cache.policy
+        w = getattr(policy, "attention_window", None)
+        if w is None or not self.lockstep or not self.cache.cut_forwards or not self.seen:
+            return 0
+        return max(0, min(q, policy.delay - w - self.seen[0] % policy.delay))
+
+    def record_unread(self, q: int) -> None:
+        """q queries whose attention no step reads: buffered as zero-width rows (zeros when a step reads them)."""
+        dtype = self.cache.policy.attention_dtype or self.keys.dtype
+        self.buffer.append(Block(self.keys.new_zeros(self.keys.shape[0], self.keys.shape[1], q, 0, dtype=dtype)))
+
     def advance(self, a: int, e: int) -> None:
         """The forward's queries [a, e) are computed: move the clocks and run the steps due at e."""
         for r, lead in enumerate(self._lead):

@@ -73,6 +73,7 @@ class MemoryPolicy:
     name = "base"
     needs_attention = False
     attention_dtype: torch.dtype | None = None  # round attention to this dtype before features
+    attention_window: int | None = None  # a step reads only its last this-many queries' attention (None: all)
     evicts = True
 
     def __init__(self, delay: int = 512):
@@ -174,6 +175,7 @@ class SnapKV(BudgetPolicy):
         if pooling not in ("avg", "max"):
             raise ValueError("pooling must be 'avg' or 'max'")
         self.window, self.kernel, self.pooling = window, kernel, pooling
+        self.attention_window = window  # only the observation window's attention is computed and buffered
 
     def step(self, view: LayerView) -> Decision:
         b, h, n = view.valid.shape

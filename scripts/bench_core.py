@@ -1,6 +1,8 @@
 """Core benchmark: NAMM's measured cost vs its arithmetic share, memory, realised cache (SmolLM2-135M).
 
     python scripts/bench_core.py [--lengths 1024,2048] [--namm PATH] [--device cpu|cuda] [--out runs/bench_core]
+    python scripts/bench_core.py --prefill-ratios [--prefill-length 1024] [--repeats 5]
+    python scripts/bench_core.py --e2e [--prompt-tokens 4096] [--new-tokens 256]
 
 For each prompt length and policy (full cache, NAMM with delay 512, H2O at 50%) one chunked prefill
 (chunk 128) runs in its own subprocess, so peak RSS is per configuration. Reported:
@@ -10,6 +12,15 @@ For each prompt length and policy (full cache, NAMM with delay 512, H2O at 50%) 
     head x eviction step) / model forward FLOPs at that context; ratio = measured % / FLOP share (goal <= 1.3);
   * peak cache MB (keys, values, per-token state, buffered attention), peak RSS MB, realised cache %.
 Writes JSON + a markdown table.
+
+--prefill-ratios: one process, interleaved and repeated: the unmodified model (transformers' SDPA, DynamicCache)
+against the memory attention with FullCache, L2 (50%) and recency (50%), one-shot prefill of --prefill-length
+tokens (--prefill-chunk N: chunked); median seconds and median of the per-repeat ratios to the unmodified model.
+
+--e2e: what users evict for. A --prompt-tokens prompt, chunked prefill (128), --new-tokens greedy tokens, each
+policy in its own process: the unmodified model, full cache, NAMM (the shipped checkpoint), H2O at NAMM's realised
+cache. Prefill s, decode ms/token, peak RSS, peak cache MB, realised cache, tokens equal to the full cache's; and
+the ratios to the full cache. Writes e2e.json + e2e.md.
 """
 from __future__ import annotations
 
@@ -107,6 +118,158 @@ def run_one(args) -> dict:
     return out
 
 
+def prompt_ids(tok, length: int, device: str) -> torch.Tensor:
+    import pydoc_data.topics
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tok(text, return_tensors="pt").input_ids[:, :length].to(device)
+    if ids.shape[1] < length:
+        raise ValueError(f"the benchmark text has only {ids.shape[1]} tokens")
+    return ids
+
+
+def prefill_ratios(args) -> dict:
+    """Unmodified model vs memory attention (FullCache, L2, recency), interleaved in one process."""
+    import statistics
+
+    from transformers import DynamicCache
+
+    from namm_transfer import FullCache, L2Norm, MemoryCache, Recency, enable_memory_attention
+    from namm_transfer.adapters.causal_lm import chunk_bounds
+    from namm_transfer.language.models import load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_causal_lm(args.model, device=args.device)
+    ids = prompt_ids(tok, args.prefill_length, args.device)
+    chunk = args.prefill_chunk or ids.shape[1]
+    makers = {"plain": None, "full": FullCache, "l2": lambda: L2Norm(0.5), "recency": lambda: Recency(0.5)}
+
+    def run(name):
+        if name == "plain":
+            model.set_attn_implementation("sdpa")
+            cache, delay = DynamicCache(), None
+        else:
+            enable_memory_attention(model)
+            cache = MemoryCache(makers[name]())
+            delay = cache.policy.delay
+        t = time.perf_counter()
+        with torch.no_grad():
+            for s, e in chunk_bounds(0, ids.shape[1], chunk, delay):
+                model(input_ids=ids[:, s:e], cache=cache, use_cache=True,
+                      position_ids=torch.arange(s, e, device=ids.device)[None])
+        return time.perf_counter() - t
+
+    for name in makers:  # warm-up
+        run(name)
+    times = {n: [] for n in makers}
+    for _ in range(args.repeats):
+        for name in makers:
+            times[name].append(run(name))
+    out = {"length": ids.shape[1], "chunk": chunk, "repeats": args.repeats, "threads": args.threads,
+           "median_seconds": {n: statistics.median(t) for n, t in times.items()}, "seconds": times,
+           "ratio_to_plain": {n: statistics.median(a / b for a, b in zip(times[n], times["plain"]))
+                              for n in makers if n != "plain"}}
+    return out
+
+
+def run_e2e(args) -> dict:
+    """One policy of the end-to-end benchmark (own process: peak RSS is this configuration's)."""
+    from transformers import DynamicCache
+
+    from namm_transfer import H2O, FullCache, MemoryCache, enable_memory_attention, load_namm
+    from namm_transfer.adapters.causal_lm import chunk_bounds, greedy_decode, prefill
+    from namm_transfer.language.models import load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_causal_lm(args.model, device=args.device)
+    ids = prompt_ids(tok, args.prompt_tokens, args.device)
+    peak = [0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if args.policy == "plain":
+            model.set_attn_implementation("sdpa")
+            cache = DynamicCache()
+            for s, e in chunk_bounds(0, ids.shape[1], 128):
+                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True)
+            t1 = time.perf_counter()
+            logits, generated = out.logits[:, -1], []
+            for i in range(args.new_tokens):
+                nxt = logits.argmax(-1)
+                generated.append(int(nxt[0]))
+                if i + 1 == args.new_tokens:
+                    break
+                logits = model(input_ids=nxt[:, None], cache=cache, use_cache=True).logits[:, -1]
+            t2 = time.perf_counter()
+            peak[0] = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+            realised = 1.0
+        else:
+            policy = {"full": FullCache, "h2o": lambda: H2O(args.budget)}.get(args.policy, lambda: load_namm(args.namm))()
+            enable_memory_attention(model)
+            cache = MemoryCache(policy)
+
+            def track(c):
+                peak[0] = max(peak[0], c.stored_bytes())
+            fractions = []
+            logits, _, fractions = prefill(model, ids, cache, 128)
+            track(cache)
+            t1 = time.perf_counter()
+            gen, _, _ = greedy_decode(model, cache, logits, args.new_tokens, set(), ids.device, fractions,
+                                      after_step=track)
+            t2 = time.perf_counter()
+            generated, realised = gen[0], cache.realised_fraction()
+    return {"policy": args.policy, "prompt_tokens": ids.shape[1], "new_tokens": len(generated),
+            "prefill_seconds": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / max(1, len(generated) - 1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_cache_mb": peak[0] / 2**20,
+            "realised_fraction": realised, "tokens": generated, "budget": args.budget}
+
+
+def e2e(args) -> int:
+    from namm_transfer.cli import UsageError
+    from namm_transfer.records import write_json, write_text
+
+    rows = {}
+    for policy in ["plain", "full", "namm", "h2o"]:
+        budget = rows["namm"]["realised_fraction"] if policy == "h2o" else 1.0
+        cmd = [sys.executable, __file__, "--one-e2e", "--policy", policy, "--model", args.model, "--namm", args.namm,
+               "--device", args.device, "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+               "--new-tokens", str(args.new_tokens), "--budget", repr(budget)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise UsageError(f"the {policy} end-to-end run failed:\n{res.stderr[-2000:]}")
+        rows[policy] = json.loads(res.stdout.strip().splitlines()[-1])
+        r = rows[policy]
+        print(f"  {policy:5s} prefill {r['prefill_seconds']:.1f}s decode {r['decode_ms_per_token']:.1f} ms/token",
+              file=sys.stderr)
+    full = rows["full"]
+    for r in rows.values():
+        same = 0
+        for a, b in zip(r["tokens"], full["tokens"]):
+            if a != b:
+                break
+            same += 1
+        r["tokens_equal_to_full"] = same
+        r["answer_equal_to_full"] = r["tokens"] == full["tokens"]
+        for key in ("prefill_seconds", "decode_ms_per_token", "peak_rss_mb", "peak_cache_mb"):
+            r[f"{key}_vs_full"] = r[key] / full[key]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "e2e.json", {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                                  "threads": args.threads, "device": args.device, "rows": rows})
+    lines = ["| policy | prefill s | decode ms/token | peak RSS MB | peak cache MB | realised cache % | prefill / full "
+             "| decode / full | peak RSS / full | peak cache / full | first tokens equal to full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['prefill_seconds']:.1f} | {r['decode_ms_per_token']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_cache_mb']:.0f} | {100 * r['realised_fraction']:.1f} | "
+                     f"{r['prefill_seconds_vs_full']:.2f} | {r['decode_ms_per_token_vs_full']:.2f} | "
+                     f"{r['peak_rss_mb_vs_full']:.2f} | {r['peak_cache_mb_vs_full']:.2f} | "
+                     f"{r['tokens_equal_to_full']}/{r['new_tokens']} |")
+    table = "\n".join(lines) + (f"\n\n{args.prompt_tokens}-token prompt + {args.new_tokens} greedy tokens; device "
+                                 f"{args.device}, {args.threads} thread(s); H2O at NAMM's realised cache.\n")
+    write_text(out / "e2e.md", table)
+    print(table)
+    return 0
+
+
 def main(argv=None) -> int:
     from namm_transfer.checkpoints import DEFAULT_NAMM
     from namm_transfer.cli import default_out, int_in, number_list, out_help, run_cli
@@ -117,14 +280,44 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--out", default=str(default_out("bench_core")), help=out_help("bench_core"))
+    ap.add_argument("--prefill-ratios", action="store_true",
+                    help="unmodified model vs FullCache / L2 / recency prefill, interleaved in one process")
+    ap.add_argument("--prefill-length", type=int_in(16), default=1024)
+    ap.add_argument("--prefill-chunk", type=int_in(0), default=0, help="0 = one-shot prefill")
+    ap.add_argument("--repeats", type=int_in(1), default=5)
+    ap.add_argument("--e2e", action="store_true", help="end-to-end: long prompt + generation, full vs NAMM vs H2O")
+    ap.add_argument("--prompt-tokens", type=int_in(16), default=4096)
+    ap.add_argument("--new-tokens", type=int_in(1), default=256)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-e2e", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)))
         return 0
+    if args.one_e2e:
+        print(json.dumps(run_e2e(args)))
+        return 0
+    if args.prefill_ratios:
+        return run_cli(lambda: prefill_report(args))
+    if args.e2e:
+        return run_cli(lambda: e2e(args))
     return run_cli(lambda: bench(args))
+
+
+def prefill_report(args) -> int:
+    from namm_transfer.records import write_json
+    res = prefill_ratios(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "prefill_ratios.json", res)
+    print(f"prefill of {res['length']} tokens (chunk {res['chunk']}), median of {res['repeats']} interleaved repeats:")
+    print(f"  plain {res['median_seconds']['plain']:.3f}s")
+    for n, r in res["ratio_to_plain"].items():
+        print(f"  {n:8s} {res['median_seconds'][n]:.3f}s  {r:.3f}x plain")
+    return 0
 
 
 def bench(args) -> int:

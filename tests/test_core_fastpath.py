@@ -1,0 +1,114 @@
+"""The causal fast path (issue 20): taken exactly when no slot is hidden beyond causality, and results unchanged."""
+import pytest
+import torch
+
+from namm_transfer import H2O, FullCache, L2Norm, NAMMPolicy, Recency
+from namm_transfer import attention as attn
+
+from helpers_core import run_with_policy, tiny_model
+
+L = 400
+
+
+def counts_during(fn):
+    before = dict(attn.FAST_PATH_CALLS)
+    out = fn()
+    return out, {k: attn.FAST_PATH_CALLS[k] - before[k] for k in before}
+
+
+def without_fast_path(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(attn, "causal_fast_path", lambda *a, **k: None)
+        return fn()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("chunk", [64, L])
+def test_full_cache_takes_the_fast_path_and_equals_the_plain_model(arch, chunk, monkeypatch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    run = lambda: run_with_policy(model, ids, FullCache(), chunk=chunk, decode_from=L - 20)  # noqa: E731
+    (got, _, _), n = counts_during(run)
+    layers = 2
+    assert n["causal"] == layers  # the first forward has no older slot: is_causal
+    assert n["single"] == layers * 20
+    assert n["bottom_right"] == layers * (-(-(L - 20) // chunk) - 1)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    slow, _, _ = without_fast_path(monkeypatch, run)
+    assert torch.allclose(got, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [lambda: L2Norm(0.5, delay=128), lambda: Recency(150, delay=96)])
+def test_evicting_policies_without_attention_take_the_fast_path_after_evictions(policy, monkeypatch):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(1))
+    run = lambda: run_with_policy(model, ids, policy(), chunk=64, decode_from=L - 20)  # noqa: E731
+    (got, cache, events), n = counts_during(run)
+    assert any(len(h) for _, _, per_b in events for per_h in per_b for h in per_h), "nothing evicted"
+    assert n["bottom_right"] > 0 and n["single"] == 2 * 20
+    slow, _, _ = without_fast_path(monkeypatch, run)
+    assert torch.allclose(got, slow, atol=1e-5), (got - slow).abs().max()
+
+
+@pytest.mark.parametrize("policy", [lambda: H2O(0.5, delay=128), lambda: NAMMPolicy(delay=128)])
+def test_policies_reading_attention_never_take_the_fast_path(policy):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    _, n = counts_during(lambda: run_with_policy(model, ids, policy(), chunk=64, decode_from=190))
+    assert sum(n.values()) == 0
+
+
+def test_padded_batch_never_takes_the_fast_path():
+    from namm_transfer.adapters.causal_lm import generate
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    (res, n) = counts_during(lambda: generate(model, ids, FullCache(), max_new_tokens=4, chunk_size=64,
+                                              attention_mask=mask))
+    assert sum(n.values()) == 0
+    alone = generate(model, ids[1:, 40:], FullCache(), max_new_tokens=4, chunk_size=64)
+    assert res.tokens[1] == alone.tokens[0]
+
+
+def test_a_window_that_hides_keys_disables_the_fast_path():
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=48,
+                        max_position_embeddings=4096)
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    (got, _, _), n = counts_during(lambda: run_with_policy(model, ids, FullCache(), chunk=32, decode_from=190))
+    assert n["causal"] == 2 and n["bottom_right"] == 0 and n["single"] == 0  # only the first chunk (32 <= 48)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+def test_snapkv_computes_attention_only_for_its_window(monkeypatch):
+    from namm_transfer import SnapKV
+    from namm_transfer.cache import MemoryLayer
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 128, (1, L), generator=torch.Generator().manual_seed(5))
+    recorded = []
+    record = MemoryLayer.record
+    monkeypatch.setattr(MemoryLayer, "record", lambda self, probs, a, e: (recorded.append(probs.shape[2]),
+                                                                         record(self, probs, a, e))[1])
+
+    def run(window_only):
+        policy = SnapKV(0.4, window=16, delay=128)
+        if not window_only:
+            policy.attention_window = None
+        recorded.clear()
+        got, _, events = run_with_policy(model, ids, policy, chunk=48, decode_from=L - 20)
+        return got, events, sum(recorded)
+
+    got, events, n_window = run(True)
+    ref, ref_events, n_all = run(False)
+    assert events == ref_events and any(len(h) for _, _, per_b in events for per_h in per_b for h in per_h)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    assert n_all == 2 * L
+    assert n_window == 2 * 16 * (L // 128)  # the window before each of the 3 steps, in each of 2 layers
