@@ -40,7 +40,7 @@ class MemberScores:
     token_accuracy: torch.Tensor  # (rows,) fraction of answer tokens that are the argmax
     cache_fraction: torch.Tensor  # (rows,) stored / seen tokens at the end, mean over layers and KV heads
     kept_fraction: torch.Tensor  # (rows,) stored / seen right after each layer's last eviction step, mean over
-    #                              layers (and over rows: the cache logs batch means); 1 when nothing was evicted
+    #                              layers (MemoryCache.kept_fractions); 1 when nothing was evicted
 
 
 @torch.no_grad()
@@ -76,6 +76,4 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
     acc = (logp.argmax(-1) == gold[None]).float()
     frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
-    last = {r.layer: r.after / r.tokens_seen for r in cache.log}
-    kept = torch.full((rows,), sum(last.values()) / len(last) if last else 1.0)
-    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), kept)
+    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), torch.tensor(cache.kept_fractions()))

@@ -11,6 +11,7 @@ the search learns). Under torchrun, member groups and validation samples are sha
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from ..checkpoints import save_namm
 from ..features import RunningStats
 from ..namm import NAMMConfig
 from ..policies import FullCache, NAMMPolicy, make_policy
+from ..records import write_text
 from .cmaes import SepCMAES
 from .fitness import EncodedSample, encode_sample, score_rows
 
@@ -153,26 +155,18 @@ def setup_distributed(device: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ state
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_state(folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     """state.safetensors (tensors) + state.json (the rest): data only. The JSON names the tensor file's hash
     of contents so a torn pair (one file from another save) is detected on load."""
     tmp = folder / "state.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, folder / "state.safetensors")
-    import hashlib
     info = {**info, "tensors_sha256": hashlib.sha256((folder / "state.safetensors").read_bytes()).hexdigest()}
-    atomic_write_text(folder / "state.json", json.dumps(info, indent=1))
+    write_text(folder / "state.json", json.dumps(info, indent=1))
 
 
 def load_state(folder: Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
     """Read <prefix>state.safetensors + <prefix>state.json (prefix "prev." = the state one generation back)."""
-    import hashlib
     try:
         info = json.loads((folder / f"{prefix}state.json").read_text())
         digest = hashlib.sha256((folder / f"{prefix}state.safetensors").read_bytes()).hexdigest()
@@ -269,8 +263,8 @@ class Trainer:
                 "stats": {"count": self.stats.count, "frozen": self.stats.frozen}, "refs": self.refs,
                 "history": self.history, "validation": self.validation, "settings_changes": self.settings_changes}
         save_state(self.out, tensors, info)
-        atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        atomic_write_text(self.out / "val.jsonl", "".join(json.dumps(r) + "\n" for r in self.validation))
+        write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        write_text(self.out / "val.jsonl", "".join(json.dumps(r) + "\n" for r in self.validation))
         if self.history:
             plot_curve(self.out / "log.jsonl", self.out / "curve.png", self.out / "val.jsonl")
         save_namm(self.out / "namm", self.es.mean.float(), self.stats, self.namm_cfg,
@@ -427,8 +421,8 @@ class Trainer:
                 continue
             res = score_rows(self.model, sample, namm, 1, self.cfg.chunk, share_prefix=False)
             score[0, j], frac[0, j] = float(res.score[0]), float(res.cache_fraction[0])
+            budget = min(max(float(res.kept_fraction[0]), 1e-3), 1.0)
             for i, name in enumerate(self.cfg.val_baselines, start=1):
-                budget = min(max(float(res.kept_fraction[0]), 1e-3), 1.0)
                 policy = make_policy(name, budget=budget, delay=self.cfg.delay)
                 r = score_rows(self.model, sample, policy, 1, self.cfg.chunk, share_prefix=False)
                 score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
