@@ -101,6 +101,10 @@ class MemoryLayer(DynamicLayer):
         self.cache, self.layer_idx = cache, layer_idx
         self.columns: torch.Tensor | None = None  # (B, H, N) sequence column of each slot
         self.valid: torch.Tensor | None = None
+        # keys, values, columns and valid are views of the first N slots of preallocated storage (B, H, capacity,
+        # ...): a forward writes its new slots in place, an eviction step compacts the kept slots to the front;
+        # storage grows geometrically, so appending never copies the cache except when capacity runs out
+        self.storage: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}  # (B, H, S, ...) for the first S slots; later slots: zeros
         self.buffer: list[Block] = []
         self.tokens_seen = 0  # sequence columns processed (padding included)
@@ -124,12 +128,16 @@ class MemoryLayer(DynamicLayer):
             self.seen, self.since, self.steps, self.offset = [0] * b, [0] * b, [0] * b, [0] * b
         elif len(self.seen) != b:
             raise ValueError(f"a MemoryCache holds {len(self.seen)} batch rows; got a forward with {b}")
-        super().update(key_states, value_states)
-        dev = key_states.device
-        cols = torch.arange(self.tokens_seen, self.tokens_seen + q, device=dev).expand(b, h, q)
-        self.columns = cols if self.columns is None else torch.cat([self.columns, cols], dim=2)
-        new_valid = torch.ones(b, h, q, dtype=torch.bool, device=dev)
-        self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=2)
+        if not self.is_initialized:
+            self.device, self.is_initialized = key_states.device, True
+        n = self.length
+        self.reserve(n + q, key_states, value_states)
+        st = self.storage
+        st["keys"][:, :, n:n + q] = key_states
+        st["values"][:, :, n:n + q] = value_states
+        st["columns"][:, :, n:n + q] = torch.arange(self.tokens_seen, self.tokens_seen + q, device=self.device)
+        st["valid"][:, :, n:n + q] = True
+        self._view(n + q)
         self._future = q
         self.awaiting_capture = True
         _CAPTURE.pending = (self.cache, self.layer_idx)
@@ -148,6 +156,57 @@ class MemoryLayer(DynamicLayer):
     @property
     def length(self) -> int:
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[2]
+
+    # ---- storage ----------------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """Slots the storage holds before it has to grow."""
+        return self.storage["keys"].shape[2] if self.storage else 0
+
+    def reserve(self, slots: int, keys_like: torch.Tensor, values_like: torch.Tensor) -> None:
+        """Make room for `slots` slots: new storage with 25% (at least 256 slots) headroom holding the current
+        ones (the only time appending copies the cache: O(log) times over a sequence, not every forward)."""
+        if slots <= self.capacity():
+            return
+        b, h = keys_like.shape[:2]
+        cap = slots + max(256, slots // 4)
+        new = {"keys": keys_like.new_empty(b, h, cap, keys_like.shape[-1]),
+               "values": values_like.new_empty(b, h, cap, values_like.shape[-1]),
+               "columns": torch.empty(b, h, cap, dtype=torch.long, device=keys_like.device),
+               "valid": torch.zeros(b, h, cap, dtype=torch.bool, device=keys_like.device)}
+        n = self.length
+        if n:
+            for name in new:
+                new[name][:, :, :n] = getattr(self, name)
+        self.storage = new
+        self._view(n)
+
+    def _view(self, n: int) -> None:
+        """Point keys, values, columns and valid at the storage's first n slots (no copy)."""
+        st = self.storage
+        self.keys, self.values = st["keys"][:, :, :n], st["values"][:, :, :n]
+        self.columns, self.valid = st["columns"][:, :, :n], st["valid"][:, :, :n]
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor) -> None:
+        """Fill the layer with these slots (a fork's copy): fresh storage sized to them plus headroom."""
+        self.storage, self.keys, self.values, self.columns, self.valid = {}, None, None, None, None
+        self.device, self.is_initialized = keys.device, True
+        self.reserve(keys.shape[2], keys, values)
+        n = keys.shape[2]
+        for name, t in (("keys", keys), ("values", values), ("columns", columns), ("valid", valid)):
+            self.storage[name][:, :, :n] = t
+        self._view(n)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("MemoryCache does not support beam search (rows evict independently); "
+                                  "decode greedily or sample")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("MemoryCache rows cannot be repeated in place; use MemoryCache.fork(policy, "
+                                  "repeats) instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("MemoryCache rows cannot be selected in place; use MemoryCache.fork(policy, "
+                                  "rows=[...]) instead")
 
     @property
     def positions(self) -> torch.Tensor:
@@ -324,10 +383,13 @@ class MemoryLayer(DynamicLayer):
         if bool(keep.all()):
             return
         idx, filled = compact(keep)
-        self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
-        n = keep.shape[-1]
-        self.columns = gather_tokens(self.columns, idx)
-        self.valid = filled & gather_tokens(self.valid, idx)  # padding not yet reached stays invalid
+        n, k = keep.shape[-1], idx.shape[-1]
+        kept = {"keys": gather_tokens(self.keys, idx), "values": gather_tokens(self.values, idx),
+                "columns": gather_tokens(self.columns, idx),
+                "valid": filled & gather_tokens(self.valid, idx)}  # padding not yet reached stays invalid
+        for name, t in kept.items():  # compacted to the front of the same storage
+            self.storage[name][:, :, :k] = t
+        self._view(k)
         self.state = {k: gather_tokens(_fit(v, n), idx) for k, v in self.state.items()}
         for blk in self.buffer:
             att = F.pad(blk.attention, (0, n - blk.attention.shape[-1]))
@@ -403,15 +465,14 @@ class MemoryCache(Cache):
         per_row = lambda xs: [xs[r] for r in index.tolist()]  # noqa: E731
         for old in self.layers:
             layer = MemoryLayer(new, old.layer_idx)
-            layer.keys, layer.values = rep(old.keys), rep(old.values)
-            layer.columns, layer.valid = rep(old.columns), rep(old.valid)
+            layer.load(rep(old.keys), rep(old.values), rep(old.columns), rep(old.valid))
             layer.state = {k: rep(v) for k, v in old.state.items()}
             layer.buffer = [Block(rep(blk.attention), None if blk.pending is None else rep(blk.pending))
                             for blk in old.buffer]
             layer.tokens_seen, layer.all_valid, layer.lockstep = old.tokens_seen, old.all_valid, old.lockstep
             layer.seen, layer.since = per_row(old.seen), per_row(old.since)
             layer.steps, layer.offset = per_row(old.steps), per_row(old.offset)
-            layer.is_initialized, layer.device = old.is_initialized, getattr(old, "device", None)
+            layer.device = getattr(old, "device", None)
             new.layers.append(layer)
             if policy.evicts:
                 layer.evict()
@@ -428,10 +489,11 @@ class MemoryCache(Cache):
         return [float(l.valid.float().sum(-1).mean()) if l.valid is not None else 0.0 for l in self.layers]
 
     def stored_bytes(self) -> int:
-        """Bytes held now: keys, values, per-token state and buffered attention rows."""
+        """Bytes held now: the slot storage as allocated (keys, values, columns, validity, headroom included),
+        per-token state and buffered attention rows."""
         total = 0
         for l in self.layers:
-            tensors = [l.keys, l.values, l.columns, *l.state.values(), *(b.attention for b in l.buffer)]
+            tensors = [*l.storage.values(), *l.state.values(), *(b.attention for b in l.buffer)]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total
 

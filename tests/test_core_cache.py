@@ -167,3 +167,54 @@ def test_gqa_mean_is_taken_in_the_attention_dtype():
     rounded = probs.to(torch.bfloat16).view(1, 2, 3, 16, 40)
     assert got.dtype == torch.bfloat16 and torch.equal(got, rounded.mean(2))
     assert not torch.equal(got.float(), rounded.float().mean(2))  # what an fp32 mean would have given
+
+
+@pytest.mark.parametrize("name", ["recency", "namm"])
+def test_decoding_after_evictions_never_copies_the_cache(name):
+    """Keys, values, columns and validity are views of per-layer storage: decoding writes each new slot in place
+    and an eviction step compacts inside the same storage, so after the prefill no forward reallocates or copies
+    the cache (storage identity), while the logits stay those of the masked reference."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 320), generator=torch.Generator().manual_seed(3))
+    policy = Recency(0.5, delay=32) if name == "recency" else namm_policy(delay=32)
+    enable_memory_attention(model)
+    cache = MemoryCache(policy)
+    with torch.no_grad():
+        model(input_ids=ids[:, :256], cache=cache, use_cache=True)
+        layers = cache.layers
+        storage = [l.storage["keys"] for l in layers]
+        steps_before = len(cache.log)
+        for t in range(256, 320):  # 64 decoding steps, two eviction steps per layer among them
+            model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            for layer, st in zip(layers, storage):
+                assert layer.storage["keys"] is st
+                for name_ in ("keys", "values", "columns", "valid"):
+                    view = getattr(layer, name_)
+                    assert view.untyped_storage().data_ptr() == layer.storage[name_].untyped_storage().data_ptr()
+                    assert view.data_ptr() == layer.storage[name_].data_ptr()  # the first slot is the storage's
+    assert len(cache.log) > steps_before and any(r.after < r.before for r in cache.log[steps_before:])
+
+
+def test_storage_grows_geometrically_not_per_forward():
+    """Appending one token at a time reallocates the storage only when its headroom runs out (O(log) times)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(4))
+    enable_memory_attention(model)
+    cache = MemoryCache(FullCache())
+    seen = set()
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            seen.add(cache.layers[0].storage["keys"].data_ptr())
+    assert len(seen) <= 3, f"{len(seen)} allocations for 600 appended tokens"
+    assert cache.layers[0].capacity() >= 600 and cache.layers[0].length == 600
+
+
+def test_beam_search_reordering_is_refused():
+    model = tiny_model("llama")
+    enable_memory_attention(model)
+    cache = MemoryCache(FullCache())
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
