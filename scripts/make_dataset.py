@@ -5,12 +5,16 @@
 
 1. Train a stable-baselines3 policy (PPO by default) and stop once the collection policy's mean return
    reaches the quality's target on the project's "local" scale (medium: 45, i.e. roughly a third to a half
-   of expert, as D4RL's early-stopped "medium" SAC). The policy is checkpointed after every evaluation in
-   ``--workdir``; rerunning the same command resumes where a killed run stopped.
-2. Roll the trained stochastic policy out for ``--steps`` environment steps (complete episodes only,
-   reset seeds 123, 124, ... as Minari does) — or, for ``medium-replay``, keep every training episode seen
-   until the medium target (the policy's "replay buffer"); ``medium-expert`` concatenates the existing
-   local medium and expert datasets.
+   of expert, as D4RL's early-stopped "medium" SAC; expert: 90, or ``--max-train-steps``). One training run per
+   env serves medium, medium-replay and expert (D4RL's recipe: one policy, early-stopped for medium, its replay
+   buffer up to then for medium-replay, fully trained for expert): the default ``--workdir`` is
+   runs/make_dataset/<env>, every evaluation saves a policy snapshot and the episodes trained on since the last
+   one, and rerunning resumes where a killed run stopped (or trains further for a higher target).
+2. Roll the stochastic policy out for ``--steps`` environment steps (complete episodes only, reset seeds 123,
+   124, ... as Minari does): the final policy for ``expert``; for ``medium`` the snapshot of the first evaluation
+   at the medium target (when the run never got there: the first at half its final score, see
+   :func:`medium_eval`). ``medium-replay`` keeps every training episode up to that evaluation (the policy's
+   "replay buffer"); ``medium-expert`` concatenates the existing local medium and expert datasets.
 3. Save under the project's own id (``namm_transfer/hopper/medium-v0``, never the official
    ``mujoco/...`` id) with ``ref_min_score``/``ref_max_score`` from :data:`envs.registry.LOCAL_REF`.
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +57,9 @@ from namm_transfer.runs import open_run  # noqa: E402
 
 # Stop thresholds on the local 0-100 scale for the policy that collects the data.
 TARGET_SCORE = {"medium": 45.0, "medium-replay": 45.0, "expert": 90.0}
+# A run that never reached the medium target: medium is its first evaluation at this fraction of its final score
+# (45 / 90: medium at half of expert, as the targets above).
+MEDIUM_FALLBACK = 0.5
 
 
 @dataclass
@@ -198,8 +206,28 @@ def load_episodes(path: Path) -> list[dict]:
     return eps
 
 
-def train_policy(cfg: Config, spec, work: Path, log) -> object:
-    """Train (or resume) until the target score or ``max_train_steps``; return the SB3 model."""
+def medium_eval(evals: list[dict], target: float) -> int:
+    """Index of the evaluation whose snapshot is "medium": the first at ``target`` or above; when none got there
+    (an env the policy trains slowly on), the first at ``MEDIUM_FALLBACK`` x the final score or above."""
+    scores = [e["score_local"] for e in evals]
+    if not scores:
+        raise ValueError("no evaluation recorded yet")
+    hit = [i for i, s in enumerate(scores) if s >= target]
+    if hit:
+        return hit[0]
+    floor = min(MEDIUM_FALLBACK * scores[-1], scores[-1])  # a final score <= 0: the last evaluation at worst
+    return next(i for i, s in enumerate(scores) if s >= floor)
+
+
+def snapshot_path(work: Path, i: int) -> Path:
+    """The policy saved at evaluation ``i`` (0-based); replay_{i+1:04d}.npz holds the episodes trained on before."""
+    return work / "snapshots" / f"policy_{i + 1:04d}.pt"
+
+
+def train_policy(cfg: Config, spec, work: Path, log) -> tuple[object, dict]:
+    """Train (or resume) until the target score or ``max_train_steps``; return the SB3 model and the training
+    state (evaluations). Medium qualities are done once any evaluation reached their target; expert once the last
+    one did."""
     import gymnasium as gym
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.logger import Logger
@@ -211,12 +239,15 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
     state_path, model_path = work / "train_state.json", work / "policy.pt"
     state = read_json(state_path, "timesteps, evals, done") if state_path.exists() else {"timesteps": 0, "evals": [],
                                                                                           "done": False}
+    medium = cfg.quality in ("medium", "medium-replay")
+
+    def reached() -> bool:
+        scores = [e["score_local"] for e in state["evals"]]
+        return bool(scores) and (max(scores) if medium else scores[-1]) >= target
+
     if state["evals"]:  # re-decide with this run's target / budget (e.g. a larger --max-train-steps)
-        state["done"] = state["evals"][-1]["score_local"] >= target or state["timesteps"] >= cfg.max_train_steps
-    record = cfg.quality == "medium-replay"
-    env = gym.make(spec.gym_id)
-    if record:
-        env = EpisodeRecorder(env)
+        state["done"] = reached() or state["timesteps"] >= cfg.max_train_steps
+    env = EpisodeRecorder(gym.make(spec.gym_id))  # every training episode: medium-replay's source
     model = algo_cls("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
     if model_path.exists():
         try:
@@ -234,17 +265,32 @@ def train_policy(cfg: Config, spec, work: Path, log) -> object:
         score = float(normalized_score(spec.env, rets.mean(), "local"))
         state["evals"].append({"timesteps": state["timesteps"], "return": float(rets.mean()),
                                "std": float(rets.std()), "score_local": score})
-        if record:
-            save_episodes(env.finished, work / f"replay_{len(state['evals']):04d}.npz")
-            env.finished = []
-        state["done"] = score >= target or state["timesteps"] >= cfg.max_train_steps
+        save_episodes(env.finished, work / f"replay_{len(state['evals']):04d}.npz")
+        env.finished = []
+        state["done"] = reached() or state["timesteps"] >= cfg.max_train_steps
         save_policy(model, work)
+        snap = snapshot_path(work, len(state["evals"]) - 1)
+        snap.parent.mkdir(exist_ok=True)
+        shutil.copyfile(work / "policy.pt", snap)
         write_json(state_path, state)
         log(f"[train] steps {state['timesteps']:>8d}  return {rets.mean():8.1f} ± {rets.std():6.1f}  "
             f"local score {score:5.1f} (target {target})  {time.time() - t0:6.0f}s")
-    if state["evals"][-1]["score_local"] < target:
+    if not reached():
         log(f"WARNING: stopped at max_train_steps={cfg.max_train_steps} below the target score {target}")
-    return model
+    return model, state
+
+
+def load_snapshot(model, work: Path, i: int, n_evals: int) -> None:
+    """Load evaluation ``i``'s policy into ``model`` (the last one is the model as trained)."""
+    from namm_transfer.checkpoints import load_torch_file
+
+    if i == n_evals - 1:
+        return
+    path = snapshot_path(work, i)
+    if not path.exists():
+        raise UsageError(f"{path} is missing (a work folder from before snapshots were kept): "
+                         "make this dataset with a fresh --workdir")
+    model.set_parameters(load_torch_file(path, POLICY_FILE)["params"], exact_match=True, device="cpu")
 
 
 def collect(model, spec, steps: int, log, seed: int = 0) -> list[dict]:
@@ -309,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train steps between evaluations/checkpoints")
     p.add_argument("--eval-episodes", type=int_in(1), default=d.eval_episodes)
     p.add_argument("--seed", type=int_in(0), default=d.seed)
-    p.add_argument("--workdir", default="", help="policy checkpoints; " + out_help("make_dataset", "<env>-<quality>"))
+    p.add_argument("--workdir", default="", help="policy checkpoints, shared by an env's qualities; "
+                   + out_help("make_dataset", "<env>"))
     p.add_argument("--data-dir", default="", help="Minari root; sets MINARI_DATASETS_PATH (default: minari's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing local dataset")
     cfg = Config(**vars(p.parse_args(argv)))
@@ -331,11 +378,10 @@ def make(cfg: Config, argv: list[str] | None) -> int:
 
     spec = get_spec(f"{cfg.env}-{cfg.quality}")
     steps = cfg.steps if cfg.steps is not None else (60_000 if spec.env == "minigrid" else 1_000_000)
-    work = Path(cfg.workdir or default_out("make_dataset", spec.name))
+    work = Path(cfg.workdir or default_out("make_dataset", spec.name if spec.env == "minigrid" else spec.env))
     if spec.local_dataset_id in minari.list_local_datasets() and not cfg.force:
         raise UsageError(f"dataset {spec.local_dataset_id} already exists (pass --force to overwrite)")
-    settings = {k: v for k, v in asdict(cfg).items() if k in ("env", "quality", "algo", "seed", "eval_every",
-                                                              "eval_episodes")}
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("env", "algo", "seed", "eval_every", "eval_episodes")}
     with open_run(work, settings, "scripts/make_dataset.py", argv):
         build(cfg, spec, steps, work)
     return 0
@@ -368,10 +414,19 @@ def build(cfg: Config, spec, steps: int, work: Path) -> None:
             episodes += load_local_episodes(get_spec(f"{cfg.env}-{q}").local_dataset_id)
         algorithm = "concatenation of the local medium and expert datasets"
     else:
-        model = train_policy(cfg, spec, work, log)
+        model, state = train_policy(cfg, spec, work, log)
+        evals = state["evals"]
+        i = len(evals) - 1
+        if cfg.quality in ("medium", "medium-replay"):
+            target = cfg.target_score if cfg.target_score is not None else TARGET_SCORE[cfg.quality]
+            i = medium_eval(evals, target)
+            log(f"[medium] evaluation {i + 1} of {len(evals)}: {evals[i]['timesteps']} steps, local score "
+                f"{evals[i]['score_local']:.1f} (target {target}; final {evals[-1]['score_local']:.1f})")
         if cfg.quality == "medium-replay":
-            episodes = [ep for f in sorted(work.glob("replay_*.npz")) for ep in load_episodes(f)]
+            files = [work / f"replay_{k + 1:04d}.npz" for k in range(i + 1)]
+            episodes = [ep for f in files for ep in load_episodes(f)]
         else:
+            load_snapshot(model, work, i, len(evals))
             episodes = collect(model, spec, steps, log, cfg.seed)
         algorithm = f"stable-baselines3 {cfg.algo.upper()} (stochastic actions)"
 

@@ -123,9 +123,7 @@ def load_checkpoint(args):
     ckpt = hub.cached_snapshot(given) if given else str(CHECKPOINTS / f"dt-{args.env.strip().lower()}")
     local = Path(ckpt).exists()
     if not given and not local:
-        raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): train one with "
-                         f"`python scripts/train_dt.py --env {args.env}`, or download the public one "
-                         f"(`huggingface-cli download {hub.hub_id(args.env)}`), and pass --checkpoint")
+        raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): {how_to_make(args.env)}")
     check_trained_on(hub.trained_task(given or ""), given, args.env)
     stats = read_state_stats(args.state_stats) if args.state_stats else hub.card_stats(hub.trained_task(given or ""))
     try:
@@ -154,6 +152,18 @@ def load_checkpoint(args):
     if "dataset_source" in stats:
         dt.meta.setdefault("dataset_source", stats["dataset_source"])
     return dt
+
+
+def how_to_make(env: str) -> str:
+    """What makes the embedded DT of a task (grid tasks: data and DT in one resumable command)."""
+    task = env.strip().lower()
+    name, _, quality = task.partition("-")
+    train = f"`python scripts/train_dt.py --env {task}` on its dataset"
+    if name in ("hopper", "walker2d", "halfcheetah") and quality in ("medium", "medium-replay", "expert"):
+        return (f"make its data and DT in place with `python scripts/make_grid.py --envs {name} --qualities {quality}`"
+                f" (or {train}, then pass --checkpoint), or download the public one "
+                f"(`huggingface-cli download {hub.hub_id(task)}`) and pass --checkpoint")
+    return f"train one with {train} and pass --checkpoint"
 
 
 def check_trained_on(task: str | None, checkpoint: str | None, env: str) -> None:

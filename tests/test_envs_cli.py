@@ -71,7 +71,7 @@ def test_make_dataset_medium_replay_and_medium_expert(tmp_path, monkeypatch):
     md.main([*common, "--quality", "medium-replay", "--workdir", str(tmp_path / "r")])
     md.main([*common, "--quality", "medium", "--steps", "100", "--workdir", str(tmp_path / "m")])
     md.main([*common, "--quality", "expert", "--steps", "100", "--workdir", str(tmp_path / "e")])
-    md.main([*common, "--quality", "medium-expert"])
+    md.main([*common, "--quality", "medium-expert", "--workdir", str(tmp_path / "me")])
 
     from envs.data import load_minari
 
