@@ -107,6 +107,8 @@ class MemoryLayer(DynamicLayer):
         self.storage: dict[str, torch.Tensor] = {}
         self.state: dict[str, torch.Tensor] = {}  # (B, H, S, ...) for the first S slots; later slots: zeros
         self.buffer: list[Block] = []
+        # the policy's running summary of the attention (None: every query's attention row is buffered)
+        self.stream = cache.policy.attention_stream() if cache.policy.needs_attention else None
         self.tokens_seen = 0  # sequence columns processed (padding included)
         self.seen: list[int] = []  # per row: own (real) tokens processed
         self.since: list[int] = []  # per row: own tokens since the row's last step
@@ -263,6 +265,9 @@ class MemoryLayer(DynamicLayer):
             return
         dtype = self.cache.policy.attention_dtype
         att = gqa_mean(probs if dtype is None else probs.to(dtype), self.keys.shape[1])
+        if self.stream is not None:
+            self.stream.add(att, None if self._real is None else self._real[:, a:e])
+            return
         pending = None
         if not self.lockstep:
             pending = (torch.ones(att.shape[0], e - a, dtype=torch.bool, device=att.device) if self._real is None
@@ -322,10 +327,14 @@ class MemoryLayer(DynamicLayer):
 
         def sub(t: torch.Tensor, width: int = nv) -> torch.Tensor:  # the stepping rows' first `width` slots
             return t[:, :, :width] if every_row else t[rows, :, :width]
-        attention = self._take_attention(rows, since, nv) if policy.needs_attention else None
+        attention = summary = None
+        if self.stream is not None:
+            summary = self.stream.take(rows, nv, since, every_row)
+        elif policy.needs_attention:
+            attention = self._take_attention(rows, since, nv)
         view = LayerView(self.layer_idx, sub(self.keys), sub(self.values), sub(self.positions), sub(self.valid),
                          attention, since, seen, step, {k: sub(_fit(v, nv - since)) for k, v in self.state.items()},
-                         rows=rows)
+                         rows=rows, summary=summary)
         keep_rows, state = policy.step(view)
         keep_rows = keep_rows & view.valid
         if whole:
@@ -391,6 +400,8 @@ class MemoryLayer(DynamicLayer):
             self.storage[name][:, :, :k] = t
         self._view(k)
         self.state = {k: gather_tokens(_fit(v, n), idx) for k, v in self.state.items()}
+        if self.stream is not None:
+            self.stream.gather(idx, n)
         for blk in self.buffer:
             att = F.pad(blk.attention, (0, n - blk.attention.shape[-1]))
             blk.attention = att.gather(3, idx[:, :, None, :].expand(-1, -1, att.shape[2], -1))
@@ -469,6 +480,11 @@ class MemoryCache(Cache):
             layer.state = {k: rep(v) for k, v in old.state.items()}
             layer.buffer = [Block(rep(blk.attention), None if blk.pending is None else rep(blk.pending))
                             for blk in old.buffer]
+            if old.stream is not None:
+                if layer.stream is None or type(layer.stream) is not type(old.stream):
+                    raise ValueError(f"cannot fork: the cache streams attention as {type(old.stream).__name__}, "
+                                     f"the new policy {policy.name!r} reads it differently")
+                layer.stream = old.stream.repeat(index.to(old.keys.device))
             layer.tokens_seen, layer.all_valid, layer.lockstep = old.tokens_seen, old.all_valid, old.lockstep
             layer.seen, layer.since = per_row(old.seen), per_row(old.since)
             layer.steps, layer.offset = per_row(old.steps), per_row(old.offset)
@@ -495,6 +511,7 @@ class MemoryCache(Cache):
         for l in self.layers:
             tensors = [*l.storage.values(), *l.state.values(), *(b.attention for b in l.buffer)]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+            total += l.stream.nbytes() if l.stream is not None else 0
         return total
 
     @property

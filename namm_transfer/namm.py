@@ -110,6 +110,13 @@ def token_features(
     if n > n_new:  # kept tokens carry their previous state, decayed over the n_new queries of this step
         ema[:, :n - n_new] += (cfg.ema_coeff ** n_new) * ema_prev.float()
     new_overlap = attn[:, -pad:, :].transpose(1, 2).float()
+    return namm_inputs(ema, positions, valid, stats, cfg, collect_stats), ema, new_overlap
+
+
+def namm_inputs(ema: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, stats: feat.RunningStats | None,
+                cfg: NAMMConfig, collect_stats: bool = False) -> torch.Tensor:
+    """Scorer inputs from each token's spectrogram EMA (R, N, B): [recency embedding, normalised EMA] (R, N, d_in).
+    With collect_stats the valid tokens' EMAs first join the normalisation statistics."""
     if stats is not None and collect_stats:
         stats.update(ema[valid])
     spec_feat = ema
@@ -117,8 +124,7 @@ def token_features(
         spec_feat = feat.normalise(ema, stats.mean.to(ema), stats.var.to(ema))
     last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=-1, keepdim=True).values
     rec = feat.recency_embedding(last - positions, cfg.recency_dim, cfg.recency_max_freq)
-    x = torch.cat([rec, spec_feat], dim=-1)
-    return x, ema, new_overlap
+    return torch.cat([rec, spec_feat], dim=-1)
 
 
 def select_tokens(scores: torch.Tensor, valid: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from . import features as feat
-from .namm import NAMMConfig, bam_scores, select_tokens, token_features
+from .namm import NAMMConfig, bam_scores, namm_inputs, select_tokens, token_features
+from .streams import AttentionStream, SpectrogramEMA
 
 
 @dataclass
@@ -34,6 +35,7 @@ class LayerView:
     step: int  # index of this eviction step for this layer
     state: dict[str, torch.Tensor]  # policy state of the N - T older slots, (B, H_kv, N - T, ...)
     rows: torch.Tensor | None = None  # the cache's batch rows this view holds (None: all, in order)
+    summary: dict[str, torch.Tensor] | None = None  # the policy's streamed attention summary (attention is None)
 
 
 Decision = tuple[torch.Tensor, dict[str, torch.Tensor]]  # keep mask (B, H_kv, N), state for all N slots
@@ -83,6 +85,11 @@ class MemoryPolicy:
 
     def step(self, view: LayerView) -> Decision:
         raise NotImplementedError
+
+    def attention_stream(self) -> AttentionStream | None:
+        """A per-layer reduction of the attention as it arrives (the step then reads `view.summary`), or None:
+        the cache buffers every query's attention row until the step (`view.attention`)."""
+        return None
 
     def describe(self) -> dict:
         return {"name": self.name, "delay": self.delay}
@@ -248,10 +255,21 @@ class NAMMPolicy(MemoryPolicy):
         members = self.member_of_row[rows] if self.member_of_row is not None else rows % len(self.params)
         return self.params.to(device)[members.to(device).repeat_interleave(heads)]
 
+    def attention_stream(self) -> AttentionStream | None:
+        cfg = self.config
+        return SpectrogramEMA(cfg.n_fft, cfg.hop, cfg.ema_coeff) if cfg.n_fft == 2 * cfg.hop else None
+
     def step(self, view: LayerView) -> Decision:
         cfg = self.config
         b, h, n = view.valid.shape
         r = b * h
+        rows = view.rows if view.rows is not None else torch.arange(b)
+        if view.summary is not None:  # streamed: the spectrogram EMA is already folded, frame by frame
+            ema = view.summary["ema"]
+            x = namm_inputs(ema.reshape(r, n, cfg.num_bins), view.positions.reshape(r, n), view.valid.reshape(r, n),
+                            self.stats, cfg, collect_stats=self.collect_stats)
+            scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
+            return select_tokens(scores, view.valid, cfg.threshold), {}
         n_old = n - view.n_new
         pad = cfg.n_fft - cfg.hop
         ema_prev = view.state.get("ema", view.keys.new_zeros(b, h, n_old, cfg.num_bins, dtype=torch.float32))
@@ -260,7 +278,6 @@ class NAMMPolicy(MemoryPolicy):
             view.attention.reshape(r, view.n_new, n), view.positions.reshape(r, n), view.valid.reshape(r, n),
             ema_prev.reshape(r, n_old, cfg.num_bins), ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg,
             collect_stats=self.collect_stats)
-        rows = view.rows if view.rows is not None else torch.arange(b)
         scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
         keep = select_tokens(scores, view.valid, cfg.threshold)
         return keep, {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
@@ -278,6 +295,10 @@ class HoldPolicy(MemoryPolicy):
     def __init__(self, inner: MemoryPolicy):
         super().__init__(delay=2 ** 62)
         self.needs_attention, self.attention_dtype = inner.needs_attention, inner.attention_dtype
+        self.inner = inner
+
+    def attention_stream(self) -> AttentionStream | None:
+        return self.inner.attention_stream()
 
     def step(self, view: LayerView) -> Decision:
         return view.valid.clone(), dict(view.state)

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from namm_transfer import features as feat
@@ -165,3 +166,64 @@ def test_bam_left_padding_fast_path_equals_masked_path():
     scattered[1, 7] = False  # not left-padded -> explicit mask path; row 0 is unaffected by it
     slow = bam_scores(x, scattered, params, CFG)
     assert torch.allclose(fast[0, 5:], slow[0, 5:], atol=1e-5)
+
+
+def _split(total, seed, step=64):
+    """Random pieces of 1..39 queries, cut at every multiple of `step` (where the cache cuts a forward)."""
+    g = torch.Generator().manual_seed(seed)
+    cuts, a = [], 0
+    while a < total:
+        e = min(total, a + int(torch.randint(1, 40, (1,), generator=g)), (a // step + 1) * step)
+        cuts.append((a, e))
+        a = e
+    return cuts
+
+
+def test_streamed_spectrogram_ema_equals_batch_features_at_every_step():
+    """SpectrogramEMA folds frames as the queries arrive, in pieces of any size; at each step it holds what
+    token_features computes from all the step's queries at once (kept tokens' EMA decayed, new tokens from 0)."""
+    from namm_transfer.streams import SpectrogramEMA
+    torch.manual_seed(2)
+    step, steps, h = 64, 3, 2
+    total = step * steps
+    attn = torch.softmax(torch.randn(1, h, total, total).masked_fill(
+        ~torch.ones(total, total, dtype=torch.bool).tril(), float("-inf")), -1)
+    stream = SpectrogramEMA()
+    ema = torch.zeros(h, 0, 17)
+    ovl = torch.zeros(h, 0, 16)
+    for a, e in _split(total, 0):
+        stream.add(attn[:, :, a:e, :e], None)
+        if e % step == 0:
+            n = e
+            _, ema, ovl = token_features(attn[0, :, e - step:e, :n], torch.arange(n).expand(h, n),
+                                         torch.ones(h, n, dtype=torch.bool), ema, ovl, step, None, CFG)
+            got = stream.take(torch.tensor([0]), n, step, True)["ema"][0]
+            assert torch.allclose(got, ema, rtol=1e-5, atol=1e-7), (e, (got - ema).abs().max())
+    with pytest.raises(ValueError, match="multiple of hop"):
+        stream.add(attn[:, :, :5, :5], None)
+        stream.take(torch.tensor([0]), 5, 5, True)
+
+
+def test_streamed_spectrogram_rows_out_of_phase():
+    """A left-padded row folds its frames at its own token counts: in a batch it holds what it holds alone."""
+    from namm_transfer.streams import SpectrogramEMA
+    torch.manual_seed(3)
+    n, lead = 100, 5
+    own = torch.softmax(torch.randn(1, 1, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(),
+                                                            float("-inf")), -1)
+    alone = SpectrogramEMA()
+    alone.add(own[:, :, :70, :70], None)
+    alone.add(own[:, :, 70:, :], None)
+    other = torch.softmax(torch.randn(1, 1, n + lead, n + lead), -1)
+    batch = torch.zeros(2, 1, n + lead, n + lead)
+    batch[0] = other[0]
+    batch[1, :, lead:, lead:] = own[0]
+    batch[1, :, :lead] = torch.rand(1, lead, n + lead)  # whatever padding queries hold is ignored
+    real = torch.ones(2, n + lead, dtype=torch.bool)
+    real[1, :lead] = False
+    both = SpectrogramEMA()
+    both.add(batch[:, :, :75, :75], real[:, :75])
+    both.add(batch[:, :, 75:], None)
+    assert both.fill == [(n + lead) % 16, n % 16]
+    got = both.ema[1, :, lead:]
+    assert torch.allclose(got, alone.ema[0], rtol=1e-5, atol=1e-7), (got - alone.ema[0]).abs().max()

@@ -1,0 +1,139 @@
+"""Attention reduced as it arrives, instead of buffered until the eviction step.
+
+A policy that reads only a running summary of the attention its slots receive returns an `AttentionStream` from
+`MemoryPolicy.attention_stream()`. The cache then hands each piece of a forward's attention to the stream (GQA
+mean, rounded as the policy asks) and drops it; the step reads the summary. NAMM's summary is the EMA of each
+slot's attention spectrogram: a frame is folded in whenever a row's own query count reaches a multiple of the hop,
+so a layer holds the last n_fft - 1 query rows instead of every query since the last step (`delay` rows).
+
+Rows of a batch may be out of phase (left padding): each row folds its frames at its own counts; rows in phase are
+folded together. Padding queries enter the history as zero rows and are not counted, which is what the
+reference's zero overlap before a sequence's first query gives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import features as feat
+
+
+def fit_slots(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Cut or zero-pad tensor t to n entries along dim (slots past its size have received nothing yet)."""
+    size = t.shape[dim]
+    if size >= n:
+        return t.narrow(dim, 0, n)
+    shape = list(t.shape)
+    shape[dim] = n - size
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+class AttentionStream:
+    """Per-layer streaming reduction of the attention rows of one MemoryCache layer."""
+
+    def add(self, attention: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Fold in the attention (B, H_kv, q, N) of a forward's next q queries; real (B, q): which are real
+        tokens of each row (None = all); padding is only ever a prefix of a row's first queries."""
+        raise NotImplementedError
+
+    def take(self, rows: torch.Tensor, n_slots: int, n_new: int, every_row: bool) -> dict[str, torch.Tensor]:
+        """The summary the stepping rows' policy step reads, over the first n_slots slots."""
+        raise NotImplementedError
+
+    def gather(self, index: torch.Tensor, n_slots: int) -> None:
+        """The layer kept slots `index` (B, H_kv, K) of its n_slots: follow it."""
+        raise NotImplementedError
+
+    def repeat(self, index: torch.Tensor) -> "AttentionStream":
+        """A copy holding batch rows `index` (MemoryCache.fork)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+class SpectrogramEMA(AttentionStream):
+    """NAMM's features, streamed: per slot, the EMA over frames of the magnitude STFT of the attention it received.
+
+    ema (B, H, S, bins) fp32 for the first S slots (later slots: zero); history (B, H, n_fft - 1, N) the last query
+    rows in the attention dtype (zeros before a sequence starts); fill: per row, own queries since its last frame.
+    The EMA folds frame by frame, s <- a s + (1 - a) |STFT frame|, a = coeff^hop: over one step's F frames that is
+    a^F s_prev + sum_f (1 - a) a^(F-1-f) S_f, the reference's update (kept tokens carry coeff^T s_prev, new tokens
+    start from zero at the frame their first query falls in).
+    """
+
+    def __init__(self, n_fft: int = 32, hop: int = 16, ema_coeff: float = 0.99):
+        if n_fft != 2 * hop:
+            raise ValueError("the streamed spectrogram needs n_fft == 2 * hop (as NAMM's released configuration)")
+        self.n_fft, self.hop, self.a = n_fft, hop, ema_coeff ** hop
+        self.bins = n_fft // 2 + 1
+        self.ema: torch.Tensor | None = None
+        self.history: torch.Tensor | None = None
+        self.fill: list[int] = []
+
+    def add(self, attention: torch.Tensor, real: torch.Tensor | None) -> None:
+        b, h, q, n = attention.shape
+        if self.history is None:
+            self.history = attention.new_zeros(b, h, self.n_fft - 1, n)
+            self.ema = attention.new_zeros(b, h, 0, self.bins, dtype=torch.float32)
+            self.fill = [0] * b
+        own = [q] * b
+        if real is not None:
+            attention = attention * real[:, None, :, None].to(attention.dtype)  # padding rows: zeros
+            own = real.sum(-1).tolist()
+        rows = torch.cat([fit_slots(self.history, n, 3), attention], dim=2)  # (B, H, n_fft - 1 + q, N)
+        # row r's frames end at its own counts fill + k = multiple of hop; in `rows` at index n_fft - 1 + its
+        # first real query + k. Rows whose first frame ends at the same index fold together.
+        groups: dict[int, list[int]] = {}
+        for r in range(b):
+            first_end = (q - own[r]) + (self.hop - self.fill[r] - 1)
+            if first_end < q:
+                groups.setdefault(first_end, []).append(r)
+            self.fill[r] = (self.fill[r] + own[r]) % self.hop
+        if groups:
+            self.ema = fit_slots(self.ema, n, 2)
+            for first_end, members in groups.items():
+                frames = (q - 1 - first_end) // self.hop + 1
+                sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
+                part = rows[sel].float().contiguous()
+                r_, h_ = part.shape[:2]
+                view = part.as_strided((r_, h_, frames, self.n_fft, n),
+                                       (part.stride(0), part.stride(1), self.hop * n, n, 1),
+                                       part.storage_offset() + first_end * n)
+                y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
+                mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:]).transpose(-1, -2)  # (.., N, bins)
+                s = self.ema[sel]
+                for f in range(frames):
+                    s = self.a * s + (1 - self.a) * mags[:, :, f]
+                if len(members) == b:
+                    self.ema = s
+                else:
+                    self.ema[sel] = s
+        self.history = rows[:, :, -(self.n_fft - 1):].clone()
+
+    def take(self, rows: torch.Tensor, n_slots: int, n_new: int, every_row: bool) -> dict[str, torch.Tensor]:
+        fill = [self.fill[r] for r in rows.tolist()]
+        if any(fill) or n_new % self.hop:
+            raise ValueError(f"NAMM needs the number of new tokens per step ({n_new}) to be a multiple of "
+                             f"hop={self.hop}")
+        ema = fit_slots(self.ema, n_slots, 2)
+        return {"ema": ema if every_row else ema[rows]}
+
+    def gather(self, index: torch.Tensor, n_slots: int) -> None:
+        from .cache import gather_tokens
+        if self.ema is None:
+            return
+        self.ema = gather_tokens(fit_slots(self.ema, n_slots, 2), index)
+        hist = fit_slots(self.history, n_slots, 3)
+        self.history = hist.gather(3, index[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
+
+    def repeat(self, index: torch.Tensor) -> "SpectrogramEMA":
+        new = SpectrogramEMA.__new__(SpectrogramEMA)
+        new.n_fft, new.hop, new.a, new.bins = self.n_fft, self.hop, self.a, self.bins
+        new.ema = None if self.ema is None else self.ema[index.to(self.ema.device)]
+        new.history = None if self.history is None else self.history[index.to(self.history.device)]
+        new.fill = [self.fill[i] for i in index.tolist()] if self.fill else []
+        return new
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ema, self.history) if t is not None)
