@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import features as feat
 from .namm import NAMMConfig, bam_scores, namm_inputs, select_tokens, token_features
-from .streams import AttentionStream, SpectrogramEMA
+from .streams import AttentionStream, AttentionSum, SpectrogramEMA
 
 
 @dataclass
@@ -150,15 +150,21 @@ class H2O(BudgetPolicy):
         super().__init__(budget, delay)
         self.recent_ratio = recent_ratio
 
+    def attention_stream(self) -> AttentionStream:
+        return AttentionSum()  # the running total per slot: no query's attention row is kept
+
     def step(self, view: LayerView) -> Decision:
-        b, h, n = view.valid.shape
-        old = view.state.get("acc", view.attention.new_zeros(b, h, n - view.n_new))
-        acc = torch.cat([old, old.new_zeros(b, h, view.n_new)], dim=-1) + view.attention.sum(dim=2)
+        if view.summary is not None:
+            acc = view.summary["acc"]
+        else:  # a view built by hand with the attention rows of this step
+            b, h, n = view.valid.shape
+            old = view.state.get("acc", view.attention.new_zeros(b, h, n - view.n_new))
+            acc = torch.cat([old, old.new_zeros(b, h, view.n_new)], dim=-1) + view.attention.float().sum(dim=2)
         k = self.k(view)
         r = (k * self.recent_ratio).round().long() if isinstance(k, torch.Tensor) else round(k * self.recent_ratio)
         recent = newest(view, r)
         keep = keep_top(acc.masked_fill(recent, float("inf")), view.valid, k)
-        return keep, {"acc": acc}
+        return keep, ({} if view.summary is not None else {"acc": acc})
 
 
 class L2Norm(BudgetPolicy):

@@ -137,3 +137,34 @@ class SpectrogramEMA(AttentionStream):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ema, self.history) if t is not None)
+
+
+class AttentionSum(AttentionStream):
+    """Per slot, the total attention it has received from every real query so far (H2O's heavy-hitter score),
+    accumulated in fp32 as the queries arrive. acc (B, H, S) for the first S slots; later slots: zero."""
+
+    def __init__(self):
+        self.acc: torch.Tensor | None = None
+
+    def add(self, attention: torch.Tensor, real: torch.Tensor | None) -> None:
+        if real is not None:
+            attention = attention * real[:, None, :, None].to(attention.dtype)
+        total = attention.float().sum(dim=2)
+        self.acc = total if self.acc is None else fit_slots(self.acc, total.shape[-1], 2) + total
+
+    def take(self, rows: torch.Tensor, n_slots: int, n_new: int, every_row: bool) -> dict[str, torch.Tensor]:
+        acc = fit_slots(self.acc, n_slots, 2)
+        return {"acc": acc if every_row else acc[rows]}
+
+    def gather(self, index: torch.Tensor, n_slots: int) -> None:
+        from .cache import gather_tokens
+        if self.acc is not None:
+            self.acc = gather_tokens(fit_slots(self.acc, n_slots, 2), index)
+
+    def repeat(self, index: torch.Tensor) -> "AttentionSum":
+        new = AttentionSum()
+        new.acc = None if self.acc is None else self.acc[index.to(self.acc.device)]
+        return new
+
+    def nbytes(self) -> int:
+        return 0 if self.acc is None else self.acc.numel() * self.acc.element_size()

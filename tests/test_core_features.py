@@ -227,3 +227,22 @@ def test_streamed_spectrogram_rows_out_of_phase():
     assert both.fill == [(n + lead) % 16, n % 16]
     got = both.ema[1, :, lead:]
     assert torch.allclose(got, alone.ema[0], rtol=1e-5, atol=1e-7), (got - alone.ema[0]).abs().max()
+
+
+def test_attention_sum_stream_is_the_total_over_real_queries():
+    """H2O's streamed score: the attention each slot received from every real query, padding queries excluded,
+    slots that arrived later counted from zero, following the kept slots through a compaction."""
+    from namm_transfer.streams import AttentionSum
+    torch.manual_seed(4)
+    att = torch.rand(2, 3, 40, 40)
+    real = torch.ones(2, 40, dtype=torch.bool)
+    real[1, :6] = False
+    s = AttentionSum()
+    s.add(att[:, :, :25, :25], real[:, :25])
+    s.add(att[:, :, 25:, :], None)
+    ref = (att * real[:, None, :, None]).sum(2)
+    assert torch.allclose(s.take(torch.tensor([0, 1]), 40, 40, True)["acc"], ref, atol=1e-5)
+    idx = torch.tensor([3, 7, 39]).expand(2, 3, 3)
+    s.gather(idx, 40)
+    assert torch.allclose(s.acc, ref.gather(2, idx), atol=1e-5)
+    assert torch.allclose(s.take(torch.tensor([1]), 3, 0, False)["acc"], ref[1:].gather(2, idx[1:]), atol=1e-5)
