@@ -139,19 +139,20 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
                                               dropout_p=dropout, enable_gqa=h != h_kv), None
     # grouped heads without copying K/V: the g query heads of a KV head as one (g * q) block of rows
     scores = torch.matmul(query.reshape(b, h_kv, (h // h_kv) * q, d), key.transpose(-1, -2))
-    scores = scores.view(b, h, q, key.shape[2]) * spec.scaling
+    scores = scores.view(b, h, q, key.shape[2]).mul_(spec.scaling)  # in place: one (B, H, q, N) buffer, not three
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores.masked_fill_(~visible, float("-inf"))
     if spec.sinks is not None:  # as GPT-OSS's eager: the sink joins the logits, softmax in the logits' dtype
         sink = spec.sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
         logits = torch.cat([scores, sink], dim=-1)
         probs = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
     else:  # float32 as eager (float64 models keep float64)
         probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    del scores
     if visible is not None and blind_rows:
-        probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        probs.masked_fill_(~visible.any(-1, keepdim=True), 0.0)
     probs = probs.to(query.dtype)
     if dropout:
         probs = F.dropout(probs, p=dropout, training=True)

@@ -55,11 +55,12 @@ class AttentionStream:
 class SpectrogramEMA(AttentionStream):
     """NAMM's features, streamed: per slot, the EMA over frames of the magnitude STFT of the attention it received.
 
-    ema (B, H, S, bins) fp32 for the first S slots (later slots: zero); history (B, H, n_fft - 1, N) the last query
-    rows in the attention dtype (zeros before a sequence starts); fill: per row, own queries since its last frame.
-    The EMA folds frame by frame, s <- a s + (1 - a) |STFT frame|, a = coeff^hop: over one step's F frames that is
-    a^F s_prev + sum_f (1 - a) a^(F-1-f) S_f, the reference's update (kept tokens carry coeff^T s_prev, new tokens
-    start from zero at the frame their first query falls in).
+    ema (B, H, S, bins) fp32 for the first S slots (later slots: zero); blocks: the last n_fft - 1 (or more, until a
+    frame needs them) query rows as the pieces that brought them (B, H, q_i, N_i), attention dtype, zeros before a
+    sequence starts; fill: per row, own queries since its last frame. A piece is only appended (no copy) unless a
+    frame completes in it. The EMA folds frame by frame, s <- a s + (1 - a) |STFT frame|, a = coeff^hop: over one
+    step's F frames that is a^F s_prev + sum_f (1 - a) a^(F-1-f) S_f, the reference's update (kept tokens carry
+    coeff^T s_prev, new tokens start from zero at the frame their first query falls in).
     """
 
     def __init__(self, n_fft: int = 32, hop: int = 16, ema_coeff: float = 0.99):
@@ -68,22 +69,32 @@ class SpectrogramEMA(AttentionStream):
         self.n_fft, self.hop, self.a = n_fft, hop, ema_coeff ** hop
         self.bins = n_fft // 2 + 1
         self.ema: torch.Tensor | None = None
-        self.history: torch.Tensor | None = None
+        self.blocks: list[torch.Tensor] = []
         self.fill: list[int] = []
+        self.frame_slots = 0  # (row, head, frame, slot) spectra computed so far: the work done, for benchmarks
+
+    @property
+    def held(self) -> int:
+        return sum(blk.shape[2] for blk in self.blocks)
+
+    @property
+    def history(self) -> torch.Tensor:
+        """The query rows held, (B, H, rows, N) over the widest piece's slots."""
+        n = max(blk.shape[3] for blk in self.blocks)
+        return torch.cat([fit_slots(blk, n, 3) for blk in self.blocks], dim=2)
 
     def add(self, attention: torch.Tensor, real: torch.Tensor | None) -> None:
         b, h, q, n = attention.shape
-        if self.history is None:
-            self.history = attention.new_zeros(b, h, self.n_fft - 1, n)
+        if self.ema is None:
+            self.blocks = [attention.new_zeros(b, h, self.n_fft - 1, 0)]
             self.ema = attention.new_zeros(b, h, 0, self.bins, dtype=torch.float32)
             self.fill = [0] * b
         own = [q] * b
         if real is not None:
             attention = attention * real[:, None, :, None].to(attention.dtype)  # padding rows: zeros
             own = real.sum(-1).tolist()
-        rows = torch.cat([fit_slots(self.history, n, 3), attention], dim=2)  # (B, H, n_fft - 1 + q, N)
-        # row r's frames end at its own counts fill + k = multiple of hop; in `rows` at index n_fft - 1 + its
-        # first real query + k. Rows whose first frame ends at the same index fold together.
+        # row r's frames end at its own counts fill + k = multiple of hop: at piece index (its first real query
+        # + k); rows whose first frame ends at the same index fold together
         groups: dict[int, list[int]] = {}
         for r in range(b):
             first_end = (q - own[r]) + (self.hop - self.fill[r] - 1)
@@ -91,25 +102,40 @@ class SpectrogramEMA(AttentionStream):
                 groups.setdefault(first_end, []).append(r)
             self.fill[r] = (self.fill[r] + own[r]) % self.hop
         if groups:
-            self.ema = fit_slots(self.ema, n, 2)
-            for first_end, members in groups.items():
-                frames = (q - 1 - first_end) // self.hop + 1
-                sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
-                part = rows[sel].float().contiguous()
-                r_, h_ = part.shape[:2]
-                view = part.as_strided((r_, h_, frames, self.n_fft, n),
-                                       (part.stride(0), part.stride(1), self.hop * n, n, 1),
-                                       part.storage_offset() + first_end * n)
-                y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
-                mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:]).transpose(-1, -2)  # (.., N, bins)
-                s = self.ema[sel]
-                for f in range(frames):
-                    s = self.a * s + (1 - self.a) * mags[:, :, f]
-                if len(members) == b:
-                    self.ema = s
-                else:
-                    self.ema[sel] = s
-        self.history = rows[:, :, -(self.n_fft - 1):].clone()
+            self._fold(groups, attention)
+        self.blocks.append(attention)
+        self._trim()
+
+    def _fold(self, groups: dict[int, list[int]], attention: torch.Tensor) -> None:
+        b, h, q, n = attention.shape
+        lead = self.n_fft - 1  # rows of history the earliest possible frame reaches back
+        rows = torch.cat([fit_slots(blk, n, 3) for blk in self.blocks] + [attention], dim=2)[:, :, -(lead + q):]
+        self.ema = fit_slots(self.ema, n, 2)
+        for first_end, members in groups.items():
+            frames = (q - 1 - first_end) // self.hop + 1
+            sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
+            part = rows[sel].float().contiguous()
+            r_ = part.shape[0]
+            view = part.as_strided((r_, h, frames, self.n_fft, n), (part.stride(0), part.stride(1), self.hop * n, n, 1),
+                                   part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
+            y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
+            mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:]).transpose(-1, -2)  # (.., N, bins)
+            self.frame_slots += r_ * h * frames * n
+            s = self.ema[sel]
+            for f in range(frames):
+                s = self.a * s + (1 - self.a) * mags[:, :, f]
+            if len(members) == b:
+                self.ema = s
+            else:
+                self.ema[sel] = s
+
+    def _trim(self) -> None:
+        """Keep the last n_fft - 1 query rows: no frame reaches further back."""
+        excess = self.held - (self.n_fft - 1)
+        while excess > 0 and excess >= self.blocks[0].shape[2]:
+            excess -= self.blocks.pop(0).shape[2]
+        if excess > 0:
+            self.blocks[0] = self.blocks[0][:, :, excess:].clone()  # at most n_fft - 1 rows
 
     def take(self, rows: torch.Tensor, n_slots: int, n_new: int, every_row: bool) -> dict[str, torch.Tensor]:
         fill = [self.fill[r] for r in rows.tolist()]
@@ -124,19 +150,19 @@ class SpectrogramEMA(AttentionStream):
         if self.ema is None:
             return
         self.ema = gather_tokens(fit_slots(self.ema, n_slots, 2), index)
-        hist = fit_slots(self.history, n_slots, 3)
-        self.history = hist.gather(3, index[:, :, None, :].expand(-1, -1, hist.shape[2], -1))
+        self.blocks = [fit_slots(blk, n_slots, 3).gather(3, index[:, :, None, :].expand(-1, -1, blk.shape[2], -1))
+                       for blk in self.blocks]
 
     def repeat(self, index: torch.Tensor) -> "SpectrogramEMA":
         new = SpectrogramEMA.__new__(SpectrogramEMA)
-        new.n_fft, new.hop, new.a, new.bins = self.n_fft, self.hop, self.a, self.bins
+        new.n_fft, new.hop, new.a, new.bins, new.frame_slots = self.n_fft, self.hop, self.a, self.bins, 0
         new.ema = None if self.ema is None else self.ema[index.to(self.ema.device)]
-        new.history = None if self.history is None else self.history[index.to(self.history.device)]
+        new.blocks = [blk[index.to(blk.device)] for blk in self.blocks]
         new.fill = [self.fill[i] for i in index.tolist()] if self.fill else []
         return new
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ema, self.history) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.ema, *self.blocks) if t is not None)
 
 
 class AttentionSum(AttentionStream):
