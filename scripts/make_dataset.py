@@ -398,6 +398,12 @@ def build(cfg: Config, spec, steps: int, work: Path) -> None:
     log(f"config: {asdict(cfg)}")
     if spec.local_dataset_id in minari.list_local_datasets():
         minari.delete_dataset(spec.local_dataset_id)
+    from minari.storage import get_dataset_path
+
+    partial = get_dataset_path(spec.local_dataset_id)
+    if partial.is_dir():  # a write killed before its metadata: not a dataset Minari lists, but it blocks a new one
+        log(f"removing {partial}: an unfinished dataset write")
+        shutil.rmtree(partial)
 
     dtypes, env_id = {}, spec.gym_id
     if spec.env == "minigrid":

@@ -127,3 +127,18 @@ def test_grid_refuses_unknown_names(capsys):
 
     refused(_script("make_grid").main, ["--envs", "ant"], capsys, "unknown ['ant']")
     refused(_script("make_grid").main, ["--qualities", "medium-expert"], capsys, "unknown ['medium-expert']")
+
+
+def test_a_killed_dataset_write_is_redone(tmp_path, monkeypatch):
+    """A folder left by a write killed before Minari's metadata blocks create_dataset_from_buffers: it is removed."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.chdir(tmp_path)
+    partial = tmp_path / "minari" / "namm_transfer" / "hopper" / "medium-v0" / "data"
+    partial.mkdir(parents=True)
+    (partial / "main_data.hdf5").write_bytes(b"cut short")
+    assert _script("make_dataset").main(["--env", "hopper", "--steps", "30", "--workdir", str(tmp_path / "w"),
+                                         "--data-dir", str(tmp_path / "minari"), "--max-train-steps", "1",
+                                         "--eval-every", "64", "--eval-episodes", "1"]) == 0
+    from envs.data import load_minari
+
+    assert load_minari("namm_transfer/hopper/medium-v0").num_steps >= 30
