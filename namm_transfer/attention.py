@@ -124,9 +124,11 @@ def visible_keys(mask: torch.Tensor | None, columns: torch.Tensor, valid: torch.
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
-           spec: AttentionSpec, need_probs: bool, training: bool = False, blind_rows: bool = True
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+           spec: AttentionSpec, need_probs: bool, training: bool = False, blind_rows: bool = True,
+           causal_tail: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of query (B, H, q, D) over key/value (B, H_kv, N, D); visible (B, H_kv or H, q, N) or None (all).
+    `causal_tail` (with visible None): the queries are the last q keys' own, each sees every older key and the
+    piece's keys up to its own (only the q x q corner is masked).
     `blind_rows`: some query may see no key at all (padding); it then gets zeros, as SDPA gives, not NaN.
     Returns (output (B, H, q, D), probabilities (B, H, q, N) in the query dtype or None)."""
     b, h, q, d = query.shape
@@ -144,6 +146,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if visible is not None:
         scores.masked_fill_(~visible, float("-inf"))
+    elif causal_tail and q > 1:
+        n = key.shape[2]
+        corner = torch.ones(q, q, dtype=torch.bool, device=scores.device).triu(1)
+        scores[..., n - q:].masked_fill_(corner, float("-inf"))
     if spec.sinks is not None:  # as GPT-OSS's eager: the sink joins the logits, softmax in the logits' dtype
         sink = spec.sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
         logits = torch.cat([scores, sink], dim=-1)
@@ -198,9 +204,14 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise
 
 
+# queries whose probabilities are materialised at once (B, H, PROBS_BLOCK, N): bounds the transient memory of a long
+# piece whose attention a policy reads; each query's attention is independent, so the blocks change no value
+PROBS_BLOCK = 64
+
 # how often the causal fast path ran, by kind (tests read it; "causal": is_causal, "single": one query, no mask,
-# "bottom_right": a (q, N) causal mask shared by every row and head)
-FAST_PATH_CALLS = {"causal": 0, "single": 0, "bottom_right": 0}
+# "bottom_right": a (q, N) causal mask shared by every row and head; "probs": the explicit softmax under the same
+# conditions, masking only the piece's q x q corner)
+FAST_PATH_CALLS = {"causal": 0, "single": 0, "bottom_right": 0, "probs": 0}
 
 
 def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, start: int, q_len: int, a: int, e: int
@@ -231,14 +242,18 @@ def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, star
 def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: int, e: int, need_probs: bool):
     """Output (B, H, e - a, D) of the forward's queries [a, e) over the layer's slots (and their probabilities
     over the slots when need_probs): the causal fast path when it applies, else the explicit visibility."""
-    if not need_probs and not spec.exact_only:
-        fast = causal_fast_path(layer, mask, spec, start, q_len, a, e)
-        if fast is not None:
-            n_vis, is_causal, vis = fast
-            FAST_PATH_CALLS["causal" if is_causal else ("single" if vis is None else "bottom_right")] += 1
-            k, v = layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis]
-            return F.scaled_dot_product_attention(query[:, :, a:e], k, v, attn_mask=vis, scale=spec.scaling,
-                                                  is_causal=is_causal, enable_gqa=query.shape[1] != k.shape[1]), None
+    fast = causal_fast_path(layer, mask, spec, start, q_len, a, e) if not spec.output_attentions else None
+    if fast is not None and not need_probs and not spec.exact_only:
+        n_vis, is_causal, vis = fast
+        FAST_PATH_CALLS["causal" if is_causal else ("single" if vis is None else "bottom_right")] += 1
+        k, v = layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis]
+        return F.scaled_dot_product_attention(query[:, :, a:e], k, v, attn_mask=vis, scale=spec.scaling,
+                                              is_causal=is_causal, enable_gqa=query.shape[1] != k.shape[1]), None
+    if fast is not None:  # probabilities over the slots seen so far: mask only the piece's own q x q corner
+        n_vis = fast[0]
+        FAST_PATH_CALLS["probs"] += 1
+        return attend(query[:, :, a:e], layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis], None, spec, need_probs,
+                      blind_rows=False, causal_tail=True)
     q_cols = torch.arange(start + a, start + e, device=query.device)
     vis = None
     if mask is not None or e - a > 1 or not layer.all_valid or (
@@ -265,7 +280,11 @@ def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec)
     for e in cuts:
         # queries whose attention no step reads (SnapKV reads only its window's) are computed without it
         unread = layer.unread_queries(e - a) if layer.wants_attention and not spec.output_attentions else 0
-        for s0, s1, probs_needed in ((a, a + unread, False), (a + unread, e, need_probs)):
+        parts = [(a, e, False)]
+        if need_probs:  # the queries a step reads, in blocks of at most PROBS_BLOCK
+            parts = [(a, a + unread, False)] + [(s, min(s + PROBS_BLOCK, e), True)
+                                                for s in range(a + unread, e, PROBS_BLOCK)]
+        for s0, s1, probs_needed in parts:
             if s1 == s0:
                 continue
             out, probs = _piece(layer, query, mask, spec, start, q_len, s0, s1, probs_needed)

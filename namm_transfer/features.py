@@ -51,7 +51,18 @@ def streaming_spectrogram(
 
 
 def dft_basis(n_fft: int, device=None) -> torch.Tensor:
-    """Windowed real DFT as a matrix: rows [w*cos(2 pi b t / n); -w*sin(...)] for bins b, (2 * bins, n_fft)."""
+    """Windowed real DFT as a matrix: rows [w*cos(2 pi b t / n); -w*sin(...)] for bins b, (2 * bins, n_fft).
+    Built once per (n_fft, device); treat it as read-only."""
+    key = (n_fft, str(torch.device(device) if device is not None else torch.device("cpu")))
+    if key not in _DFT_BASES:
+        _DFT_BASES[key] = _dft_basis(n_fft, device)
+    return _DFT_BASES[key]
+
+
+_DFT_BASES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _dft_basis(n_fft: int, device=None) -> torch.Tensor:
     t = torch.arange(n_fft, dtype=torch.float64, device=device)
     b = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=device)
     angle = 2 * math.pi * b[:, None] * t[None] / n_fft
@@ -78,6 +89,16 @@ def spectrogram_frames(attn: torch.Tensor, overlap: torch.Tensor, n_fft: int = 3
     y = torch.matmul(dft_basis(n_fft, attn.device), frames)  # (R, F, 2 * bins, N)
     bins = n_fft // 2 + 1
     return torch.hypot(y[:, :, :bins], y[:, :, bins:])
+
+
+def fold_frames(ema: torch.Tensor, mags: torch.Tensor, a: float) -> torch.Tensor:
+    """EMA over F new frames in one product: a^F ema + sum_f (1 - a) a^(F-1-f) mags_f.
+    ema (..., bins, N); mags (..., F, bins, N) -> (..., bins, N)."""
+    f = mags.shape[-3]
+    w = (1 - a) * a ** torch.arange(f - 1, -1, -1, dtype=torch.float64)
+    lead, bins, n = mags.shape[:-3], mags.shape[-2], mags.shape[-1]
+    folded = torch.matmul(w.to(mags)[None], mags.reshape(*lead, f, bins * n)).reshape(*lead, bins, n)
+    return folded.add_(ema, alpha=a ** f)
 
 
 def ema_weights(n_tokens: int, n_new: int, n_frames: int, coeff: float, hop: int, device=None) -> torch.Tensor:

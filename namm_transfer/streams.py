@@ -55,7 +55,7 @@ class AttentionStream:
 class SpectrogramEMA(AttentionStream):
     """NAMM's features, streamed: per slot, the EMA over frames of the magnitude STFT of the attention it received.
 
-    ema (B, H, S, bins) fp32 for the first S slots (later slots: zero); blocks: the last n_fft - 1 (or more, until a
+    ema (B, H, bins, S) fp32 for the first S slots (later slots: zero); blocks: the last n_fft - 1 (or more, until a
     frame needs them) query rows as the pieces that brought them (B, H, q_i, N_i), attention dtype, zeros before a
     sequence starts; fill: per row, own queries since its last frame. A piece is only appended (no copy) unless a
     frame completes in it. The EMA folds frame by frame, s <- a s + (1 - a) |STFT frame|, a = coeff^hop: over one
@@ -87,7 +87,7 @@ class SpectrogramEMA(AttentionStream):
         b, h, q, n = attention.shape
         if self.ema is None:
             self.blocks = [attention.new_zeros(b, h, self.n_fft - 1, 0)]
-            self.ema = attention.new_zeros(b, h, 0, self.bins, dtype=torch.float32)
+            self.ema = attention.new_zeros(b, h, self.bins, 0, dtype=torch.float32)
             self.fill = [0] * b
         own = [q] * b
         if real is not None:
@@ -110,7 +110,7 @@ class SpectrogramEMA(AttentionStream):
         b, h, q, n = attention.shape
         lead = self.n_fft - 1  # rows of history the earliest possible frame reaches back
         rows = torch.cat([fit_slots(blk, n, 3) for blk in self.blocks] + [attention], dim=2)[:, :, -(lead + q):]
-        self.ema = fit_slots(self.ema, n, 2)
+        self.ema = fit_slots(self.ema, n, 3)
         for first_end, members in groups.items():
             frames = (q - 1 - first_end) // self.hop + 1
             sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
@@ -119,11 +119,9 @@ class SpectrogramEMA(AttentionStream):
             view = part.as_strided((r_, h, frames, self.n_fft, n), (part.stride(0), part.stride(1), self.hop * n, n, 1),
                                    part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
             y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
-            mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:]).transpose(-1, -2)  # (.., N, bins)
+            mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:])  # (R, H, F, bins, N)
             self.frame_slots += r_ * h * frames * n
-            s = self.ema[sel]
-            for f in range(frames):
-                s = self.a * s + (1 - self.a) * mags[:, :, f]
+            s = feat.fold_frames(self.ema[sel], mags, self.a)
             if len(members) == b:
                 self.ema = s
             else:
@@ -142,14 +140,14 @@ class SpectrogramEMA(AttentionStream):
         if any(fill) or n_new % self.hop:
             raise ValueError(f"NAMM needs the number of new tokens per step ({n_new}) to be a multiple of "
                              f"hop={self.hop}")
-        ema = fit_slots(self.ema, n_slots, 2)
+        ema = fit_slots(self.ema, n_slots, 3).transpose(-1, -2)  # (B, H, N, bins)
         return {"ema": ema if every_row else ema[rows]}
 
     def gather(self, index: torch.Tensor, n_slots: int) -> None:
-        from .cache import gather_tokens
         if self.ema is None:
             return
-        self.ema = gather_tokens(fit_slots(self.ema, n_slots, 2), index)
+        ema = fit_slots(self.ema, n_slots, 3)
+        self.ema = ema.gather(3, index[:, :, None, :].expand(-1, -1, ema.shape[2], -1))
         self.blocks = [fit_slots(blk, n_slots, 3).gather(3, index[:, :, None, :].expand(-1, -1, blk.shape[2], -1))
                        for blk in self.blocks]
 

@@ -37,6 +37,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def start_peak_rss() -> float:
+    """Reset the process's peak-RSS mark (Linux: clear_refs 5) so the peak measured next is the run's, not the
+    model loading's; return the RSS now (MB). Elsewhere the lifetime peak (ru_maxrss) is all there is."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    now = _status_mb("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss() -> float:
+    """Peak RSS (MB) since start_peak_rss() (since the process started where it cannot be reset)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def forward_flops(cfg, length: int, chunk: int) -> float:
     """Analytic FLOPs of a chunked prefill of `length` tokens (all logits computed, as HF does)."""
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
@@ -47,13 +76,13 @@ def forward_flops(cfg, length: int, chunk: int) -> float:
     return per_token * length + attn
 
 
-def namm_flops(log, kv_heads: int, delay: int) -> float:
+def namm_flops(log, kv_heads: int, frame_slots: int) -> float:
+    """Implemented arithmetic of NAMM over a run: the streamed spectrogram (frame_slots = (row, head, frame, slot)
+    spectra computed, each a windowed DFT as a matmul + magnitude + EMA fold) and, at every eviction step, the
+    scorer over the slots of that step (QK^T and AV over all N^2 pairs)."""
     from namm_transfer.features import flop_counts
-    total = 0.0
-    for rec in log:
-        c = flop_counts(rec.before, delay)
-        total += kv_heads * (c["stft"] + c["scorer"])
-    return total
+    per_frame_slot = flop_counts(1, 16)["stft"]  # one frame of one slot
+    return frame_slots * per_frame_slot + sum(kv_heads * flop_counts(rec.before, 16)["scorer"] for rec in log)
 
 
 def run_one(args) -> dict:
@@ -91,9 +120,26 @@ def run_one(args) -> dict:
         return out
 
     policy.step = timed_step
+    streams = []
+    make_stream = policy.attention_stream
+
+    def timed_stream():  # the spectrogram is folded as the queries arrive: its time is NAMM's too
+        stream = make_stream()
+        if stream is not None and args.policy == "namm":
+            add = stream.add
+
+            def timed_add(*a, **k):
+                t = time.perf_counter()
+                add(*a, **k)
+                timer["namm"] += time.perf_counter() - t
+            stream.add = timed_add
+            streams.append(stream)
+        return stream
+
+    policy.attention_stream = timed_stream
     enable_memory_attention(model)
     cache = MemoryCache(policy)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = start_peak_rss()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     peak_cache = 0
@@ -108,12 +154,13 @@ def run_one(args) -> dict:
     seconds = time.perf_counter() - t0
     out = {"length": args.length, "policy": args.policy, "seconds": seconds, "namm_seconds": timer["namm"],
            "peak_cache_mb": peak_cache / 2**20, "realised_fraction": cache.realised_fraction(),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0,
+           "peak_rss_mb": peak_rss(), "rss_before_mb": rss0,
            "forward_flops": forward_flops(model.config, args.length, 128), "device": args.device}
     if args.device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.policy == "namm":
-        out["namm_flops"] = namm_flops(cache.log, model.config.num_key_value_heads, policy.delay)
+        out["namm_flops"] = namm_flops(cache.log, model.config.num_key_value_heads,
+                                       sum(st.frame_slots for st in streams))
         out["namm_source"] = namm_source
     return out
 
@@ -183,6 +230,7 @@ def run_e2e(args) -> dict:
     model, tok = load_causal_lm(args.model, device=args.device)
     ids = prompt_ids(tok, args.prompt_tokens, args.device)
     peak = [0]
+    rss0 = start_peak_rss()
     t0 = time.perf_counter()
     with torch.no_grad():
         if args.policy == "plain":
@@ -218,7 +266,8 @@ def run_e2e(args) -> dict:
             generated, realised = gen[0], cache.realised_fraction()
     return {"policy": args.policy, "prompt_tokens": ids.shape[1], "new_tokens": len(generated),
             "prefill_seconds": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / max(1, len(generated) - 1),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_cache_mb": peak[0] / 2**20,
+            "peak_rss_mb": peak_rss(), "rss_before_mb": rss0, "peak_rss_above_start_mb": peak_rss() - rss0,
+            "peak_cache_mb": peak[0] / 2**20,
             "realised_fraction": realised, "tokens": generated, "budget": args.budget}
 
 
@@ -248,23 +297,27 @@ def e2e(args) -> int:
             same += 1
         r["tokens_equal_to_full"] = same
         r["answer_equal_to_full"] = r["tokens"] == full["tokens"]
-        for key in ("prefill_seconds", "decode_ms_per_token", "peak_rss_mb", "peak_cache_mb"):
+        for key in ("prefill_seconds", "decode_ms_per_token", "peak_rss_mb", "peak_rss_above_start_mb",
+                    "peak_cache_mb"):
             r[f"{key}_vs_full"] = r[key] / full[key]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "e2e.json", {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                   "threads": args.threads, "device": args.device, "rows": rows})
-    lines = ["| policy | prefill s | decode ms/token | peak RSS MB | peak cache MB | realised cache % | prefill / full "
-             "| decode / full | peak RSS / full | peak cache / full | first tokens equal to full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | prefill s | decode ms/token | peak RSS MB | RSS growth MB | peak cache MB | realised cache % "
+             "| prefill / full | decode / full | peak RSS / full | RSS growth / full | peak cache / full "
+             "| first tokens equal to full |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['prefill_seconds']:.1f} | {r['decode_ms_per_token']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_cache_mb']:.0f} | {100 * r['realised_fraction']:.1f} | "
+                     f"{r['peak_rss_above_start_mb']:.0f} | {r['peak_cache_mb']:.0f} | {100 * r['realised_fraction']:.1f} | "
                      f"{r['prefill_seconds_vs_full']:.2f} | {r['decode_ms_per_token_vs_full']:.2f} | "
-                     f"{r['peak_rss_mb_vs_full']:.2f} | {r['peak_cache_mb_vs_full']:.2f} | "
+                     f"{r['peak_rss_mb_vs_full']:.2f} | {r['peak_rss_above_start_mb_vs_full']:.2f} | "
+                     f"{r['peak_cache_mb_vs_full']:.2f} | "
                      f"{r['tokens_equal_to_full']}/{r['new_tokens']} |")
     table = "\n".join(lines) + (f"\n\n{args.prompt_tokens}-token prompt + {args.new_tokens} greedy tokens; device "
-                                 f"{args.device}, {args.threads} thread(s); H2O at NAMM's realised cache.\n")
+                                 f"{args.device}, {args.threads} thread(s); H2O at NAMM's realised cache. Peak RSS "
+                                 "from the model loaded on (the loading's own peak reset); RSS growth = that peak "
+                                 "minus the RSS before the prompt.\n")
     write_text(out / "e2e.md", table)
     print(table)
     return 0

@@ -52,12 +52,22 @@ def test_evicting_policies_without_attention_take_the_fast_path_after_evictions(
     assert torch.allclose(got, slow, atol=1e-5), (got - slow).abs().max()
 
 
-@pytest.mark.parametrize("policy", [lambda: H2O(0.5, delay=128), lambda: NAMMPolicy(delay=128)])
-def test_policies_reading_attention_never_take_the_fast_path(policy):
+@pytest.mark.parametrize("policy", [lambda: H2O(0.5, delay=128),
+                                    lambda: NAMMPolicy(torch.randn(4172, generator=torch.Generator().manual_seed(0))
+                                                       * 0.5, delay=128)])
+def test_policies_reading_attention_never_take_the_fused_path(policy, monkeypatch):
+    """Policies that read the attention get explicit probabilities; where nothing hides a key beyond causality only
+    the piece's own q x q corner is masked ("probs"), and everything (logits, kept slots) equals the fully masked
+    explicit path."""
     model = tiny_model("llama")
-    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
-    _, n = counts_during(lambda: run_with_policy(model, ids, policy(), chunk=64, decode_from=190))
-    assert sum(n.values()) == 0
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
+    run = lambda: run_with_policy(model, ids, policy(), chunk=64, decode_from=290)  # noqa: E731
+    (got, _, events), n = counts_during(run)
+    assert n["causal"] == n["single"] == n["bottom_right"] == 0 and n["probs"] > 0
+    assert any(len(h) for _, _, per_b in events for per_h in per_b for h in per_h), "nothing evicted"
+    slow, _, slow_events = without_fast_path(monkeypatch, run)
+    assert events == slow_events
+    assert torch.allclose(got, slow, atol=1e-5), (got - slow).abs().max()
 
 
 def test_padded_batch_never_takes_the_fast_path():

@@ -225,7 +225,7 @@ def test_streamed_spectrogram_rows_out_of_phase():
     both.add(batch[:, :, :75, :75], real[:, :75])
     both.add(batch[:, :, 75:], None)
     assert both.fill == [(n + lead) % 16, n % 16]
-    got = both.ema[1, :, lead:]
+    got = both.ema[1, :, :, lead:]  # (H, bins, N)
     assert torch.allclose(got, alone.ema[0], rtol=1e-5, atol=1e-7), (got - alone.ema[0]).abs().max()
 
 
@@ -247,3 +247,12 @@ def test_attention_sum_stream_is_the_total_over_real_queries():
     s.gather(idx, 40)
     assert torch.allclose(s.acc, ref.gather(2, idx), atol=1e-5)
     assert torch.allclose(s.take(torch.tensor([1]), 3, 0, False)["acc"], ref[1:].gather(2, idx[1:]), atol=1e-5)
+
+
+def test_fold_frames_is_the_frame_by_frame_ema():
+    torch.manual_seed(5)
+    ema, mags, a = torch.rand(2, 3, 17, 10), torch.rand(2, 3, 6, 17, 10), 0.99 ** 16
+    s = ema.clone()
+    for f in range(6):
+        s = a * s + (1 - a) * mags[:, :, f]
+    assert torch.allclose(feat.fold_frames(ema, mags, a), s, rtol=1e-6)
