@@ -206,7 +206,7 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 # queries whose probabilities are materialised at once (B, H, PROBS_BLOCK, N): bounds the transient memory of a long
 # piece whose attention a policy reads; each query's attention is independent, so the blocks change no value
-PROBS_BLOCK = 64
+PROBS_BLOCK = 128
 
 # how often the causal fast path ran, by kind (tests read it; "causal": is_causal, "single": one query, no mask,
 # "bottom_right": a (q, N) causal mask shared by every row and head; "probs": the explicit softmax under the same

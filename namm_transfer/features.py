@@ -7,6 +7,7 @@ Every function here is stateless and testable alone; the policy owns the state.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,10 +96,15 @@ def fold_frames(ema: torch.Tensor, mags: torch.Tensor, a: float) -> torch.Tensor
     """EMA over F new frames in one product: a^F ema + sum_f (1 - a) a^(F-1-f) mags_f.
     ema (..., bins, N); mags (..., F, bins, N) -> (..., bins, N)."""
     f = mags.shape[-3]
-    w = (1 - a) * a ** torch.arange(f - 1, -1, -1, dtype=torch.float64)
     lead, bins, n = mags.shape[:-3], mags.shape[-2], mags.shape[-1]
-    folded = torch.matmul(w.to(mags)[None], mags.reshape(*lead, f, bins * n)).reshape(*lead, bins, n)
+    folded = torch.matmul(_fold_weights(f, a, mags.device), mags.reshape(*lead, f, bins * n)).reshape(*lead, bins, n)
     return folded.add_(ema, alpha=a ** f)
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_weights(f: int, a: float, device) -> torch.Tensor:
+    """(1, F) fp32 weights (1 - a) a^(F-1-f) (computed in fp64)."""
+    return ((1 - a) * a ** torch.arange(f - 1, -1, -1, dtype=torch.float64)).float()[None].to(device)
 
 
 def ema_weights(n_tokens: int, n_new: int, n_frames: int, coeff: float, hop: int, device=None) -> torch.Tensor:

@@ -107,14 +107,25 @@ class SpectrogramEMA(AttentionStream):
         self._trim()
 
     def _fold(self, groups: dict[int, list[int]], attention: torch.Tensor) -> None:
-        b, h, q, n = attention.shape
+        b, h, q, n_seen = attention.shape
+        # slots: those the piece's queries could see, or more when the history was compacted with slots of the
+        # forward's later queries (zero so far)
+        n = max(n_seen, *(blk.shape[3] for blk in self.blocks), self.ema.shape[3])
         lead = self.n_fft - 1  # rows of history the earliest possible frame reaches back
-        rows = torch.cat([fit_slots(blk, n, 3) for blk in self.blocks] + [attention], dim=2)[:, :, -(lead + q):]
+        rows = torch.zeros(b, h, lead + q, n, dtype=torch.float32, device=attention.device)  # fp32, one copy each
+        rows[:, :, lead:, :n_seen] = attention
+        end = lead
+        for blk in reversed(self.blocks):  # the last `lead` history rows, newest block last
+            take = min(end, blk.shape[2])
+            rows[:, :, end - take:end, :blk.shape[3]] = blk[:, :, blk.shape[2] - take:]
+            end -= take
+            if not end:
+                break
         self.ema = fit_slots(self.ema, n, 3)
         for first_end, members in groups.items():
             frames = (q - 1 - first_end) // self.hop + 1
             sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
-            part = rows[sel].float().contiguous()
+            part = rows if len(members) == b else rows[sel]
             r_ = part.shape[0]
             view = part.as_strided((r_, h, frames, self.n_fft, n), (part.stride(0), part.stride(1), self.hop * n, n, 1),
                                    part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
