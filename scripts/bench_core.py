@@ -22,8 +22,9 @@ policy in its own process: the unmodified model, full cache, NAMM (the shipped c
 cache. Prefill s, decode ms/token, peak RSS, peak cache MB, realised cache, tokens equal to the full cache's; and
 the ratios to the full cache. Writes e2e.json + e2e.md.
 
-Peak RSS is measured from the loaded model on (the loading peak is reset with clear_refs), with glibc's mmap
-threshold fixed in every child (`child_env`), so it follows live memory rather than heap fragmentation.
+Peak RSS is measured from the loaded model on (the loading peak is reset with clear_refs). In --e2e each policy
+runs twice: timed with the default allocator, and once more with glibc's mmap threshold fixed (`memory_env`) for
+its peak RSS, which then follows live memory rather than heap fragmentation (the two must generate the same tokens).
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def child_env() -> dict:
-    """Environment of each measured child process: glibc's mmap threshold fixed at 128 KiB (unless the caller set
-    one), so large tensors are mapped and unmapped as they are allocated and freed, and peak RSS follows live memory
-    rather than how the heap fragmented after the policy's temporary buffers (glibc's default raises the threshold
-    after the first large free; the heap then keeps freed space, differently for each policy)."""
+def memory_env() -> dict:
+    """Environment of the child that measures a policy's memory: glibc's mmap threshold fixed at 128 KiB (unless
+    the caller set one), so large tensors are mapped and unmapped as they are allocated and freed, and peak RSS
+    follows live memory rather than how the heap fragmented after the policy's temporary buffers (glibc's default
+    raises the threshold after the first large free; the heap then keeps freed space, differently for each policy).
+    Mapping every large tensor slows a run down (page faults), so times come from a separate child with the
+    default allocator."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     return env
@@ -295,11 +298,17 @@ def e2e(args) -> int:
         cmd = [sys.executable, __file__, "--one-e2e", "--policy", policy, "--model", args.model, "--namm", args.namm,
                "--device", args.device, "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--budget", repr(budget)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
-        if res.returncode:
-            raise UsageError(f"the {policy} end-to-end run failed:\n{res.stderr[-2000:]}")
-        rows[policy] = json.loads(res.stdout.strip().splitlines()[-1])
-        r = rows[policy]
+        runs = []
+        for env in (None, memory_env()):  # times with the default allocator, memory with a fixed mmap threshold
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise UsageError(f"the {policy} end-to-end run failed:\n{res.stderr[-2000:]}")
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        timed, measured = runs
+        if measured["tokens"] != timed["tokens"]:
+            raise UsageError(f"the {policy} memory run generated other tokens than its timed run")
+        rows[policy] = r = {**timed, **{k: measured[k] for k in ("peak_rss_mb", "rss_before_mb",
+                                                                   "peak_rss_above_start_mb", "peak_cache_mb")}}
         print(f"  {policy:5s} prefill {r['prefill_seconds']:.1f}s decode {r['decode_ms_per_token']:.1f} ms/token",
               file=sys.stderr)
     full = rows["full"]
@@ -332,7 +341,8 @@ def e2e(args) -> int:
                                  f"{args.device}, {args.threads} thread(s); H2O at NAMM's realised cache. Peak RSS "
                                  "from the model loaded on (the loading's own peak reset); RSS growth = that peak "
                                  "minus the RSS before the prompt (the first forward also pages in the weights); "
-                                 "glibc mmap threshold 128 KiB in each child (child_env).\n")
+                                 "memory from a second run with glibc's mmap threshold at 128 KiB, times from a run "
+                                 "with the default allocator.\n")
     write_text(out / "e2e.md", table)
     print(table)
     return 0
@@ -404,7 +414,7 @@ def bench(args) -> int:
         for policy in ["full", "namm", "h2o"]:
             cmd = [sys.executable, __file__, "--one", "--length", str(length), "--policy", policy, "--model",
                    args.model, "--namm", args.namm, "--device", args.device, "--threads", str(args.threads)]
-            res = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+            res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise UsageError(f"the {policy} run at {length} tokens failed:\n{res.stderr[-2000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
