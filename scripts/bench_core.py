@@ -4,7 +4,8 @@
     python scripts/bench_core.py --prefill-ratios [--prefill-length 1024] [--repeats 5]
     python scripts/bench_core.py --e2e [--prompt-tokens 4096] [--new-tokens 256]
 
-For each prompt length and policy (full cache, NAMM with delay 512, H2O at 50%) one chunked prefill
+For each prompt length and policy (full cache, NAMM with delay 512 -- the --namm checkpoint, or zero parameters
+(keep-all, the largest N) when --namm names no checkpoint, e.g. `--namm none` --, H2O at 50%) one chunked prefill
 (chunk 128) runs in its own subprocess, so peak RSS is per configuration. Reported:
   * forward s: the whole prefill; NAMM s: time inside the NAMM step (features + scorer + selection);
   * NAMM % of forward: NAMM s / (prefill s - NAMM s);
