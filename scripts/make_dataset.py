@@ -12,8 +12,8 @@
    one, and rerunning resumes where a killed run stopped (or trains further for a higher target).
 2. Roll the stochastic policy out for ``--steps`` environment steps (complete episodes only, reset seeds 123,
    124, ... as Minari does): the final policy for ``expert``; for ``medium`` the snapshot of the first evaluation
-   at the medium target (when the run never got there: the first at half its final score, see
-   :func:`medium_eval`). ``medium-replay`` keeps every training episode up to that evaluation (the policy's
+   at the medium target (capped at half the mean score of the env's expert dataset when that exists, see
+   :func:`medium_target`; when the run never got there: the first at half its final score, :func:`medium_eval`). ``medium-replay`` keeps every training episode up to that evaluation (the policy's
    "replay buffer"); ``medium-expert`` concatenates the existing local medium and expert datasets.
 3. Save under the project's own id (``namm_transfer/hopper/medium-v0``, never the official
    ``mujoco/...`` id) with ``ref_min_score``/``ref_max_score`` from :data:`envs.registry.LOCAL_REF`.
@@ -57,8 +57,9 @@ from namm_transfer.runs import open_run  # noqa: E402
 
 # Stop thresholds on the local 0-100 scale for the policy that collects the data.
 TARGET_SCORE = {"medium": 45.0, "medium-replay": 45.0, "expert": 90.0}
-# A run that never reached the medium target: medium is its first evaluation at this fraction of its final score
-# (45 / 90: medium at half of expert, as the targets above).
+# Medium is at most this fraction of expert (45 / 90, as the targets above): with the env's local expert dataset made,
+# the medium target is capped at this fraction of that dataset's mean score; a run that never reached the medium
+# target takes its first evaluation at this fraction of its final score.
 MEDIUM_FALLBACK = 0.5
 
 
@@ -217,6 +218,26 @@ def medium_eval(evals: list[dict], target: float) -> int:
         return hit[0]
     floor = min(MEDIUM_FALLBACK * scores[-1], scores[-1])  # a final score <= 0: the last evaluation at worst
     return next(i for i, s in enumerate(scores) if s >= floor)
+
+
+def medium_target(spec, target: float, log) -> float:
+    """The medium target, capped at ``MEDIUM_FALLBACK`` x the mean local score of the env's expert dataset when it
+    exists (made from the same run: medium then stays about half of expert even where PPO's expert is far below
+    D4RL's, e.g. walker2d); without it, ``target`` itself."""
+    import minari
+
+    from envs.registry import get_spec, normalized_score
+
+    expert = get_spec(f"{spec.env}-expert").local_dataset_id
+    if expert not in minari.list_local_datasets():
+        return target
+    from envs.data import load_minari
+
+    score = float(normalized_score(spec.env, load_minari(expert).returns().mean(), "local"))
+    capped = min(target, MEDIUM_FALLBACK * score)
+    log(f"[medium] {expert}: mean local score {score:.1f}; medium target min({target}, {MEDIUM_FALLBACK} x "
+        f"{score:.1f}) = {capped:.1f}")
+    return capped
 
 
 def snapshot_path(work: Path, i: int) -> Path:
@@ -425,6 +446,7 @@ def build(cfg: Config, spec, steps: int, work: Path) -> None:
         i = len(evals) - 1
         if cfg.quality in ("medium", "medium-replay"):
             target = cfg.target_score if cfg.target_score is not None else TARGET_SCORE[cfg.quality]
+            target = medium_target(spec, target, log)
             i = medium_eval(evals, target)
             log(f"[medium] evaluation {i + 1} of {len(evals)}: {evals[i]['timesteps']} steps, local score "
                 f"{evals[i]['score_local']:.1f} (target {target}; final {evals[-1]['score_local']:.1f})")

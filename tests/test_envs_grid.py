@@ -97,7 +97,8 @@ def test_grid_makes_each_dataset_and_dt_then_skips_them(env, tmp_path, monkeypat
     work = tmp_path / "runs" / "make_dataset" / env
     state = json.loads((work / "train_state.json").read_text())
     assert len(state["evals"]) == 2 and (work / "snapshots" / "policy_0001.pt").exists()
-    medium_at = _script("make_dataset").medium_eval(state["evals"], 45.0)
+    md = _script("make_dataset")
+    medium_at = md.medium_eval(state["evals"], md.medium_target(get_spec(f"{env}-medium"), 45.0, print))
     replay_eps = sum(len(np.load(work / f"replay_{k + 1:04d}.npz")["seeds"]) for k in range(medium_at + 1))
     for q in QUALITIES:
         spec = get_spec(f"{env}-{q}")
@@ -127,6 +128,24 @@ def test_grid_refuses_unknown_names(capsys):
 
     refused(_script("make_grid").main, ["--envs", "ant"], capsys, "unknown ['ant']")
     refused(_script("make_grid").main, ["--qualities", "medium-expert"], capsys, "unknown ['medium-expert']")
+
+
+def test_medium_target_is_capped_at_half_the_expert_dataset(tmp_path, monkeypatch):
+    """Without the env's expert dataset the medium target is the target; with it, at most half its mean score."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.chdir(tmp_path)
+    md = _script("make_dataset")
+    spec = get_spec("hopper-medium")
+    assert md.medium_target(spec, 45.0, print) == 45.0
+    assert md.main(["--env", "hopper", "--quality", "expert", "--steps", "30", "--workdir", str(tmp_path / "w"),
+                    "--data-dir", str(tmp_path / "minari"), "--max-train-steps", "1", "--eval-every", "64",
+                    "--eval-episodes", "1"]) == 0
+    from envs.data import load_minari
+    from envs.registry import normalized_score
+
+    score = float(normalized_score("hopper", load_minari(get_spec("hopper-expert").local_dataset_id).returns().mean(),
+                                   "local"))
+    assert score < 90 and md.medium_target(spec, 45.0, print) == pytest.approx(min(45.0, 0.5 * score))
 
 
 def test_a_killed_dataset_write_is_redone(tmp_path, monkeypatch):
