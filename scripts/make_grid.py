@@ -12,7 +12,7 @@ Per env (hopper, walker2d, halfcheetah; each env finished before the next starts
   4. ``train_dt.py`` for each quality (runs/train_dt/<task>), its final model copied with its evaluation and a
      README of measured numbers into ``envs/checkpoints/dt-<task>`` (whole folder renamed into place at the end).
 Done work is skipped: a dataset already in the Minari root, a checkpoint folder already there (the committed
-dt-hopper-medium included). A killed run resumes from the last PPO evaluation / DT checkpoint when the same
+dt-hopper-medium included), an env's datasets when all its DTs exist. A killed run resumes from the last PPO evaluation / DT checkpoint when the same
 command is rerun; a collection or dataset write in progress is redone. Datasets go to ``--data-dir``
 (data/minari, never committed).
 """
@@ -92,10 +92,10 @@ def plan(cfg: Config) -> list[tuple[str, str, bool]]:
     have = set(minari.list_local_datasets())
     out = []
     for env in cfg.envs:
-        for q in cfg.qualities:
-            out.append(("data", f"{env}-{q}", f"namm_transfer/{env}/{q}-v0" in have))
-        for q in cfg.qualities:
-            out.append(("dt", f"{env}-{q}", (Path(cfg.checkpoints) / f"dt-{env}-{q}" / "model.safetensors").exists()))
+        dts = [(Path(cfg.checkpoints) / f"dt-{env}-{q}" / "model.safetensors").exists() for q in cfg.qualities]
+        for q in cfg.qualities:  # an env whose DTs all exist needs no data (a fresh clone of a finished env)
+            out.append(("data", f"{env}-{q}", f"namm_transfer/{env}/{q}-v0" in have or all(dts)))
+        out += [("dt", f"{env}-{q}", done) for q, done in zip(cfg.qualities, dts)]
     return out
 
 

@@ -121,6 +121,11 @@ def test_grid_makes_each_dataset_and_dt_then_skips_them(env, tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "start" not in out and "grid complete" in out
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
+    # a fresh clone of a finished env (DTs committed, no datasets): nothing to make
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
+    assert grid.main([*args[:-6], "--data-dir", str(tmp_path / "empty"), "--checkpoints", str(ckpts), "--work",
+                      str(tmp_path / "runs2"), "--dry-run"]) == 0
+    assert "to do" not in capsys.readouterr().out
 
 
 def test_grid_refuses_unknown_names(capsys):
