@@ -466,6 +466,11 @@ class MemoryCache(Cache):
         running the eviction steps that are due now. Lets P population members share the computation of a common
         prefix: run the prefix once (batch 1) under `HoldPolicy`, then fork at the first eviction boundary; or
         continue one row of a batch alone (`rows=[b]`)."""
+        if policy.needs_attention and not self.policy.needs_attention and any(
+                any(layer.since) for layer in self.layers):
+            raise ValueError(f"cannot fork into {policy.name!r}: it reads the attention of the tokens since the last "
+                             f"step, which this cache's policy {self.policy.name!r} never recorded; run the shared "
+                             f"prefix under HoldPolicy({type(policy).__name__}(...)) instead")
         n_rows = len(self.layers[0].seen) if self.layers else 0
         pick = list(range(n_rows)) if rows is None else list(rows)
         index = torch.tensor(pick, dtype=torch.long).repeat_interleave(repeats)

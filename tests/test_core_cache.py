@@ -218,3 +218,14 @@ def test_beam_search_reordering_is_refused():
         model(input_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache, use_cache=True)
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+def test_fork_into_an_attention_policy_needs_the_attention_recorded():
+    model = tiny_model("llama")
+    enable_memory_attention(model)
+    cache = MemoryCache(FullCache())
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 40, dtype=torch.long), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="HoldPolicy"):
+        cache.fork(NAMMPolicy(delay=32))
+    cache.fork(L2Norm(0.5, delay=32))  # a policy that reads no attention can take over
