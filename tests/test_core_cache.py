@@ -210,22 +210,24 @@ def test_storage_grows_geometrically_not_per_forward():
     assert cache.layers[0].capacity() >= 600 and cache.layers[0].length == 600
 
 
-def test_beam_search_reordering_is_refused():
+def full_cache_after(tokens: int) -> MemoryCache:
+    """A full MemoryCache after one forward of `tokens` zeros through the tiny Llama."""
     model = tiny_model("llama")
     enable_memory_attention(model)
     cache = MemoryCache(FullCache())
     with torch.no_grad():
-        model(input_ids=torch.zeros(1, 8, dtype=torch.long), cache=cache, use_cache=True)
+        model(input_ids=torch.zeros(1, tokens, dtype=torch.long), cache=cache, use_cache=True)
+    return cache
+
+
+def test_beam_search_reordering_is_refused():
+    cache = full_cache_after(8)
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.layers[0].reorder_cache(torch.tensor([0]))
 
 
 def test_fork_into_an_attention_policy_needs_the_attention_recorded():
-    model = tiny_model("llama")
-    enable_memory_attention(model)
-    cache = MemoryCache(FullCache())
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 40, dtype=torch.long), cache=cache, use_cache=True)
+    cache = full_cache_after(40)
     with pytest.raises(ValueError, match="HoldPolicy"):
         cache.fork(NAMMPolicy(delay=32))
     cache.fork(L2Norm(0.5, delay=32))  # a policy that reads no attention can take over
