@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .features import gqa_mean
 from .policies import LayerView, MemoryPolicy
+from .streams import fit_slots, gather_slots
 
 _CAPTURE = threading.local()  # (cache, layer_idx) awaiting its attention call
 
@@ -57,13 +58,6 @@ def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.sort(torch.where(keep, arange + n, arange), dim=-1).indices[..., n - k:]
     valid = torch.arange(k, device=keep.device) >= (k - counts)[..., None]
     return order, valid
-
-
-def _fit(state: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-slot state (B, H, S, ...) cut or zero-padded to n slots (slots past S have not been through a step)."""
-    if state.shape[2] >= n:
-        return state[:, :, :n]
-    return torch.cat([state, state.new_zeros(*state.shape[:2], n - state.shape[2], *state.shape[3:])], dim=2)
 
 
 def _pending(blk: Block) -> torch.Tensor:
@@ -333,7 +327,7 @@ class MemoryLayer(DynamicLayer):
         elif policy.needs_attention:
             attention = self._take_attention(rows, since, nv)
         view = LayerView(self.layer_idx, sub(self.keys), sub(self.values), sub(self.positions), sub(self.valid),
-                         attention, since, seen, step, {k: sub(_fit(v, nv - since)) for k, v in self.state.items()},
+                         attention, since, seen, step, {k: sub(fit_slots(v, nv - since, 2)) for k, v in self.state.items()},
                          rows=rows, summary=summary)
         keep_rows, state = policy.step(view)
         keep_rows = keep_rows & view.valid
@@ -350,7 +344,7 @@ class MemoryLayer(DynamicLayer):
                 self.state[name] = value
                 continue
             full = self.state.get(name)
-            full = value.new_zeros(*self.valid.shape, *value.shape[3:]) if full is None else _fit(full, n)
+            full = value.new_zeros(*self.valid.shape, *value.shape[3:]) if full is None else fit_slots(full, n, 2)
             full[rows, :, :nv] = value.to(full.dtype)
             self.state[name] = full
         for r in group:
@@ -399,12 +393,11 @@ class MemoryLayer(DynamicLayer):
         for name, t in kept.items():  # compacted to the front of the same storage
             self.storage[name][:, :, :k] = t
         self._view(k)
-        self.state = {k: gather_tokens(_fit(v, n), idx) for k, v in self.state.items()}
+        self.state = {k: gather_tokens(fit_slots(v, n, 2), idx) for k, v in self.state.items()}
         if self.stream is not None:
             self.stream.gather(idx, n)
         for blk in self.buffer:
-            att = F.pad(blk.attention, (0, n - blk.attention.shape[-1]))
-            blk.attention = att.gather(3, idx[:, :, None, :].expand(-1, -1, att.shape[2], -1))
+            blk.attention = gather_slots(fit_slots(blk.attention, n, 3), idx)
         self.all_valid = bool(self.valid.all())
 
     def evict(self) -> None:
@@ -493,7 +486,6 @@ class MemoryCache(Cache):
             layer.tokens_seen, layer.all_valid, layer.lockstep = old.tokens_seen, old.all_valid, old.lockstep
             layer.seen, layer.since = per_row(old.seen), per_row(old.since)
             layer.steps, layer.offset = per_row(old.steps), per_row(old.offset)
-            layer.device = getattr(old, "device", None)
             new.layers.append(layer)
             if policy.evicts:
                 layer.evict()

@@ -269,24 +269,23 @@ class NAMMPolicy(MemoryPolicy):
         cfg = self.config
         b, h, n = view.valid.shape
         r = b * h
-        rows = view.rows if view.rows is not None else torch.arange(b)
+        positions, valid = view.positions.reshape(r, n), view.valid.reshape(r, n)
         if view.summary is not None:  # streamed: the spectrogram EMA is already folded, frame by frame
-            ema = view.summary["ema"]
-            x = namm_inputs(ema.reshape(r, n, cfg.num_bins), view.positions.reshape(r, n), view.valid.reshape(r, n),
-                            self.stats, cfg, collect_stats=self.collect_stats)
-            scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
-            return select_tokens(scores, view.valid, cfg.threshold), {}
-        n_old = n - view.n_new
-        pad = cfg.n_fft - cfg.hop
-        ema_prev = view.state.get("ema", view.keys.new_zeros(b, h, n_old, cfg.num_bins, dtype=torch.float32))
-        ovl_prev = view.state.get("overlap", view.keys.new_zeros(b, h, n_old, pad, dtype=torch.float32))
-        x, ema, overlap = token_features(
-            view.attention.reshape(r, view.n_new, n), view.positions.reshape(r, n), view.valid.reshape(r, n),
-            ema_prev.reshape(r, n_old, cfg.num_bins), ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg,
-            collect_stats=self.collect_stats)
-        scores = bam_scores(x, view.valid.reshape(r, n), self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
-        keep = select_tokens(scores, view.valid, cfg.threshold)
-        return keep, {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
+            x = namm_inputs(view.summary["ema"].reshape(r, n, cfg.num_bins), positions, valid, self.stats, cfg,
+                            collect_stats=self.collect_stats)
+            state = {}
+        else:  # the attention rows of the step, buffered (n_fft != 2 * hop, or a view built by hand)
+            n_old = n - view.n_new
+            pad = cfg.n_fft - cfg.hop
+            ema_prev = view.state.get("ema", view.keys.new_zeros(b, h, n_old, cfg.num_bins, dtype=torch.float32))
+            ovl_prev = view.state.get("overlap", view.keys.new_zeros(b, h, n_old, pad, dtype=torch.float32))
+            x, ema, overlap = token_features(
+                view.attention.reshape(r, view.n_new, n), positions, valid, ema_prev.reshape(r, n_old, cfg.num_bins),
+                ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg, collect_stats=self.collect_stats)
+            state = {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
+        rows = view.rows if view.rows is not None else torch.arange(b)
+        scores = bam_scores(x, valid, self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
+        return select_tokens(scores, view.valid, cfg.threshold), state
 
     def describe(self) -> dict:
         return {**super().describe(), "members": len(self.params), "config": self.config.to_dict()}

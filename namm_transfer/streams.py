@@ -12,8 +12,9 @@ reference's zero overlap before a sequence's first query gives.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 
 from . import features as feat
 
@@ -26,6 +27,11 @@ def fit_slots(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = n - size
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def gather_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Slots along the last axis of t (B, H, rows, N) picked by index (B, H, K) -> (B, H, rows, K)."""
+    return t.gather(3, index[:, :, None, :].expand(-1, -1, t.shape[2], -1))
 
 
 class AttentionStream:
@@ -157,14 +163,12 @@ class SpectrogramEMA(AttentionStream):
     def gather(self, index: torch.Tensor, n_slots: int) -> None:
         if self.ema is None:
             return
-        ema = fit_slots(self.ema, n_slots, 3)
-        self.ema = ema.gather(3, index[:, :, None, :].expand(-1, -1, ema.shape[2], -1))
-        self.blocks = [fit_slots(blk, n_slots, 3).gather(3, index[:, :, None, :].expand(-1, -1, blk.shape[2], -1))
-                       for blk in self.blocks]
+        self.ema = gather_slots(fit_slots(self.ema, n_slots, 3), index)
+        self.blocks = [gather_slots(fit_slots(blk, n_slots, 3), index) for blk in self.blocks]
 
     def repeat(self, index: torch.Tensor) -> "SpectrogramEMA":
-        new = SpectrogramEMA.__new__(SpectrogramEMA)
-        new.n_fft, new.hop, new.a, new.bins, new.frame_slots = self.n_fft, self.hop, self.a, self.bins, 0
+        new = copy.copy(self)
+        new.frame_slots = 0
         new.ema = None if self.ema is None else self.ema[index.to(self.ema.device)]
         new.blocks = [blk[index.to(blk.device)] for blk in self.blocks]
         new.fill = [self.fill[i] for i in index.tolist()] if self.fill else []

@@ -7,7 +7,8 @@
 For each prompt length and policy (full cache, NAMM with delay 512 -- the --namm checkpoint, or zero parameters
 (keep-all, the largest N) when --namm names no checkpoint, e.g. `--namm none` --, H2O at 50%) one chunked prefill
 (chunk 128) runs in its own subprocess, so peak RSS is per configuration. Reported:
-  * forward s: the whole prefill; NAMM s: time inside the NAMM step (features + scorer + selection);
+  * forward s: the whole prefill; NAMM s: NAMM's own time: the spectrogram folded as the queries arrive (the
+    policy's attention stream) + the eviction steps (features, scorer, selection);
   * NAMM % of forward: NAMM s / (prefill s - NAMM s);
   * FLOP share: NAMM FLOPs (spectrogram + scorer with its full N x N backward attention, every layer x KV
     head x eviction step) / model forward FLOPs at that context; ratio = measured % / FLOP share (goal <= 1.3);
@@ -125,32 +126,27 @@ def run_one(args) -> dict:
         except FileNotFoundError:
             policy = NAMMPolicy()
     timer = {"namm": 0.0}
-    step = policy.step
 
-    def timed_step(view):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = step(view)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        timer["namm"] += time.perf_counter() - t
-        return out
+    def timed(fn):  # fn's time (device work included) adds to NAMM's
+        def wrapper(*a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            timer["namm"] += time.perf_counter() - t
+            return out
+        return wrapper
 
-    policy.step = timed_step
+    policy.step = timed(policy.step)
     streams = []
     make_stream = policy.attention_stream
 
     def timed_stream():  # the spectrogram is folded as the queries arrive: its time is NAMM's too
         stream = make_stream()
         if stream is not None and args.policy == "namm":
-            add = stream.add
-
-            def timed_add(*a, **k):
-                t = time.perf_counter()
-                add(*a, **k)
-                timer["namm"] += time.perf_counter() - t
-            stream.add = timed_add
+            stream.add = timed(stream.add)
             streams.append(stream)
         return stream
 
