@@ -89,6 +89,23 @@ def minari_ref_scores(ds, source: Source = "minari") -> RefScores | None:
     return None if lo is None or hi is None else RefScores(float(lo), float(hi), source)
 
 
+def minari_dataset_refs(dataset_id: str | None) -> tuple[RefScores | None, str]:
+    """(refs, "") of a Minari dataset from its local copy's metadata (``ref_min_score`` / ``ref_max_score``; only
+    the metadata is read, nothing is downloaded), else (None, why not): no id, not under the Minari root, no refs."""
+    if not dataset_id:
+        return None, "the checkpoint names no dataset_id"
+    import minari
+
+    root = os.environ.get("MINARI_DATASETS_PATH", str(Path.home() / ".minari" / "datasets"))
+    if dataset_id not in minari.list_local_datasets():
+        return None, (f"Minari dataset {dataset_id!r} is not under {root} (MINARI_DATASETS_PATH), so its reference "
+                      "scores are not reported")
+    refs = minari_ref_scores(minari.load_dataset(dataset_id), "minari")
+    if refs is None:
+        return None, f"Minari dataset {dataset_id!r} carries no ref_min_score / ref_max_score in its metadata"
+    return refs, ""
+
+
 def load_minari(dataset_id: str, download: bool = False) -> OfflineDataset:
     """Load a Minari dataset from ``$MINARI_DATASETS_PATH``; download only when ``download=True``.
 

@@ -100,14 +100,17 @@ class TaskSpec:
             raise ValueError(f"{self.name} is scored by success rate, it has no {source} reference returns")
         return ref_scores(self.env, source)
 
-    def scorers(self, dataset_source: str | None = None) -> dict[str, Scorer]:
+    def scorers(self, dataset_source: str | None = None, minari_refs: RefScores | None = None) -> dict[str, Scorer]:
         """Every scale an episode return is reported on: {"success"}, or {"d4rl"} + {"local"} when the DT was
-        trained on the project's own (local) data."""
+        trained on the project's own (local) data, + {"minari"} when it was trained on official Minari data and
+        that dataset's own refs are given (`minari_refs`: envs.data.minari_dataset_refs reads them)."""
         if self.metric == "success":
             return {"success": SuccessRate()}
         out: dict[str, Scorer] = {"d4rl": self.refs("d4rl")}
         if dataset_source == "local":
             out["local"] = self.refs("local")
+        if dataset_source == "minari" and minari_refs is not None:
+            out["minari"] = minari_refs
         return out
 
 

@@ -9,6 +9,15 @@ without results gets a line saying so; an unreadable input is reported with what
 are still tabulated (exit code 1 only when nothing could be read). Writes <out>/table.md, table.csv and, for
 groups where a baseline was run at two or more budgets, sweep_<domain>_<model>_<metric>.png.
 
+Decision Transformer grid: when the results hold kv-cache run_dt results of two or more tasks (e.g. the folders of
+scripts/eval_grid.py), table.md gets a section "Decision Transformer grid" and <out>/dt_grid.csv: one row per task
+(and checkpoint) on the D4RL scale — episodes, then full / NAMM / H2O / L2 / recency as "mean [95% CI]" (mean ± 1.96
+standard errors over episodes) with their realised cache % — and a table of the differences NAMM − full, NAMM − H2O,
+NAMM − L2, NAMM − recency per task, paired by (seed, episode) (every policy resets episode e of seed s with seed
+1000*s + e): mean [95% CI] of the per-pair differences, marked "n.s." when the interval contains 0. The numbers come
+from each folder's episodes.jsonl (all its kv-cache episodes); without it the summary's unpaired intervals are shown
+and the row says pairing was unavailable (namm_transfer/reporting/dt_grid.py).
+
 A run whose --namm is a checkpoint written by `scripts/retention_maps.py --save-renorm` (normalisation statistics
 re-estimated on the target model) is reported as NAMM variant "namm-renorm", in its own rows.
 """
@@ -22,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.cli import default_out, out_help  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
+from namm_transfer.reporting.dt_grid import build_grid, grid_csv, grid_markdown  # noqa: E402
 from namm_transfer.reporting.plots import plot_sweep, slug, sweep_groups  # noqa: E402
 from namm_transfer.reporting.results import DOMAIN_TITLES, ResultFormatError, read_results  # noqa: E402
 from namm_transfer.reporting.tables import build_rows, missing_domains, to_csv, to_markdown  # noqa: E402
@@ -37,12 +47,18 @@ def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], in
             errors.append(str(err))
     rows = build_rows(results)
     md = to_markdown(rows, missing_domains(results), errors)
+    grid = build_grid(results)
+    if grid:
+        md += "\n" + grid_markdown(grid)
     written: list[Path] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "table.md", md)
         to_csv(rows, out / "table.csv")
         written += [out / "table.md", out / "table.csv"]
+        if grid:
+            write_text(out / "dt_grid.csv", grid_csv(grid))
+            written.append(out / "dt_grid.csv")
         for (domain, model, metric), panels in sweep_groups(results).items():
             title = f"{DOMAIN_TITLES[domain]} — {model}: {metric} vs realised cache % (sources: table.md)"
             written.append(plot_sweep(panels, out / f"sweep_{slug(domain, Path(model).name, metric)}.png",

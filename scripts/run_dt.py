@@ -26,7 +26,9 @@ NAMM episodes) when namm is in --policies, else at --budget (default 0.5); an ex
 Default: 3 episodes per (rollout, policy) to stay fast on a CPU; use --episodes 10+ for real numbers.
 Episode e of seed s resets the env with seed 1000*s + e. Scores: D4RL-normalised x100 with the D4RL refs (the
 env is Hopper-v5, D4RL's data came from v3), plus the checkpoint's own dataset scale when it is `local`; success
-rate % for minigrid-memory. Every score has a 95% interval (success: Wilson; returns: mean ± 1.96 standard errors).
+rate % for minigrid-memory; a DT trained on official Minari data is also scored on that dataset's own refs
+(`minari`, read from its local copy's metadata; the header says when that copy is absent). Every score has a 95%
+interval (success: Wilson; returns: mean ± 1.96 standard errors).
 The default checkpoint is the embedded envs/checkpoints/dt-<env>.
 Writes --out (default <checkout>/runs/dt/<env>): episodes.jsonl (one line per episode; a rerun skips (rollout,
 policy, seed, episode) already there), summary.json and table.md, and run.json: the settings, with content hashes of
@@ -346,13 +348,27 @@ def run(args) -> int:
         dt_recompute = copy.deepcopy(dt)
         dt.model.to(args.device)
     args.target_return = args.target_return if args.target_return is not None else spec.target_returns[0]
-    refs = spec.scorers(dt.meta.get("dataset_source"))
+    refs = scorers(spec, dt, args)
 
     out = Path(args.out or default_out("dt", spec.name))
     settings = {k: getattr(args, k) for k in SETTINGS}
     with distributed.open_run(world, out, settings, "scripts/run_dt.py", args.argv, fillable=("namm", "namm_hash"),
                               legacy=LEGACY):
         return run_episodes(args, out, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings, world)
+
+
+def scorers(spec, dt, args) -> dict:
+    """The task's scales for this DT; a DT trained on official Minari data is also scored on that dataset's own
+    refs when its local copy has them, else args.minari_note says why not (printed in the run's header)."""
+    from envs.data import minari_dataset_refs
+
+    source, minari_refs = dt.meta.get("dataset_source"), None
+    args.minari_note = ""
+    if source == "minari" and spec.metric != "success":
+        minari_refs, why = minari_dataset_refs(dt.meta.get("dataset_id"))
+        if why:
+            args.minari_note = f"no minari-scale scores: {why}"
+    return spec.scorers(source, minari_refs)
 
 
 def check_env_dims(dt, env, checkpoint: str, gym_id: str) -> None:
@@ -403,6 +419,8 @@ def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs,
              f"{spec.gym_id}, target return {args.target_return:g}, eviction every {args.delay} tokens"]
     if args.device != "cpu" and args.rollout != "kv":
         notes.append("the recompute-last-K rollout runs on the CPU (envs.rollout builds its inputs there)")
+    if getattr(args, "minari_note", ""):
+        notes.append(args.minari_note)
     if namm is not None:
         notes.append(f"NAMM (zero-shot): {args.namm}" + (f" — {namm_meta}" if namm_meta else ""))
     quick = " (3 per policy by default: a quick look; use --episodes 10+ for reportable numbers)" \
