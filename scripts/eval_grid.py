@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from namm_transfer.cli import int_in  # noqa: E402
 from namm_transfer.records import in_repo  # noqa: E402
+from namm_transfer.reporting.dt_grid import GRID_TASKS as GRID  # noqa: E402
 
-GRID = tuple(f"{e}-{q}" for e in ("hopper", "walker2d", "halfcheetah") for q in ("expert", "medium", "medium-replay"))
 POLICIES = "full,namm,h2o,l2,recency"
 DEFAULT_OUT = {"embedded": ROOT / "results" / "dt" / "grid", "hub": ROOT / "results" / "dt" / "grid-hub"}
 

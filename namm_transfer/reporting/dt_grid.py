@@ -36,6 +36,7 @@ NS = "n.s."  # marks a difference whose 95% interval contains 0
 TITLE = "Decision Transformer grid"
 _ENV_ORDER = ("hopper", "walker2d", "halfcheetah")
 _QUALITY_ORDER = ("expert", "medium", "medium-replay", "medium-expert")
+GRID_TASKS = tuple(f"{e}-{q}" for e in _ENV_ORDER for q in _QUALITY_ORDER[:3])  # the paper's nine, in order
 
 
 @dataclass(frozen=True)
