@@ -5,7 +5,9 @@
 
 Per search: generations done, population, prompts per generation, cache target, sigma, compute spent, the
 ranking agreement of members between the two halves of each generation's prompts (Spearman; how repeatable a
-generation's ranking is), and the latest validation point (CMA-ES mean vs H2O / recency at its cache size).
+generation's ranking is), the latest validation point (CMA-ES mean vs H2O / recency at its cache size), and how the
+CMA-ES mean's answer probability on the fixed validation prompts changed since the previous validation point (paired
+by prompt, bootstrap 95% interval): the question the curve answers, whether the search is still learning.
 tests/test_training_state.py checks that the README block equals this output.
 """
 from __future__ import annotations
@@ -31,15 +33,29 @@ def summarise_run(folder: Path) -> dict:
             "target": cfg["cache_target"], "weight": cfg["cache_weight"], "sigma": info["es"]["sigma"],
             "hours": sum(r.get("seconds", 0) for r in hist + val) / 3600,
             "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
-            "last_val": val[-1] if val else None, "n_val": len(val),
+            "last_val": val[-1] if val else None, "n_val": len(val), "trend": validation_trend(val),
             "changes": len(info.get("settings_changes", []))}
+
+
+def validation_trend(val: list[dict]) -> str:
+    """'+0.054 [+0.004, +0.112] (gen 10 -> 20)': the mean change of NAMM's answer probability over the validation
+    prompts between the last two validation points (same prompts, paired), with its bootstrap 95% interval."""
+    pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
+    if len(pts) < 2 or len(pts[-1]["namm_scores"]) != len(pts[-2]["namm_scores"]):
+        return "-"
+    sys.path.insert(0, str(ROOT))
+    from namm_transfer.reporting.bootstrap import paired_difference_ci
+
+    mean, lo, hi = paired_difference_ci(pts[-1]["namm_scores"], pts[-2]["namm_scores"])
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {pts[-2]['generation']} -> {pts[-1]['generation']})"
 
 
 def report(root: Path = ROOT) -> str:
     runs = sorted(p for p in (root / "training").glob("namm-*") if (p / "state.json").exists())
     lines = ["| search | generations | population x prompts | cache target | sigma | compute h | "
-             "rank agreement (halves) | validation: NAMM / full @ cache | H2O / full | recency / full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "rank agreement (halves) | validation: NAMM / full @ cache | H2O / full | recency / full | "
+             "NAMM answer p since previous validation |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = summarise_run(run)
         agree = f"{r['agreement']:.2f} (mean of {r['n_agree']})" if r["agreement"] is not None else "-"
@@ -51,9 +67,9 @@ def report(root: Path = ROOT) -> str:
             val = ("not yet", "-", "-")
         lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
                      f"(~{r['tokens']} tokens, delay {r['delay']}) | {r['target']} (weight {r['weight']}) | "
-                     f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} |")
+                     f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
-        lines.append("| (none) | | | | | | | | | |")
+        lines.append("| (none) | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

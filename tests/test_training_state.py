@@ -81,3 +81,21 @@ def test_readme_training_report_is_current():
     readme = (ROOT / "README.md").read_text()
     block = readme.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0].strip("\n") + "\n"
     assert block == mod.report(), "run: python scripts/training_report.py --write-readme"
+
+
+def test_validation_trend_is_the_paired_change_of_the_last_two_points():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = [0.2, 0.5, 0.4, 0.9, 0.1, 0.3]
+    after = [b + d for b, d in zip(before, [0.10, 0.05, 0.12, 0.08, 0.11, 0.06])]  # every prompt up: CI above 0
+    text = mod.validation_trend([{"generation": 10, "namm_scores": before}, {"generation": 20, "namm_scores": after}])
+    mean, lo, hi = (float(x.strip("[],")) for x in text.split()[:3])
+    assert mean == pytest.approx(0.0867, abs=5e-4) and 0.05 <= lo < mean < hi <= 0.12
+    assert text.endswith("(gen 10 -> 20)")
+    assert mod.validation_trend([{"generation": 10, "namm_scores": before}]) == "-"
+    mixed = [b + d for b, d in zip(before, [0.3, -0.3, 0.2, -0.2, 0.1, -0.1])]  # no change on average
+    mean, lo, hi = (float(x.strip("[],")) for x in mod.validation_trend(
+        [{"generation": 1, "namm_scores": before}, {"generation": 2, "namm_scores": mixed}]).split()[:3])
+    assert lo < 0 < hi
