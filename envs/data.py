@@ -106,6 +106,17 @@ def minari_dataset_refs(dataset_id: str | None) -> tuple[RefScores | None, str]:
     return refs, ""
 
 
+def dt_scorers(spec, meta: dict) -> tuple[dict, str]:
+    """(scales, note) for a DT whose checkpoint meta is `meta`: the task's scales (`spec.scorers`), plus the official
+    Minari dataset's own refs when the DT was trained on one and its local copy has them; note says why they are
+    missing ("" otherwise), for the run's header."""
+    source, minari_refs, note = meta.get("dataset_source"), None, ""
+    if source == "minari" and spec.metric != "success":
+        minari_refs, why = minari_dataset_refs(meta.get("dataset_id"))
+        note = f"no minari-scale scores: {why}" if why else ""
+    return spec.scorers(source, minari_refs), note
+
+
 def load_minari(dataset_id: str, download: bool = False) -> OfflineDataset:
     """Load a Minari dataset from ``$MINARI_DATASETS_PATH``; download only when ``download=True``.
 

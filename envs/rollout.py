@@ -173,14 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     pol = load_dt(args.checkpoint)
     spec = get_spec(args.env or pol.meta.get("env_name", ""))
-    minari_refs = None
-    if pol.meta.get("dataset_source") == "minari" and spec.metric != "success":
-        from envs.data import minari_dataset_refs
+    from envs.data import dt_scorers
 
-        minari_refs, why = minari_dataset_refs(pol.meta.get("dataset_id"))
-        if why:
-            print(f"no minari-scale scores: {why}", flush=True)
-    refs = spec.scorers(pol.meta.get("dataset_source"), minari_refs)
+    refs, note = dt_scorers(spec, pol.meta)
+    if note:
+        print(note, flush=True)
     res = {}
     for t in args.target or spec.target_returns:
         r = evaluate(pol, spec.gym_id, t, episodes=args.episodes, seed=args.seed, refs=refs)

@@ -348,27 +348,15 @@ def run(args) -> int:
         dt_recompute = copy.deepcopy(dt)
         dt.model.to(args.device)
     args.target_return = args.target_return if args.target_return is not None else spec.target_returns[0]
-    refs = scorers(spec, dt, args)
+    from envs.data import dt_scorers
+
+    refs, args.minari_note = dt_scorers(spec, dt.meta)  # the note goes into the run's header
 
     out = Path(args.out or default_out("dt", spec.name))
     settings = {k: getattr(args, k) for k in SETTINGS}
     with distributed.open_run(world, out, settings, "scripts/run_dt.py", args.argv, fillable=("namm", "namm_hash"),
                               legacy=LEGACY):
         return run_episodes(args, out, spec, dt, dt_recompute, namm, namm_meta, refs, env, max_steps, settings, world)
-
-
-def scorers(spec, dt, args) -> dict:
-    """The task's scales for this DT; a DT trained on official Minari data is also scored on that dataset's own
-    refs when its local copy has them, else args.minari_note says why not (printed in the run's header)."""
-    from envs.data import minari_dataset_refs
-
-    source, minari_refs = dt.meta.get("dataset_source"), None
-    args.minari_note = ""
-    if source == "minari" and spec.metric != "success":
-        minari_refs, why = minari_dataset_refs(dt.meta.get("dataset_id"))
-        if why:
-            args.minari_note = f"no minari-scale scores: {why}"
-    return spec.scorers(source, minari_refs)
 
 
 def check_env_dims(dt, env, checkpoint: str, gym_id: str) -> None:
