@@ -19,6 +19,20 @@ RUNS = REPO_ROOT / "runs"
 OUT_HELP = "default: {} (every script writes under <checkout>/runs/ unless --out is given)"
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module, to call its functions in this process. Registered in sys.modules (as
+    `_namm_script_<name>`; a later call loads it afresh) so that dataclasses defined in it resolve their annotations."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_namm_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    spec.loader.exec_module(module)
+    return module
+
+
 class UsageError(Exception):
     """Something the user can fix (an argument, a file, a folder); scripts print it and exit with code 2."""
 

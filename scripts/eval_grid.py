@@ -24,7 +24,6 @@ OUT: --out, default results/dt/grid (embedded) or results/dt/grid-hub (hub). Exi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 import traceback
@@ -33,23 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from namm_transfer.cli import int_in  # noqa: E402
+from namm_transfer.cli import int_in, load_script  # noqa: E402
 from namm_transfer.records import in_repo  # noqa: E402
 from namm_transfer.reporting.dt_grid import GRID_TASKS as GRID  # noqa: E402
 
 POLICIES = "full,namm,h2o,l2,recency"
 DEFAULT_OUT = {"embedded": ROOT / "results" / "dt" / "grid", "hub": ROOT / "results" / "dt" / "grid-hub"}
-
-
-def _script(name: str):
-    """scripts/<name>.py as a module (loaded once per process)."""
-    key = f"_eval_grid_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,7 +105,7 @@ def has_results(folder: Path) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run_dt = _script("run_dt")
+    run_dt = load_script("run_dt")
     n = len(args.task_list)
     ran, skipped = [], []
     print(f"eval_grid: {n} task(s), {args.episodes} episodes each, {args.checkpoints} DTs -> {in_repo(args.out)}",
@@ -147,7 +135,7 @@ def main(argv=None) -> int:
     if not folders:
         print("eval_grid: no task has results; no table written", file=sys.stderr)
         return 1
-    md, written, _ = _script("make_tables").make_tables([str(p) for p in folders], args.out)
+    md, written, _ = load_script("make_tables").make_tables([str(p) for p in folders], args.out)
     print(md, end="")
     print(f"eval_grid: ran {len(ran)}, skipped or failed {len(skipped)} ({', '.join(skipped) or 'none'}); "
           f"wrote {', '.join(in_repo(p) for p in written)}", flush=True)

@@ -20,7 +20,6 @@ command is rerun; a collection or dataset write in progress is redone. Datasets 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.cli import UsageError, int_in, name_list, run_cli  # noqa: E402
+from namm_transfer.cli import UsageError, int_in, load_script, name_list, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ("hopper", "walker2d", "halfcheetah")
@@ -57,14 +56,6 @@ class Config:
     checkpoints: str = str(ROOT / "envs" / "checkpoints")
     work: str = str(ROOT / "runs")
     dry_run: bool = False
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"grid_{name}", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def log(msg: str) -> None:
@@ -154,7 +145,7 @@ def readme(task: str, cfg: Config, data: dict, ppo: dict, result: dict, eval_nam
 
 def make_data(cfg: Config, task: str) -> None:
     env, quality = task.split("-", 1)
-    code = _script("make_dataset").main(dataset_args(cfg, env, quality))
+    code = load_script("make_dataset").main(dataset_args(cfg, env, quality))
     if code:
         raise UsageError(f"make_dataset.py failed for {task} (exit {code})")
 
@@ -162,7 +153,7 @@ def make_data(cfg: Config, task: str) -> None:
 def make_dt(cfg: Config, task: str) -> None:
     """Train (or resume) the task's DT, then move it with its evaluation and README into the checkpoints folder."""
     env = task.split("-", 1)[0]
-    result = _script("train_dt").main(dt_args(cfg, task))
+    result = load_script("train_dt").main(dt_args(cfg, task))
     out = Path(cfg.work) / "train_dt" / task
     dest = Path(cfg.checkpoints) / f"dt-{task}"
     tmp = dest.with_name(dest.name + ".tmp")

@@ -17,13 +17,12 @@ Nothing here knows any number from the NAMM paper: every score is read from a re
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli import load_script
 from ..records import REPO_ROOT, in_repo
 
 DOMAINS = ("language", "video", "dt")
@@ -166,15 +165,6 @@ def _need(row: dict, keys, path: Path, expected: str) -> None:
         raise ResultFormatError(path, expected, f"a row without {missing}: {json.dumps(row)[:160]}")
 
 
-def _import_script(name: str):
-    """A harness script as a module (to reuse its own `summarise` on records-only input)."""
-    spec = importlib.util.spec_from_file_location(f"_namm_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO_ROOT))
-    spec.loader.exec_module(module)
-    return module
-
-
 def command_line(script: str, settings: dict, skip: tuple[str, ...] = ()) -> str:
     """`python scripts/<script> --flag value ...` from argparse-style settings (True -> bare flag)."""
     argv = ["python", f"scripts/{script}"]
@@ -294,7 +284,7 @@ def read_video(folder: Path, file: Path) -> list[ResultSet]:
             _need(r, VIDEO_RECORD, file, VIDEO_RECORDS)
         dataset = records[0]["dataset"]
         summary = {"settings": run or {"dataset": dataset},
-                   "policies": _import_script("run_video").summarise(
+                   "policies": load_script("run_video").summarise(
                        records, list(dict.fromkeys(r["policy"] for r in records)), dataset)}
     else:
         summary = _load_json(file, VIDEO_SUMMARY)
@@ -347,7 +337,7 @@ def read_dt(folder: Path, file: Path) -> list[ResultSet]:
         episodes = _load_jsonl(file, DT_EPISODES)
         for e in episodes:
             _need(e, DT_FORMAT.episode_required, file, DT_EPISODES)
-        summary = {"settings": run or {}, "rows": _import_script("run_dt").summarise(episodes)}
+        summary = {"settings": run or {}, "rows": load_script("run_dt").summarise(episodes)}
     else:
         summary = _load_json(file, DT_SUMMARY)
         if not isinstance(summary, dict) or not isinstance(summary.get("rows"), list) or not summary["rows"]:
