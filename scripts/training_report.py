@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
 
 
@@ -43,9 +46,6 @@ def validation_trend(val: list[dict]) -> str:
     pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
     if len(pts) < 2 or len(pts[-1]["namm_scores"]) != len(pts[-2]["namm_scores"]):
         return "-"
-    sys.path.insert(0, str(ROOT))
-    from namm_transfer.reporting.bootstrap import paired_difference_ci
-
     mean, lo, hi = paired_difference_ci(pts[-1]["namm_scores"], pts[-2]["namm_scores"])
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {pts[-2]['generation']} -> {pts[-1]['generation']})"
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..records import in_repo
 from .intervals import interval95
 from .results import DT_FORMAT, ResultSet, is_namm
+from .tables import _escape
 
 POLICIES = ("full", "namm", "h2o", "l2", "recency")
 LABELS = {"full": "full", "namm": "NAMM", "h2o": "H2O", "l2": "L2", "recency": "recency"}
@@ -187,10 +188,6 @@ def build_grid(results: Iterable[ResultSet]) -> list[GridRow] | None:
     if len({row.task for row in rows}) < 2:
         return None
     return sorted(rows, key=GridRow.order)
-
-
-def _escape(cell: str) -> str:
-    return cell.replace("|", "\\|")
 
 
 def grid_markdown(rows: list[GridRow]) -> str:
