@@ -17,6 +17,7 @@ import copy
 import torch
 
 from . import features as feat
+from . import native
 
 
 def fit_slots(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -128,17 +129,25 @@ class SpectrogramEMA(AttentionStream):
             if not end:
                 break
         self.ema = fit_slots(self.ema, n, 3)
+        fused = native.usable(rows, self.n_fft, self.hop)
         for first_end, members in groups.items():
             frames = (q - 1 - first_end) // self.hop + 1
             sel = slice(None) if len(members) == b else torch.tensor(members, device=attention.device)
             part = rows if len(members) == b else rows[sel]
             r_ = part.shape[0]
-            view = part.as_strided((r_, h, frames, self.n_fft, n), (part.stride(0), part.stride(1), self.hop * n, n, 1),
-                                   part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
-            y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
-            mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:])  # (R, H, F, bins, N)
             self.frame_slots += r_ * h * frames * n
-            s = feat.fold_frames(self.ema[sel], mags, self.a)
+            if fused:  # the same arithmetic in one pass (native.py)
+                weights = feat._fold_weights(frames, self.a, attention.device)[0]
+                s = native.spectrogram_fold(part.reshape(r_ * h, lead + q, n), first_end, frames,
+                                            feat.dft_basis(self.n_fft), weights, self.a ** frames,
+                                            self.ema[sel].reshape(r_ * h, self.bins, n)).view(r_, h, self.bins, n)
+            else:
+                view = part.as_strided((r_, h, frames, self.n_fft, n),
+                                       (part.stride(0), part.stride(1), self.hop * n, n, 1),
+                                       part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
+                y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
+                mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:])  # (R, H, F, bins, N)
+                s = feat.fold_frames(self.ema[sel], mags, self.a)
             if len(members) == b:
                 self.ema = s
             else:
