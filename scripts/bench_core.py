@@ -2,7 +2,7 @@
 
     python scripts/bench_core.py [--lengths 1024,2048] [--namm PATH] [--device cpu|cuda] [--out runs/bench_core]
     python scripts/bench_core.py --prefill-ratios [--prefill-length 1024] [--repeats 5]
-    python scripts/bench_core.py --e2e [--prompt-tokens 4096] [--new-tokens 256]
+    python scripts/bench_core.py --e2e [--prompt-tokens 4096] [--new-tokens 256] [--e2e-repeats 3]
 
 For each prompt length and policy (full cache, NAMM with delay 512 -- the --namm checkpoint, or zero parameters
 (keep-all, the largest N) when --namm names no checkpoint, e.g. `--namm none` --, H2O at 50%) one chunked prefill
@@ -22,10 +22,12 @@ tokens (--prefill-chunk N: chunked); median seconds and median of the per-repeat
 --e2e: what users evict for. A --prompt-tokens prompt, chunked prefill (128), --new-tokens greedy tokens, each
 policy in its own process: the unmodified model, full cache, NAMM (the shipped checkpoint), H2O at NAMM's realised
 cache. Prefill s, decode ms/token, peak RSS, peak cache MB, realised cache, tokens equal to the full cache's; and
-the ratios to the full cache. Writes e2e.json + e2e.md.
+the ratios to the full cache. Times come from --e2e-repeats rounds, each running every policy once in turn: the
+medians are reported, and the ratios to the full cache are medians of the within-round ratios with their range
+(decode at 4K tokens is memory-bound and drifts with the machine's load). Writes e2e.json + e2e.md.
 
 Peak RSS is measured from the loaded model on (the loading peak is reset with clear_refs). In --e2e each policy
-runs twice: timed with the default allocator, and once more with glibc's mmap threshold fixed (`memory_env`) for
+runs timed with the default allocator (once per round), and once more with glibc's mmap threshold fixed (`memory_env`) for
 its peak RSS, which then follows live memory rather than heap fragmentation (the two must generate the same tokens).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -285,29 +288,51 @@ def run_e2e(args) -> dict:
             "realised_fraction": realised, "tokens": generated, "budget": args.budget}
 
 
+def _ratio(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_vs_full_range", [None, None])
+    text = f"{row[f'{key}_vs_full']:.2f}"
+    return text if lo is None or row["policy"] == "full" else f"{text} [{lo:.2f}, {hi:.2f}]"
+
+
 def e2e(args) -> int:
     from namm_transfer.cli import UsageError
     from namm_transfer.records import write_json, write_text
 
-    rows = {}
-    for policy in ["plain", "full", "namm", "h2o"]:
-        budget = rows["namm"]["realised_fraction"] if policy == "h2o" else 1.0
+    policies = ["plain", "full", "namm", "h2o"]
+
+    def child(policy: str, budget: float, env) -> dict:
         cmd = [sys.executable, __file__, "--one-e2e", "--policy", policy, "--model", args.model, "--namm", args.namm,
                "--device", args.device, "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--budget", repr(budget)]
-        runs = []
-        for env in (None, memory_env()):  # times with the default allocator, memory with a fixed mmap threshold
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if res.returncode:
-                raise UsageError(f"the {policy} end-to-end run failed:\n{res.stderr[-2000:]}")
-            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        timed, measured = runs
-        if measured["tokens"] != timed["tokens"]:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            raise UsageError(f"the {policy} end-to-end run failed:\n{res.stderr[-2000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    # times: --e2e-repeats rounds, each running every policy once in turn (a slow spell of the machine then hits
+    # all policies of a round alike; ratios to the full cache are taken within a round, their median reported)
+    budgets = {p: 1.0 for p in policies}
+    timed: dict[str, list[dict]] = {p: [] for p in policies}
+    for rnd in range(args.e2e_repeats):
+        for policy in policies:
+            if policy == "h2o":
+                budgets["h2o"] = timed["namm"][0]["realised_fraction"]
+            timed[policy].append(t := child(policy, budgets[policy], None))
+            if t["tokens"] != timed[policy][0]["tokens"]:
+                raise UsageError(f"the {policy} runs generated different tokens")
+            print(f"  round {rnd + 1}/{args.e2e_repeats} {policy:5s} prefill {t['prefill_seconds']:.1f}s decode "
+                  f"{t['decode_ms_per_token']:.1f} ms/token", file=sys.stderr)
+    rows = {}
+    for policy in policies:  # memory: once per policy with a fixed mmap threshold (same tokens required)
+        measured = child(policy, budgets[policy], memory_env())
+        if measured["tokens"] != timed[policy][0]["tokens"]:
             raise UsageError(f"the {policy} memory run generated other tokens than its timed run")
-        rows[policy] = r = {**timed, **{k: measured[k] for k in ("peak_rss_mb", "rss_before_mb",
-                                                                   "peak_rss_above_start_mb", "peak_cache_mb")}}
-        print(f"  {policy:5s} prefill {r['prefill_seconds']:.1f}s decode {r['decode_ms_per_token']:.1f} ms/token",
-              file=sys.stderr)
+        runs = timed[policy]
+        rows[policy] = {**runs[0], **{k: measured[k] for k in ("peak_rss_mb", "rss_before_mb",
+                                                               "peak_rss_above_start_mb", "peak_cache_mb")},
+                        "prefill_seconds": statistics.median(r["prefill_seconds"] for r in runs),
+                        "decode_ms_per_token": statistics.median(r["decode_ms_per_token"] for r in runs),
+                        "rounds": [{k: r[k] for k in ("prefill_seconds", "decode_ms_per_token")} for r in runs]}
     full = rows["full"]
     for r in rows.values():
         same = 0
@@ -317,25 +342,32 @@ def e2e(args) -> int:
             same += 1
         r["tokens_equal_to_full"] = same
         r["answer_equal_to_full"] = r["tokens"] == full["tokens"]
-        for key in ("prefill_seconds", "decode_ms_per_token", "peak_rss_mb", "peak_rss_above_start_mb",
-                    "peak_cache_mb"):
+        for key in ("peak_rss_mb", "peak_rss_above_start_mb", "peak_cache_mb"):
             r[f"{key}_vs_full"] = r[key] / full[key]
+        for key in ("prefill_seconds", "decode_ms_per_token"):  # within-round ratios: median, and their range
+            ratios = [a[key] / b[key] for a, b in zip(r["rounds"], full["rounds"])]
+            r[f"{key}_vs_full"] = statistics.median(ratios)
+            r[f"{key}_vs_full_range"] = [min(ratios), max(ratios)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "e2e.json", {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                                  "threads": args.threads, "device": args.device, "rows": rows})
+                                  "threads": args.threads, "device": args.device, "rounds": args.e2e_repeats,
+                                  "rows": rows})
     lines = ["| policy | prefill s | decode ms/token | peak RSS MB | RSS growth MB | peak cache MB | realised cache % "
              "| prefill / full | decode / full | peak RSS / full | RSS growth / full | peak cache / full "
              "| first tokens equal to full |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['prefill_seconds']:.1f} | {r['decode_ms_per_token']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_above_start_mb']:.0f} | {r['peak_cache_mb']:.0f} | {100 * r['realised_fraction']:.1f} | "
-                     f"{r['prefill_seconds_vs_full']:.2f} | {r['decode_ms_per_token_vs_full']:.2f} | "
+                     f"{_ratio(r, 'prefill_seconds')} | {_ratio(r, 'decode_ms_per_token')} | "
                      f"{r['peak_rss_mb_vs_full']:.2f} | {r['peak_rss_above_start_mb_vs_full']:.2f} | "
                      f"{r['peak_cache_mb_vs_full']:.2f} | "
                      f"{r['tokens_equal_to_full']}/{r['new_tokens']} |")
     table = "\n".join(lines) + (f"\n\n{args.prompt_tokens}-token prompt + {args.new_tokens} greedy tokens; device "
-                                 f"{args.device}, {args.threads} thread(s); H2O at NAMM's realised cache. Peak RSS "
+                                 f"{args.device}, {args.threads} thread(s); times: median of {args.e2e_repeats} "
+                                 "rounds (each running every policy once in turn), ratios to full: median of the "
+                                 "within-round ratios [lowest, highest]; "
+                                 "H2O at NAMM's realised cache. Peak RSS "
                                  "from the model loaded on (the loading's own peak reset); RSS growth = that peak "
                                  "minus the RSS before the prompt (the first forward also pages in the weights); "
                                  "memory from a second run with glibc's mmap threshold at 128 KiB, times from a run "
@@ -363,6 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e", action="store_true", help="end-to-end: long prompt + generation, full vs NAMM vs H2O")
     ap.add_argument("--prompt-tokens", type=int_in(16), default=4096)
     ap.add_argument("--new-tokens", type=int_in(1), default=256)
+    ap.add_argument("--e2e-repeats", type=int_in(1), default=3,
+                    help="--e2e: rounds of timed runs (every policy once per round); medians are reported")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-e2e", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=1.0, help=argparse.SUPPRESS)
