@@ -18,7 +18,11 @@ declare -A CREATE=(
 )
 RUNS=${RUNS:-"training/namm-c50 training/namm-c75"}
 # Run from a snapshot of the committed code, so edits in the work tree never reach a running search.
-SNAP=runs/train-code
+# (SNAP: another folder for a second loop, e.g. one loop per folder when both cores are free:
+#     RUNS=training/namm-c50 SNAP=runs/train-code-c50 nohup training/run.sh > runs/training-c50.log 2>&1 &
+#     RUNS=training/namm-c75 SNAP=runs/train-code-c75 nohup training/run.sh > runs/training-c75.log 2>&1 &
+#  never two loops on the same folder)
+SNAP=${SNAP:-runs/train-code}
 rm -rf "$SNAP" && mkdir -p "$SNAP" && git archive HEAD namm_transfer scripts | tar -x -C "$SNAP" || exit 1
 echo "training code: $(git rev-parse --short HEAD)"
 while true; do
