@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
-from namm_transfer.evolution.trainer import Stage, TrainConfig, Trainer, setup_distributed, world  # noqa: E402
+from namm_transfer.evolution.trainer import (MODEL_DTYPES, Stage, TrainConfig, Trainer, setup_distributed,  # noqa: E402
+                                             world)
 
 
 def smollm2_tokenizer_and_config():
@@ -35,7 +36,7 @@ def smollm2_tokenizer_and_config():
     return AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
 
 
-def load_model(name: str, device: str):
+def load_model(name: str, device: str, dtype: torch.dtype = torch.float32):
     """A model name, or "tiny-<arch>" (tiny random LM) / "random-smollm2" (SmolLM2's shape, random weights):
     both use SmolLM2's tokenizer, for tests, smoke runs and timing where the weights cannot travel."""
     from transformers import AutoModelForCausalLM
@@ -52,8 +53,8 @@ def load_model(name: str, device: str):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        return model.to(device).eval(), tok
-    return load_causal_lm(name, device=device)
+        return model.to(device=device, dtype=dtype).eval(), tok
+    return load_causal_lm(name, device=device, dtype=dtype)
 
 
 def model_files_hash(name: str) -> str | None:
@@ -91,7 +92,7 @@ SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's 
     "elite_ratio": "elite_ratio", "samples_per_task": "samples_per_task", "pool_per_task": "pool_per_task",
     "stats_samples_per_task": "stats_samples_per_task", "member_batch": "member_batch", "chunk": "chunk",
     "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
-    "seed": "seed", "threads": "threads", "val_every": "val_every", "val_per_task": "val_per_task",
+    "seed": "seed", "threads": "threads", "dtype": "dtype", "val_every": "val_every", "val_per_task": "val_per_task",
     "val_baselines": "val_baselines",
 }
 
@@ -141,6 +142,9 @@ def main() -> None:
     ap.add_argument("--cache-target", type=float, help=f"default {d.cache_target}")
     ap.add_argument("--seed", type=int, help=f"default {d.seed}")
     ap.add_argument("--threads", type=int, help=f"default {d.threads}")
+    ap.add_argument("--dtype", choices=sorted(MODEL_DTYPES),
+                    help=f"the model's dtype (default {d.dtype}; bfloat16 runs ~2.6x faster on CPUs with AVX512-BF16; "
+                         "changing it on resume rescores the full-cache references)")
     ap.add_argument("--val-every", type=int, help=f"validation every N generations (default {d.val_every}; 0 = off)")
     ap.add_argument("--val-per-task", type=int, help=f"validation prompts per task (default {d.val_per_task})")
     ap.add_argument("--val-baselines", help="baselines scored at the NAMM's cache in validation (default h2o,recency)")
@@ -165,7 +169,7 @@ def main() -> None:
     device = args.device
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"
-    model, tok = load_model(cfg.model, device)
+    model, tok = load_model(cfg.model, device, MODEL_DTYPES[cfg.dtype])
     trainer = Trainer(cfg, model, tok, device, model_hash=model_files_hash(cfg.model))
     from contextlib import nullcontext
     from namm_transfer.cli import UsageError

@@ -44,6 +44,8 @@ def validation_trend(val: list[dict]) -> str:
     """'+0.054 [+0.004, +0.112] (gen 10 -> 20)': the mean change of NAMM's answer probability over the validation
     prompts between the last two validation points (same prompts, paired), with its bootstrap 95% interval."""
     pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
+    if pts:  # compare like with like: points scored with the latest point's model dtype
+        pts = [v for v in pts if v.get("dtype", "float32") == pts[-1].get("dtype", "float32")]
     if len(pts) < 2 or len(pts[-1]["namm_scores"]) != len(pts[-2]["namm_scores"]):
         return "-"
     mean, lo, hi = paired_difference_ci(pts[-1]["namm_scores"], pts[-2]["namm_scores"])

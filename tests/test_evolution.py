@@ -186,3 +186,25 @@ def test_other_model_files_under_the_same_name_are_refused(full_run, tmp_path):
     with pytest.raises(ValueError, match="model files: sha256:saved"):
         Probe("sha256:other").try_resume()
     assert Probe("sha256:saved").try_resume() and Probe(None).try_resume()
+
+
+def test_switching_the_model_dtype_rescores_references_and_bridges_the_validation(full_run, tmp_path):
+    """--dtype bfloat16 --change-settings on a float32 run: refused without the flag; with it, the change is
+    recorded, the full-cache references are scored again in bfloat16, the mean is validated again at the switch
+    (a second row at the same generation, tagged with its dtype), and the search goes on in bfloat16."""
+    out = copy_run(full_run[0], tmp_path / "run")
+    old = json.loads((out / "state.json").read_text())
+    res = run_train(["--out", out, "--dtype", "bfloat16"])
+    assert res.returncode == 2 and "dtype: 'float32' (saved) != 'bfloat16' (now)" in res.stderr
+    train(out, "--dtype", "bfloat16", "--change-settings", "--stages", "passkey:2,passkey+kv_retrieval:2", flags=[])
+    state = json.loads((out / "state.json").read_text())
+    assert state["config"]["dtype"] == "bfloat16" and state["es"]["generation"] == 4
+    assert state["settings_changes"][-1]["changes"] == ["dtype: 'float32' (saved) != 'bfloat16' (now)"]
+    shared = set(old["refs"]) & set(state["refs"])
+    assert shared and any(old["refs"][k] != state["refs"][k] for k in shared)  # rescored, not reused
+    rows = [(r["generation"], r.get("dtype")) for r in state["validation"]]
+    assert rows == [(1, "float32"), (2, "float32"), (3, "float32"), (3, "bfloat16"), (4, "bfloat16")]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from training_report import validation_trend
+    assert "(gen 3 -> 4)" in validation_trend(state["validation"])  # bfloat16 points compared with each other
+    assert "(gen 2 -> 3)" in validation_trend(state["validation"][:3])
