@@ -1,8 +1,8 @@
 """The committed language-NAMM searches (training/): their state loads, and the last generation replays exactly.
 
 From prev.state.* (the state one generation back) the CMA-ES draws the same population, the recorded member
-scores give the recorded ranking, and tell() lands bit for bit on the committed state; one member re-scored with
-SmolLM2 on one of that generation's prompts gives its recorded score. So a fresh clone continues the run exactly.
+scores give the recorded ranking, and tell() lands bit for bit on the committed state; the population re-scored
+with SmolLM2 on one of that generation's prompts gives every member its recorded score. So a fresh clone continues the run exactly.
 """
 from pathlib import Path
 
@@ -49,8 +49,13 @@ def test_last_generation_replays_exactly(run):
 
 
 @pytest.mark.parametrize("run", RUNS[:1], ids=[p.name for p in RUNS[:1]])
-def test_a_recorded_member_score_is_reproduced(run):
+def test_recorded_member_scores_are_reproduced(run):
+    """The generation's population scored again on its first prompt exactly as the trainer scored it (the same
+    member batches, shared prefix, the search's model dtype) gives every member its recorded score. (In bfloat16 a
+    member's score depends on the batch it was scored in — one member alone can land 0.1 away, once an eviction
+    decision flips — so the replay uses the trainer's batches.)"""
     from namm_transfer.evolution.fitness import encode_sample, score_rows
+    from namm_transfer.evolution.trainer import MODEL_DTYPES
     from namm_transfer.features import RunningStats
     from namm_transfer.language.models import load_causal_lm
     from namm_transfer.language.tasks import make_sample
@@ -60,7 +65,7 @@ def test_a_recorded_member_score_is_reproduced(run):
     es, cur_t, cur, cfg, row, population = replay(run)
     if cfg.model != "smollm2-135m":
         pytest.skip(f"search on {cfg.model}")
-    model, tok = load_causal_lm("smollm2-135m")
+    model, tok = load_causal_lm("smollm2-135m", dtype=MODEL_DTYPES[cfg.dtype])
     enable_memory_attention(model)
     namm_cfg = NAMMConfig(delay=cfg.delay)
     stats = RunningStats(namm_cfg.num_bins)
@@ -68,9 +73,13 @@ def test_a_recorded_member_score_is_reproduced(run):
         cur_t["stats_m2"], True
     task, seed, tokens, style = row["samples"][0].split("/")
     sample = encode_sample(make_sample(task, int(seed), int(tokens), tok), tok, style, int(tokens))
-    member = 3
-    res = score_rows(model, sample, NAMMPolicy(population[member:member + 1].float(), namm_cfg, stats), 1, cfg.chunk)
-    assert float(res.score[0]) == pytest.approx(row["member_scores"][member][0], abs=2e-4)
+    batch = cfg.member_batch or cfg.popsize
+    for start in range(0, cfg.popsize, batch):
+        group = list(range(start, min(start + batch, cfg.popsize)))
+        res = score_rows(model, sample, NAMMPolicy(population[group].float(), namm_cfg, stats), len(group),
+                         cfg.chunk, cfg.share_prefix)
+        for i, member in enumerate(group):
+            assert float(res.score[i]) == pytest.approx(row["member_scores"][member][0], abs=2e-4), member
 
 
 def test_readme_training_report_is_current():
