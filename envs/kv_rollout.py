@@ -101,7 +101,7 @@ def run_recompute(dt: DTPolicy, env, target_return: float, seed: int | None = No
                    res.length / wall, 1e3 * (wall - env_s) / res.length)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def kv_episode(dt: DTPolicy, env, stepper: KVStepper, target_return: float, seed: int | None = None,
                on_step: Callable[[int, KVStepper], None] | None = None) -> tuple[float, int, list[dict]]:
     """Step one episode through `stepper` (up to dt.max_ep_len steps): (return, length, env infos — the reset's
@@ -155,7 +155,7 @@ class _Row:
     final_tokens: float = 0.0
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def kv_batch(dt: DTPolicy, envs: list, stepper: KVStepper, target_return: float, seeds: list[int | None]
              ) -> list[_Row]:
     """len(envs) episodes in lockstep through `stepper`: one batch row (and MemoryCache row) per episode, one

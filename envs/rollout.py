@@ -68,7 +68,7 @@ def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | No
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_action(policy: DTPolicy, states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
                    rtg: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Action for the last timestep from the last K steps (inputs: (T, ·) unbatched, states normalised)."""

@@ -126,6 +126,7 @@ class KVStepper:
             raise RuntimeError("set_action() needs a previous step(): it replaces the action that step returned")
         self.prev_action = _rows(torch.as_tensor(action, dtype=torch.float32, device=self.device))
 
+    @torch.inference_mode()
     def keep_rows(self, rows: list[int]) -> None:
         """Continue with these batch rows only (finished episodes drop out): the cache's rows are selected with
         `MemoryCache.fork` (same policy, no step runs: every step due ran at the end of the last forward), and so
@@ -147,7 +148,7 @@ class KVStepper:
         edges = [0, *cuts, n]
         return list(zip(edges[:-1], edges[1:]))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def feed(self, embeds: torch.Tensor) -> torch.Tensor:
         """Run embedded tokens (B, n, hidden) through the encoder with the cache; returns hidden states."""
         outs = []
@@ -193,7 +194,7 @@ class KVStepper:
             for blk in enc.h]}
         return self._weights
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, state, return_to_go, timestep) -> torch.Tensor:
         """Append this timestep's tokens and return the predicted action ((act_dim,) or (B, act_dim))."""
         unbatched = torch.as_tensor(state).dim() == 1
