@@ -33,7 +33,8 @@ def summarise_run(folder: Path) -> dict:
     tasks = sorted({t for s in cfg["stages"] for t in s["tasks"]})
     return {"name": folder.name, "generations": info["es"]["generation"], "popsize": cfg["popsize"],
             "prompts": cfg["samples_per_task"] * len(tasks), "tokens": cfg["tokens"], "delay": cfg["delay"],
-            "target": cfg["cache_target"], "weight": cfg["cache_weight"], "sigma": info["es"]["sigma"],
+            "dtype": cfg.get("dtype", "float32"), "target": cfg["cache_target"], "weight": cfg["cache_weight"],
+            "sigma": info["es"]["sigma"],
             "hours": sum(r.get("seconds", 0) for r in hist + val) / 3600,
             "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
             "last_val": val[-1] if val else None, "n_val": len(val), "trend": validation_trend(val),
@@ -41,15 +42,22 @@ def summarise_run(folder: Path) -> dict:
 
 
 def validation_trend(val: list[dict]) -> str:
-    """'+0.054 [+0.004, +0.112] (gen 10 -> 20)': the mean change of NAMM's answer probability over the validation
-    prompts between the last two validation points (same prompts, paired), with its bootstrap 95% interval."""
+    """'+0.054 [+0.004, +0.112] (gen 10 -> 20, float32)': the mean change of NAMM's answer probability over the
+    validation prompts between the last two validation points scored with the same model dtype (same prompts,
+    paired), with its bootstrap 95% interval: the latest point's dtype, or, right after a dtype switch, the
+    previous dtype's last two points."""
     pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
-    if pts:  # compare like with like: points scored with the latest point's model dtype
-        pts = [v for v in pts if v.get("dtype", "float32") == pts[-1].get("dtype", "float32")]
-    if len(pts) < 2 or len(pts[-1]["namm_scores"]) != len(pts[-2]["namm_scores"]):
-        return "-"
-    mean, lo, hi = paired_difference_ci(pts[-1]["namm_scores"], pts[-2]["namm_scores"])
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {pts[-2]['generation']} -> {pts[-1]['generation']})"
+    dtypes = []
+    for v in reversed(pts):  # most recent first
+        if v.get("dtype", "float32") not in dtypes:
+            dtypes.append(v.get("dtype", "float32"))
+    for dtype in dtypes:
+        same = [v for v in pts if v.get("dtype", "float32") == dtype]
+        if len(same) >= 2 and len(same[-1]["namm_scores"]) == len(same[-2]["namm_scores"]):
+            mean, lo, hi = paired_difference_ci(same[-1]["namm_scores"], same[-2]["namm_scores"])
+            return (f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {same[-2]['generation']} -> {same[-1]['generation']}, "
+                    f"{dtype})")
+    return "-"
 
 
 def report(root: Path = ROOT) -> str:
@@ -68,7 +76,7 @@ def report(root: Path = ROOT) -> str:
         else:
             val = ("not yet", "-", "-")
         lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
-                     f"(~{r['tokens']} tokens, delay {r['delay']}) | {r['target']} (weight {r['weight']}) | "
+                     f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}) | {r['target']} (weight {r['weight']}) | "
                      f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
         lines.append("| (none) | | | | | | | | | | |")

@@ -206,5 +206,5 @@ def test_switching_the_model_dtype_rescores_references_and_bridges_the_validatio
     assert rows == [(1, "float32"), (2, "float32"), (3, "float32"), (3, "bfloat16"), (4, "bfloat16")]
     sys.path.insert(0, str(ROOT / "scripts"))
     from training_report import validation_trend
-    assert "(gen 3 -> 4)" in validation_trend(state["validation"])  # bfloat16 points compared with each other
-    assert "(gen 2 -> 3)" in validation_trend(state["validation"][:3])
+    assert "(gen 3 -> 4, bfloat16)" in validation_trend(state["validation"])  # same-dtype points compared
+    assert "(gen 2 -> 3, float32)" in validation_trend(state["validation"][:4])  # right after the switch

@@ -102,7 +102,7 @@ def test_validation_trend_is_the_paired_change_of_the_last_two_points():
     text = mod.validation_trend([{"generation": 10, "namm_scores": before}, {"generation": 20, "namm_scores": after}])
     mean, lo, hi = (float(x.strip("[],")) for x in text.split()[:3])
     assert mean == pytest.approx(0.0867, abs=5e-4) and 0.05 <= lo < mean < hi <= 0.12
-    assert text.endswith("(gen 10 -> 20)")
+    assert text.endswith("(gen 10 -> 20, float32)")
     assert mod.validation_trend([{"generation": 10, "namm_scores": before}]) == "-"
     mixed = [b + d for b, d in zip(before, [0.3, -0.3, 0.2, -0.2, 0.1, -0.1])]  # no change on average
     mean, lo, hi = (float(x.strip("[],")) for x in mod.validation_trend(
