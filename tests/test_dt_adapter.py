@@ -155,3 +155,17 @@ def test_batched_rows_are_independent_episodes():
         alone = KVStepper(model, L2Norm(0.5, delay=48))
         one = torch.stack([alone.step(states[b, t], rtg[b, t], t) for t in range(30)])
         torch.testing.assert_close(both[b], one, atol=1e-5, rtol=0)
+
+
+def test_stepper_outputs_are_ordinary_tensors():
+    """The stepper runs under torch.inference_mode; what it hands back outside it can be updated in place."""
+    model = tiny_dt()
+    stepper = KVStepper(model, FullCache())
+    action = stepper.step(torch.zeros(model.config.state_dim), 1.0, 0)
+    assert not action.is_inference()
+    action.clamp_(-0.5, 0.5)
+    hidden = stepper.feed(torch.zeros(1, 1, model.config.hidden_size))
+    assert not hidden.is_inference()
+    hidden.mul_(2)
+    with torch.inference_mode():
+        assert stepper.step(torch.zeros(model.config.state_dim), 1.0, 1).is_inference()  # no copy inside

@@ -80,6 +80,12 @@ def predict_action_rows(model, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """What a public method hands back: the stepper runs under torch.inference_mode (less per-op overhead), whose
+    tensors refuse in-place updates outside it; outside inference mode the caller gets an ordinary copy."""
+    return t if torch.is_inference_mode_enabled() else t.clone()
+
+
 def step_embeddings(model, return_to_go: torch.Tensor, state: torch.Tensor, timestep: torch.Tensor,
                     prev_action: torch.Tensor | None = None, prev_timestep: torch.Tensor | None = None
                     ) -> torch.Tensor:
@@ -148,9 +154,13 @@ class KVStepper:
         edges = [0, *cuts, n]
         return list(zip(edges[:-1], edges[1:]))
 
-    @torch.inference_mode()
     def feed(self, embeds: torch.Tensor) -> torch.Tensor:
         """Run embedded tokens (B, n, hidden) through the encoder with the cache; returns hidden states."""
+        with torch.inference_mode():
+            hidden = self._feed(embeds)
+        return _plain(hidden)
+
+    def _feed(self, embeds: torch.Tensor) -> torch.Tensor:
         outs = []
         for s, e in self.split_points(embeds.shape[1]):
             x = embeds[:, s:e]
@@ -194,16 +204,20 @@ class KVStepper:
             for blk in enc.h]}
         return self._weights
 
-    @torch.inference_mode()
     def step(self, state, return_to_go, timestep) -> torch.Tensor:
         """Append this timestep's tokens and return the predicted action ((act_dim,) or (B, act_dim))."""
+        with torch.inference_mode():
+            action = self._step(state, return_to_go, timestep)
+        return _plain(action)
+
+    def _step(self, state, return_to_go, timestep) -> torch.Tensor:
         unbatched = torch.as_tensor(state).dim() == 1
         dev = self.device
         state = _rows(torch.as_tensor(state, dtype=torch.float32, device=dev))
         rtg = torch.as_tensor(return_to_go, dtype=torch.float32, device=dev).reshape(state.shape[0], 1)
         t = torch.as_tensor(timestep, dtype=torch.long, device=dev).reshape(state.shape[0])
         x = step_embeddings(self.model, rtg, state, t, self.prev_action, self.prev_timestep)
-        hidden = self.feed(x)
+        hidden = self._feed(x)
         action = predict_action_rows(self.model, hidden[:, -1])
         self.prev_action, self.prev_timestep = action, t
         self._track_fraction(x.shape[1])
