@@ -92,6 +92,18 @@ def spectrogram_frames(attn: torch.Tensor, overlap: torch.Tensor, n_fft: int = 3
     return torch.hypot(y[:, :, :bins], y[:, :, bins:])
 
 
+def fold_row_frames(rows: torch.Tensor, first: int, frames: int, ema: torch.Tensor, a: float, n_fft: int = 32,
+                    hop: int = 16) -> torch.Tensor:
+    """Fold `frames` STFT frames of each row's slots into its EMA: frame j reads query rows first + j * hop ..
+    first + j * hop + n_fft - 1 of rows (R, L, N) (C-contiguous rows of N slots); ema (R, bins, N) -> the new EMA.
+    Windowed DFT as one batched matmul, magnitudes, then `fold_frames`; native.spectrogram_fold is the same in one pass."""
+    r, _, n = rows.shape
+    view = rows.as_strided((r, frames, n_fft, n), (rows.stride(0), hop * n, n, 1), rows.storage_offset() + first * n)
+    y = torch.matmul(dft_basis(n_fft, rows.device), view)  # (R, F, 2 bins, N)
+    bins = n_fft // 2 + 1
+    return fold_frames(ema, torch.hypot(y[:, :, :bins], y[:, :, bins:]), a)
+
+
 def fold_frames(ema: torch.Tensor, mags: torch.Tensor, a: float) -> torch.Tensor:
     """EMA over F new frames in one product: a^F ema + sum_f (1 - a) a^(F-1-f) mags_f.
     ema (..., bins, N); mags (..., F, bins, N) -> (..., bins, N)."""

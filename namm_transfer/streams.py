@@ -136,18 +136,15 @@ class SpectrogramEMA(AttentionStream):
             part = rows if len(members) == b else rows[sel]
             r_ = part.shape[0]
             self.frame_slots += r_ * h * frames * n
+            flat_rows = part.reshape(r_ * h, lead + q, n)  # frame j ends at row lead + first_end + j hop
+            flat_ema = self.ema[sel].reshape(r_ * h, self.bins, n)
             if fused:  # the same arithmetic in one pass (native.py)
                 weights = feat._fold_weights(frames, self.a, attention.device)[0]
-                s = native.spectrogram_fold(part.reshape(r_ * h, lead + q, n), first_end, frames,
-                                            feat.dft_basis(self.n_fft), weights, self.a ** frames,
-                                            self.ema[sel].reshape(r_ * h, self.bins, n)).view(r_, h, self.bins, n)
+                s = native.spectrogram_fold(flat_rows, first_end, frames, feat.dft_basis(self.n_fft), weights,
+                                            self.a ** frames, flat_ema)
             else:
-                view = part.as_strided((r_, h, frames, self.n_fft, n),
-                                       (part.stride(0), part.stride(1), self.hop * n, n, 1),
-                                       part.storage_offset() + first_end * n)  # frame ends at lead + first_end + j hop
-                y = torch.matmul(feat.dft_basis(self.n_fft, attention.device), view)  # (R, H, F, 2 bins, N)
-                mags = torch.hypot(y[:, :, :, :self.bins], y[:, :, :, self.bins:])  # (R, H, F, bins, N)
-                s = feat.fold_frames(self.ema[sel], mags, self.a)
+                s = feat.fold_row_frames(flat_rows, first_end, frames, flat_ema, self.a, self.n_fft, self.hop)
+            s = s.view(r_, h, self.bins, n)
             if len(members) == b:
                 self.ema = s
             else:

@@ -289,9 +289,12 @@ def run_e2e(args) -> dict:
 
 
 def _ratio(row: dict, key: str) -> str:
-    lo, hi = row.get(f"{key}_vs_full_range", [None, None])
+    """'0.87 [0.79, 0.94]': the median within-round ratio to the full cache and its range (the full cache: 1.00)."""
     text = f"{row[f'{key}_vs_full']:.2f}"
-    return text if lo is None or row["policy"] == "full" else f"{text} [{lo:.2f}, {hi:.2f}]"
+    if row["policy"] == "full":
+        return text
+    lo, hi = row[f"{key}_vs_full_range"]
+    return f"{text} [{lo:.2f}, {hi:.2f}]"
 
 
 def e2e(args) -> int:
@@ -315,7 +318,7 @@ def e2e(args) -> int:
     timed: dict[str, list[dict]] = {p: [] for p in policies}
     for rnd in range(args.e2e_repeats):
         for policy in policies:
-            if policy == "h2o":
+            if policy == "h2o":  # NAMM's realised cache (its runs generate the same tokens, so the same cache)
                 budgets["h2o"] = timed["namm"][0]["realised_fraction"]
             timed[policy].append(t := child(policy, budgets[policy], None))
             if t["tokens"] != timed[policy][0]["tokens"]:

@@ -47,12 +47,9 @@ def validation_trend(val: list[dict]) -> str:
     paired), with its bootstrap 95% interval: the latest point's dtype, or, right after a dtype switch, the
     previous dtype's last two points."""
     pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
-    dtypes = []
-    for v in reversed(pts):  # most recent first
-        if v.get("dtype", "float32") not in dtypes:
-            dtypes.append(v.get("dtype", "float32"))
-    for dtype in dtypes:
-        same = [v for v in pts if v.get("dtype", "float32") == dtype]
+    dtype_of = lambda v: v.get("dtype", "float32")  # noqa: E731 -- points from before the setting are float32
+    for dtype in dict.fromkeys(dtype_of(v) for v in reversed(pts)):  # the most recent dtype first
+        same = [v for v in pts if dtype_of(v) == dtype]
         if len(same) >= 2 and len(same[-1]["namm_scores"]) == len(same[-2]["namm_scores"]):
             mean, lo, hi = paired_difference_ci(same[-1]["namm_scores"], same[-2]["namm_scores"])
             return (f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {same[-2]['generation']} -> {same[-1]['generation']}, "
