@@ -2,7 +2,7 @@
 
     python scripts/eval_language.py [--namm PATH] [--tasks passkey,kv_retrieval,passage_retrieval]
         [--tokens 1024] [--n 8] [--policies full,namm,h2o,l2,recency,snapkv] [--out runs/eval_language]
-    torchrun --nproc-per-node 8 scripts/eval_language.py --device cuda ...     # samples sharded over 8 GPUs
+    torchrun --nproc-per-node 8 scripts/eval_language.py --device cuda --samples-per-task 64 ...  # over 8 GPUs
 
 Samples come from the test split (seeds disjoint from training). Baselines run, per sample, at the realised
 cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list). Where eviction happens
@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "namm_transfer/checkpoints/namm-smollm2)")
     ap.add_argument("--tasks", type=name_list(TASKS), default=list(TASKS), help=", ".join(TASKS))
     ap.add_argument("--tokens", type=int_in(64), default=1024, help="target prompt length in tokens (>= 64)")
-    ap.add_argument("--n", type=int_in(1, SPLIT_SIZE), default=8, help="test samples per task")
+    ap.add_argument("--n", "--samples-per-task", dest="n", type=int_in(1, SPLIT_SIZE), default=8,
+                    help="test samples per task (under torchrun write --samples-per-task: torchrun reads --n as an "
+                         "abbreviation of its own options)")
     ap.add_argument("--policies", type=name_list(sorted(POLICIES)), default="full,namm,h2o,l2,recency,snapkv")
     ap.add_argument("--budget", type=budget, default=0.5, help="baseline budget when NAMM is not evaluated")
     ap.add_argument("--delay", type=int_in(1), default=512, help="baseline eviction period when NAMM is not evaluated")

@@ -3,6 +3,7 @@ run_dt, eval_language), resume from any mix of records.jsonl and rank journals, 
 
 One torchrun starts both ranks once and runs all three harnesses in them (tests/torchrun_harnesses.py); the
 1-process references run in this process. Timings and process memory are left out of the comparison."""
+import argparse
 import json
 import os
 import re
@@ -163,3 +164,36 @@ def test_rank_records_order_and_journal_names(tmp_path):
     done = rec.merge(["a", "c", "z"])
     assert list(done) == ["b", "a", "c", "z"] and lines(path) == [{"k": k} for k in "bacz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl", "records.rankx.jsonl"]
+
+
+class _Parser(Exception):
+    """Carries a harness's ArgumentParser out of its parse_args()."""
+
+
+@pytest.mark.parametrize("name", ["run_video", "run_dt", "eval_language"])
+def test_every_harness_option_has_a_spelling_torchrun_passes_through(name, monkeypatch):
+    """torchrun parses the whole command line with abbreviations allowed before any rank starts: a harness option
+    that abbreviates several of torchrun's own (eval_language's `--n` does) stops the README's command with
+    "ambiguous option". Every option needs a spelling that reaches the harness unchanged."""
+    from torch.distributed.run import get_args_parser
+
+    def grab(self, *args, **kwargs):
+        raise _Parser(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(_Parser) as caught:
+        script(name).parse_args([])
+    monkeypatch.undo()
+    torchrun = get_args_parser()
+
+    def passes(option: str) -> bool:
+        try:
+            parsed = torchrun.parse_args(["--nproc-per-node", "2", f"scripts/{name}.py", option, "1"])
+        except SystemExit:
+            return False
+        return parsed.training_script_args == [option, "1"]
+    actions = [a for a in caught.value.args[0]._actions if a.option_strings and a.dest != "help"]
+    assert actions
+    blocked = [a.option_strings for a in actions if not any(passes(o) for o in a.option_strings)]
+    assert not blocked, f"{name}: no spelling of {blocked} passes through torchrun"
+    if name == "eval_language":
+        assert not passes("--n") and passes("--samples-per-task")  # the alias the README names under torchrun
