@@ -300,6 +300,7 @@ def _ratio(row: dict, key: str) -> str:
 def e2e(args) -> int:
     from namm_transfer.cli import UsageError
     from namm_transfer.records import write_json, write_text
+    from namm_transfer.runs import content_hash
 
     policies = ["plain", "full", "namm", "h2o"]
 
@@ -353,9 +354,10 @@ def e2e(args) -> int:
             r[f"{key}_vs_full_range"] = [min(ratios), max(ratios)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    namm_hash = content_hash(args.namm) if Path(args.namm).exists() else None
     write_json(out / "e2e.json", {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                                   "threads": args.threads, "device": args.device, "rounds": args.e2e_repeats,
-                                  "rows": rows})
+                                  "namm": args.namm, "namm_hash": namm_hash, "rows": rows})
     lines = ["| policy | prefill s | decode ms/token | peak RSS MB | RSS growth MB | peak cache MB | realised cache % "
              "| prefill / full | decode / full | peak RSS / full | RSS growth / full | peak cache / full "
              "| first tokens equal to full |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -370,7 +372,7 @@ def e2e(args) -> int:
                                  f"{args.device}, {args.threads} thread(s); times: median of {args.e2e_repeats} "
                                  "rounds (each running every policy once in turn), ratios to full: median of the "
                                  "within-round ratios [lowest, highest]; "
-                                 "H2O at NAMM's realised cache. Peak RSS "
+                                 f"NAMM {args.namm} ({namm_hash}); H2O at NAMM's realised cache. Peak RSS "
                                  "from the model loaded on (the loading's own peak reset); RSS growth = that peak "
                                  "minus the RSS before the prompt (the first forward also pages in the weights); "
                                  "memory from a second run with glibc's mmap threshold at 128 KiB, times from a run "

@@ -154,3 +154,23 @@ def test_broken_namm_folder_is_a_clear_error(tmp_path, breakage):
         cfg.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="is not a readable NAMM checkpoint"):
         load_namm(tmp_path / "m")
+
+
+def test_shipped_operating_points_load_and_the_c50_one_is_the_file_its_test_table_measured():
+    """Both shipped NAMMs load as data; namm-smollm2-c50 is, byte for byte, the checkpoint the committed held-out
+    table of results/language/eval-n50-c50-g60 (and the e2e benchmark) recorded by hash."""
+    import json
+    from pathlib import Path
+
+    from namm_transfer.checkpoints import DEFAULT_NAMM, NAMM_C50
+    from namm_transfer.runs import content_hash
+    root = Path(__file__).resolve().parents[1]
+    for path in (DEFAULT_NAMM, NAMM_C50):
+        policy = load_namm(path)
+        assert policy.params.shape == (1, 4172) and bool(policy.params.isfinite().all())
+    meta = json.loads((NAMM_C50 / "config.json").read_text())["meta"]
+    assert (meta["variant"], meta["generation"], meta["cache_target"]) == ("namm-c50", 60, 0.5)
+    assert load_namm(NAMM_C50).delay == 256
+    recorded = json.loads((root / "results/language/eval-n50-c50-g60/run.json").read_text())["namm_hash"]
+    assert content_hash(NAMM_C50) == recorded
+    assert json.loads((root / "results/bench_core/e2e-c50.json").read_text())["namm_hash"] == recorded
