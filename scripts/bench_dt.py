@@ -9,6 +9,10 @@ rollout runs the same episode before and after each policy (their mean is the re
 on a shared machine). Reported per policy: policy ms/step (wall time minus env time: input preparation,
 model, eviction), the speed-up recompute ms / kv ms (goal >= 3x), and env steps/s with the env included
 and their ratio.
+A reference row, *plain KV loop*, times the same episode through the fast path's own arithmetic on one
+preallocated key/value buffer per layer with SDPA and none of MemoryCache's machinery (no policy, no eviction
+steps, no statistics): what a full-cache KV rollout of this DT costs at least on this machine, and so the highest
+full-cache speed-up any cache implementation here could reach (it must take the full cache's actions: compared).
 Baselines run at --budget (default: NAMM's realised fraction when namm is benchmarked, else 0.5); every
 policy evicts every --delay tokens (48 = 16 timesteps), except `window` (the K-step window, every timestep).
 With --repeats R each number is the median of R runs.
@@ -95,6 +99,12 @@ def bench(args) -> dict:
     run_recompute(dt, env, target, args.seed, max_steps=min(steps, 50))  # warm-up
     budget = args.budget if args.budget is None or args.budget <= 1 else int(args.budget)
     rows = []
+    plain_ms, plain_ref, plain_ret = [], [], None
+    for _ in range(args.repeats):
+        before = recompute()
+        plain_ms_one, plain_ret = time_plain_loop(dt, env, target, args.seed, steps)
+        plain_ms.append(plain_ms_one)
+        plain_ref.append((before.policy_ms + recompute().policy_ms) / 2)
     for name in args.policy_list:
         if name in BASELINES and budget is None:
             budget = next((r["eviction_fraction"] for r in rows if r["policy"] == "namm"
@@ -117,8 +127,12 @@ def bench(args) -> dict:
                      "realised_cache_pct": 100 * kv[0].realised_fraction,
                      "eviction_fraction": kv[0].eviction_fraction, "kv_policy_ms": kv_ms,
                      "recompute_policy_ms": ref_ms, "speedup": ref_ms / kv_ms, "kv_steps_per_s": kv_sps,
-                     "recompute_steps_per_s": ref_sps, "speedup_with_env": kv_sps / ref_sps})
+                     "recompute_steps_per_s": ref_sps, "speedup_with_env": kv_sps / ref_sps, "return": kv[0].ret})
     env.close()
+    full_ret = next((r["return"] for r in rows if r["policy"] == "full"), None)
+    plain = {"kv_policy_ms": median(plain_ms), "recompute_policy_ms": median(plain_ref),
+             "speedup": median(plain_ref) / median(plain_ms), "return": plain_ret,
+             "same_return_as_full": None if full_ret is None else plain_ret == full_ret}
 
     device = f"cpu, {args.threads} thread(s)"
     print(f"{spec.gym_id}, {steps}-step episode (reset seed {args.seed}), {device}, checkpoint {args.checkpoint}"
@@ -131,6 +145,10 @@ def bench(args) -> dict:
         print(f"| {r['policy']} | {b} | {r['steps']} | {r['realised_cache_pct']:.1f} | {r['kv_policy_ms']:.3f} | "
               f"{r['recompute_policy_ms']:.3f} | {r['speedup']:.2f}x | {r['kv_steps_per_s']:.0f} | "
               f"{r['recompute_steps_per_s']:.0f} | {r['speedup_with_env']:.2f}x |")
+    print(f"\nplain KV loop (reference: preallocated K/V + SDPA, no MemoryCache, no policy): {plain['kv_policy_ms']:.3f} "
+          f"ms/step against recompute {plain['recompute_policy_ms']:.3f} = {plain['speedup']:.2f}x, the ceiling of a "
+          f"full-cache KV rollout here" + ("" if plain["same_return_as_full"] is None else
+                                            f"; same return as full: {plain['same_return_as_full']}"))
     if args.batch > 1:
         print(f"\n{args.batch} episodes (reset seeds {args.seed}..{args.seed + args.batch - 1}), env included:")
         print("| policy | one by one, episodes/s | batched, episodes/s | ratio | returns equal |")
@@ -139,11 +157,80 @@ def bench(args) -> dict:
             print(f"| {r['policy']} | {r['seq_episodes_per_s']:.3f} | {r['batch_episodes_per_s']:.3f} | "
                   f"{r['batch_ratio']:.2f}x | {r['batch_returns_equal']} |")
     result = {"env": spec.gym_id, "steps": steps, "device": device, "checkpoint": args.checkpoint,
-              "namm": args.namm if namm is not None else None, "rows": rows}
+              "namm": args.namm if namm is not None else None, "rows": rows,
+              "plain_kv_loop": plain}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def time_plain_loop(dt, env, target: float, seed: int, steps: int) -> tuple[float, float]:
+    """(policy ms per step, return) of one episode of the plain KV loop (module docstring), timed as run_kv."""
+    import time
+
+    from envs.kv_rollout import TimedEnv, _capped, kv_episode
+
+    dt, env = _capped(dt, steps), env if isinstance(env, TimedEnv) else TimedEnv(env)
+    stepper = PlainKVLoop(dt.model, steps)
+    env_s, t0 = env.seconds, time.perf_counter()
+    ret, length, _ = kv_episode(dt, env, stepper, target, seed)
+    wall, env_s = time.perf_counter() - t0, env.seconds - env_s
+    return 1e3 * (wall - env_s) / length, ret
+
+
+def _plain_loop_class():
+    import torch
+    import torch.nn.functional as F
+
+    from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper, row_linear
+    from namm_transfer.policies import FullCache
+
+    class PlainKVLoop(KVStepper):
+        """KVStepper's fast path with the MemoryCache replaced by one preallocated (B, heads, slots, head_dim) key and
+        value buffer per layer and a direct SDPA call: the full cache's arithmetic with no bookkeeping."""
+
+        def __init__(self, model, max_steps: int):
+            self.slots = TOKENS_PER_STEP * max_steps
+            super().__init__(model, FullCache())
+
+        def reset(self) -> None:
+            super().reset()
+            self.buffers, self.n = None, 0
+
+        def _feed(self, x: torch.Tensor) -> torch.Tensor:
+            enc = self._weights or self._collect_weights()
+            h = x + enc["wpe0"]
+            b, n, d = h.shape
+            if self.buffers is None:
+                self.buffers = [tuple(x.new_empty(b, w["module"].num_heads, self.slots, w["module"].head_dim)
+                                      for _ in range(2)) for w in enc["blocks"]]
+            end = self.n + n
+            corner = None  # the new queries see every older slot and their own piece causally
+            if self.n and n > 1:
+                corner = (torch.arange(end, device=x.device)[None] <= self.n + torch.arange(n, device=x.device)[:, None])
+            for w, (keys, values) in zip(enc["blocks"], self.buffers):
+                attn = w["module"]
+                y = F.layer_norm(h, (d,), *w["ln_1"])
+                qkv = row_linear(y, *w["c_attn"]).view(b, n, 3, attn.num_heads, attn.head_dim)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+                keys[:, :, self.n:end], values[:, :, self.n:end] = k, v
+                o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=corner,
+                                                   is_causal=self.n == 0 and n > 1, scale=attn.scaling)
+                h = h + row_linear(o.transpose(1, 2).reshape(b, n, d), *w["c_proj"])
+                y = F.layer_norm(h, (d,), *w["ln_2"])
+                h = h + row_linear(w["act"](row_linear(y, *w["c_fc"])), *w["mlp_proj"])
+            self.n = end
+            return F.layer_norm(h, (d,), *enc["ln_f"])
+
+        def _track_fraction(self, n_new: int) -> None:
+            pass
+
+    return PlainKVLoop
+
+
+def PlainKVLoop(model, max_steps: int):  # noqa: N802 (a class built on first use: torch loads lazily here)
+    return _plain_loop_class()(model, max_steps)
 
 
 def time_batch(dt, gym_id: str, make_policy, target: float, seed: int, n: int, steps: int) -> dict:

@@ -87,6 +87,8 @@ def test_bench_dt_tiny(tiny_checkpoint, tmp_path, capsys):
     res = json.loads((tmp_path / "b.json").read_text())
     assert [r["policy"] for r in res["rows"]] == ["full", "namm", "l2"]
     assert all(r["speedup"] > 0 for r in res["rows"]) and "speed-up" in capsys.readouterr().out
+    # the plain KV loop (the speed ceiling of a full-cache rollout) takes the full cache's actions
+    assert res["plain_kv_loop"]["same_return_as_full"] is True and res["plain_kv_loop"]["speedup"] > 0
 
 
 def test_run_dt_refuses_bad_arguments_before_any_work(tiny_checkpoint, tmp_path, capsys):
