@@ -1,4 +1,5 @@
 """The cross-domain table in README.md is exactly what its make_tables command prints from the committed results."""
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -21,3 +22,26 @@ def test_readme_table_matches_the_command(monkeypatch):
     md, _, code = _script("make_tables").make_tables(paths, None)
     assert code == 0
     assert block.strip() == md.strip()
+
+
+def test_readme_namm_c50_test_table_is_read_from_its_committed_results():
+    """Every number of the README's namm-c50 test-split table (realised cache, answer p / full, EM, paired
+    differences) is the one results/language/eval-n50-c50-g60/summary.md holds for that task and baseline."""
+    readme = (ROOT / "README.md").read_text()
+    text = (ROOT / "results/language/eval-n50-c50-g60/summary.md").read_text()
+    means, paired = (part.splitlines() for part in text.split("Paired differences", 1))
+    header = "| task | realised cache % | NAMM answer p / full [95% CI] | NAMM EM (full) |"
+    start = readme.index(header)
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), readme[start:].splitlines()[2:]))
+    assert [r.split("|")[1].strip() for r in rows] == ["passkey", "kv_retrieval", "passage_retrieval", "all"]
+
+    def cells(task: str, policy: str, lines: list[str]) -> list[str]:
+        line = next(l for l in lines if l.startswith(f"| {task} | {policy} |"))
+        return [c.strip() for c in line.split("|")[1:-1]]
+    for row in rows:
+        task, cache, ratio, em, *diffs = [c.strip() for c in row.split("|")[1:-1]]
+        namm, full = cells(task, "namm", means), cells(task, "full", means)
+        assert (cache, ratio) == (namm[7], namm[6]), task
+        assert em == f"{namm[3].split()[0]} ({full[3].split()[0]})", task
+        for baseline, diff in zip(("h2o", "l2", "recency", "snapkv"), diffs):
+            assert cells(task, baseline, paired)[3] == diff, (task, baseline)
