@@ -3,6 +3,7 @@
     python scripts/bench_core.py [--lengths 1024,2048] [--namm PATH] [--device cpu|cuda] [--out runs/bench_core]
     python scripts/bench_core.py --prefill-ratios [--prefill-length 1024] [--repeats 5]
     python scripts/bench_core.py --e2e [--prompt-tokens 4096] [--new-tokens 256] [--e2e-repeats 3]
+    python scripts/bench_core.py --pool-e2e RUN1/e2e.json RUN2/e2e.json --out DIR    # rounds of several runs pooled
 
 For each prompt length and policy (full cache, NAMM with delay 512 -- the --namm checkpoint, or zero parameters
 (keep-all, the largest N) when --namm names no checkpoint, e.g. `--namm none` --, H2O at 50%) one chunked prefill
@@ -382,6 +383,62 @@ def e2e(args) -> int:
     return 0
 
 
+def pool_e2e(paths: list[str]) -> dict:
+    """The within-round ratios to the full cache of several --e2e result files (same prompt, tokens, device and
+    NAMM), pooled: per policy, every round's ratio, their median and a bootstrap 95% interval of the median over
+    rounds (decoding at 4K tokens drifts with the machine: more rounds pin the median down)."""
+    from namm_transfer.cli import UsageError
+    from namm_transfer.reporting.bootstrap import median_ci
+
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"{path}: not a readable bench_core --e2e result ({err})") from None
+    keys = ("prompt_tokens", "new_tokens", "threads", "device", "namm_hash")
+    for path, run in zip(paths, runs):
+        if "rows" not in run or any(run.get(k) != runs[0].get(k) for k in keys):
+            raise UsageError(f"{path} is not an --e2e result measured like {paths[0]} (these must match: "
+                             f"{', '.join(keys)})")
+        if any(run["rows"][p]["tokens"] != runs[0]["rows"][p]["tokens"] for p in runs[0]["rows"]):
+            raise UsageError(f"{path}: a policy generated other tokens than in {paths[0]}")
+    pooled = {"files": list(paths), **{k: runs[0].get(k) for k in keys}, "policies": {}}
+    for policy in runs[0]["rows"]:
+        entry = {"realised_fraction": runs[0]["rows"][policy]["realised_fraction"]}
+        for key in ("decode_ms_per_token", "prefill_seconds"):
+            ratios = [a[key] / b[key] for run in runs
+                      for a, b in zip(run["rows"][policy]["rounds"], run["rows"]["full"]["rounds"])]
+            median, lo, hi = median_ci(ratios)
+            entry[key] = {"ratios": ratios, "median": median, "ci95": [lo, hi]}
+        pooled["policies"][policy] = entry
+    pooled["rounds"] = len(pooled["policies"]["full"]["decode_ms_per_token"]["ratios"])
+    return pooled
+
+
+def pool_report(args) -> int:
+    from namm_transfer.records import write_json, write_text
+    pooled = pool_e2e(args.pool_e2e)
+    lines = ["| policy | realised cache % | rounds | decode / full: median [95% CI] | decode / full, every round | "
+             "prefill / full: median [95% CI] |", "|---|---|---|---|---|---|"]
+    for name, e in pooled["policies"].items():
+        if name == "full":
+            continue
+        d, p = e["decode_ms_per_token"], e["prefill_seconds"]
+        lines.append(f"| {name} | {100 * e['realised_fraction']:.1f} | {len(d['ratios'])} | {d['median']:.2f} "
+                     f"[{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] | {', '.join(f'{r:.2f}' for r in d['ratios'])} | "
+                     f"{p['median']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] |")
+    table = "\n".join(lines) + (f"\n\nWithin-round ratios to the full cache pooled over {pooled['rounds']} rounds of "
+                                 f"{len(pooled['files'])} runs ({', '.join(pooled['files'])}); median and a percentile "
+                                 "bootstrap 95% interval over rounds.\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "e2e-pooled.json", pooled)
+    write_text(out / "e2e-pooled.md", table)
+    print(table)
+    return 0
+
+
 def main(argv=None) -> int:
     from namm_transfer.checkpoints import DEFAULT_NAMM
     from namm_transfer.cli import default_out, int_in, number_list, out_help, run_cli
@@ -402,6 +459,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int_in(1), default=256)
     ap.add_argument("--e2e-repeats", type=int_in(1), default=3,
                     help="--e2e: rounds of timed runs (every policy once per round); medians are reported")
+    ap.add_argument("--pool-e2e", nargs="+", metavar="E2E_JSON", default=None,
+                    help="pool the rounds of several --e2e results (e2e.json files of the same settings): median "
+                         "within-round ratios with bootstrap 95%% intervals -> <out>/e2e-pooled.json/.md")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-e2e", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -414,6 +474,8 @@ def main(argv=None) -> int:
     if args.one_e2e:
         print(json.dumps(run_e2e(args)))
         return 0
+    if args.pool_e2e:
+        return run_cli(lambda: pool_report(args))
     if args.prefill_ratios:
         return run_cli(lambda: prefill_report(args))
     if args.e2e:

@@ -32,3 +32,33 @@ def test_prefill_ratios_and_e2e_rows(monkeypatch):
     assert rows["plain"]["tokens"] == rows["full"]["tokens"] and len(rows["full"]["tokens"]) == 5
     assert rows["h2o"]["realised_fraction"] < 1 and rows["full"]["realised_fraction"] == 1
     assert rows["full"]["prefill_seconds"] > 0 and rows["full"]["decode_ms_per_token"] > 0
+
+
+def _e2e_file(path, decode: dict[str, list[float]], namm_hash="sha256:x", tokens=(1, 2)):
+    import json
+    rows = {p: {"tokens": list(tokens), "realised_fraction": 1.0 if p == "full" else 0.5,
+                "rounds": [{"decode_ms_per_token": d, "prefill_seconds": 10.0} for d in ds]}
+            for p, ds in decode.items()}
+    path.write_text(json.dumps({"prompt_tokens": 4096, "new_tokens": 256, "threads": 1, "device": "cpu",
+                                "namm_hash": namm_hash, "rows": rows}))
+    return str(path)
+
+
+def test_pool_e2e_pools_within_round_ratios_of_several_runs(tmp_path):
+    import pytest
+    from namm_transfer.cli import UsageError
+    a = _e2e_file(tmp_path / "a.json", {"full": [100, 80], "namm": [80, 72]})
+    b = _e2e_file(tmp_path / "b.json", {"full": [90], "namm": [81]})
+    pooled = bench_core.pool_e2e([a, b])
+    namm = pooled["policies"]["namm"]["decode_ms_per_token"]
+    assert namm["ratios"] == pytest.approx([0.8, 0.9, 0.9]) and namm["median"] == pytest.approx(0.9)
+    assert pooled["rounds"] == 3 and namm["ci95"][0] <= 0.9 <= namm["ci95"][1]
+    other = _e2e_file(tmp_path / "c.json", {"full": [90], "namm": [81]}, namm_hash="sha256:y")
+    with pytest.raises(UsageError, match="must match"):
+        bench_core.pool_e2e([a, other])
+    retokened = _e2e_file(tmp_path / "d.json", {"full": [90], "namm": [81]}, tokens=(1, 3))
+    with pytest.raises(UsageError, match="other tokens"):
+        bench_core.pool_e2e([a, retokened])
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(UsageError, match="not a readable"):
+        bench_core.pool_e2e([a, str(tmp_path / "bad.json")])

@@ -36,3 +36,12 @@ def test_ratio_ci_resamples_pairs_together():
     ref = np.array([1.0, 2.0, 3.0, 4.0] * 10)
     r, lo, hi = ratio_ci(0.9 * ref, ref)
     assert r == pytest.approx(0.9) and lo == pytest.approx(0.9) and hi == pytest.approx(0.9)
+
+
+def test_median_ci_brackets_the_median_and_ignores_one_outlier():
+    from namm_transfer.reporting.bootstrap import median_ci
+    values = [0.80, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.87, 0.88, 5.0]
+    med, lo, hi = median_ci(values)
+    assert med == pytest.approx(0.845)
+    assert 0.80 <= lo <= med <= hi <= 0.88  # one slow round moves the median's interval, not to the outlier
+    assert median_ci([0.9] * 5) == (0.9, 0.9, 0.9)

@@ -55,3 +55,10 @@ def ratio_ci(a, ref, n_boot: int = N_BOOT, seed: int = 0, groups=None) -> tuple[
     idx = resample_indices(len(a), n_boot, seed, groups)
     den = ref[idx].mean(1)
     return (float(a.mean() / ref.mean()), *_percentiles(a[idx].mean(1) / np.where(den == 0, np.nan, den)))
+
+
+def median_ci(values, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high) of the median of `values` (e.g. within-round speed ratios of a benchmark's rounds)."""
+    x = np.asarray(values, dtype=np.float64)
+    idx = resample_indices(len(x), n_boot, seed)
+    return (float(np.median(x)), *_percentiles(np.median(x[idx], axis=1)))
