@@ -132,13 +132,20 @@ def kv_episode(dt: DTPolicy, env, stepper: KVStepper, target_return: float, seed
 def run_kv(dt: DTPolicy, env, policy: MemoryPolicy, target_return: float, seed: int | None = None,
            refs: dict[str, Scorer] | None = None, max_steps: int | None = None, fast: bool = True) -> Episode:
     """One episode of the KV-cache rollout with `policy` managing the encoder's cache."""
-    dt, env = _capped(dt, max_steps), _timed(env)
     stepper = KVStepper(dt.model, policy, fast=fast)
+    ret, length, steps_per_s, policy_ms = timed_kv_episode(dt, env, stepper, target_return, seed, max_steps)
+    return Episode(KV, ret, length, _scores(ret, refs), stepper.mean_fraction(), stepper.mean_eviction_fraction(),
+                   float(np.mean(stepper.cache.cache_lengths())), steps_per_s, policy_ms)
+
+
+def timed_kv_episode(dt: DTPolicy, env, stepper: KVStepper, target_return: float, seed: int | None = None,
+                     max_steps: int | None = None) -> tuple[float, int, float, float]:
+    """`kv_episode` timed: (return, length, env steps per wall-clock second, policy milliseconds per step)."""
+    dt, env = _capped(dt, max_steps), _timed(env)
     env_s, t0 = env.seconds, time.perf_counter()
     ret, length, _ = kv_episode(dt, env, stepper, target_return, seed)
     wall, env_s = time.perf_counter() - t0, env.seconds - env_s
-    return Episode(KV, ret, length, _scores(ret, refs), stepper.mean_fraction(), stepper.mean_eviction_fraction(),
-                   float(np.mean(stepper.cache.cache_lengths())), length / wall, 1e3 * (wall - env_s) / length)
+    return ret, length, length / wall, 1e3 * (wall - env_s) / length
 
 
 @dataclass

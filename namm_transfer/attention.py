@@ -234,9 +234,13 @@ def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, star
         return n_vis, False, None
     if older == 0:
         return n_vis, True, None
-    vis = torch.arange(n_vis, device=layer.keys.device)[None, :] <= \
-        older + torch.arange(q, device=layer.keys.device)[:, None]
-    return n_vis, False, vis[None, None]
+    return n_vis, False, bottom_right_causal(n_vis, q, layer.keys.device)[None, None]
+
+
+def bottom_right_causal(n_vis: int, q: int, device) -> torch.Tensor:
+    """(q, n_vis) bool: q queries whose own keys are the last q of n_vis slots see every older slot and their own
+    keys up to their own (causal attention aligned to the bottom right)."""
+    return torch.arange(n_vis, device=device)[None, :] <= n_vis - q + torch.arange(q, device=device)[:, None]
 
 
 def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: int, e: int, need_probs: bool):

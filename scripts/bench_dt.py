@@ -28,7 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from envs.kv_rollout import timed_kv_episode  # noqa: E402
+from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper, row_linear  # noqa: E402
+from namm_transfer.attention import bottom_right_causal  # noqa: E402
 from namm_transfer.cli import budget, float_in, int_in, name_list, run_cli  # noqa: E402
+from namm_transfer.policies import FullCache  # noqa: E402
 from run_dt import (BASELINES, DEFAULT_DELAY, POLICY_NAMES, UsageError, load_checkpoint,  # noqa: E402
                     load_namm_policy, make_kv_policy)
 
@@ -66,7 +73,6 @@ def main(argv=None) -> int:
 
 
 def bench(args) -> dict:
-    import torch
     from transformers.utils import logging as transformers_logging
 
     from envs.kv_rollout import make_env, run_kv, run_recompute
@@ -102,8 +108,8 @@ def bench(args) -> dict:
     plain_ms, plain_ref, plain_ret = [], [], None
     for _ in range(args.repeats):
         before = recompute()
-        plain_ms_one, plain_ret = time_plain_loop(dt, env, target, args.seed, steps)
-        plain_ms.append(plain_ms_one)
+        plain_ret, _, _, ms = timed_kv_episode(dt, env, PlainKVLoop(dt.model, steps), target, args.seed, steps)
+        plain_ms.append(ms)
         plain_ref.append((before.policy_ms + recompute().policy_ms) / 2)
     for name in args.policy_list:
         if name in BASELINES and budget is None:
@@ -165,72 +171,44 @@ def bench(args) -> dict:
     return result
 
 
-def time_plain_loop(dt, env, target: float, seed: int, steps: int) -> tuple[float, float]:
-    """(policy ms per step, return) of one episode of the plain KV loop (module docstring), timed as run_kv."""
-    import time
+class PlainKVLoop(KVStepper):
+    """KVStepper's fast path with the MemoryCache replaced by one preallocated (B, heads, slots, head_dim) key and
+    value buffer per layer and a direct SDPA call: the full cache's arithmetic with no bookkeeping (the plain KV
+    loop of the module docstring)."""
 
-    from envs.kv_rollout import TimedEnv, _capped, kv_episode
+    def __init__(self, model, max_steps: int):
+        self.slots = TOKENS_PER_STEP * max_steps
+        super().__init__(model, FullCache())
 
-    dt, env = _capped(dt, steps), env if isinstance(env, TimedEnv) else TimedEnv(env)
-    stepper = PlainKVLoop(dt.model, steps)
-    env_s, t0 = env.seconds, time.perf_counter()
-    ret, length, _ = kv_episode(dt, env, stepper, target, seed)
-    wall, env_s = time.perf_counter() - t0, env.seconds - env_s
-    return 1e3 * (wall - env_s) / length, ret
+    def reset(self) -> None:
+        super().reset()
+        self.buffers, self.n = None, 0
 
+    def _feed(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self._weights or self._collect_weights()
+        h = x + enc["wpe0"]
+        b, n, d = h.shape
+        if self.buffers is None:
+            self.buffers = [tuple(x.new_empty(b, w["module"].num_heads, self.slots, w["module"].head_dim)
+                                  for _ in range(2)) for w in enc["blocks"]]
+        end = self.n + n
+        corner = bottom_right_causal(end, n, x.device) if self.n and n > 1 else None
+        for w, (keys, values) in zip(enc["blocks"], self.buffers):
+            attn = w["module"]
+            y = F.layer_norm(h, (d,), *w["ln_1"])
+            qkv = row_linear(y, *w["c_attn"]).view(b, n, 3, attn.num_heads, attn.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            keys[:, :, self.n:end], values[:, :, self.n:end] = k, v
+            o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=corner,
+                                               is_causal=self.n == 0 and n > 1, scale=attn.scaling)
+            h = h + row_linear(o.transpose(1, 2).reshape(b, n, d), *w["c_proj"])
+            y = F.layer_norm(h, (d,), *w["ln_2"])
+            h = h + row_linear(w["act"](row_linear(y, *w["c_fc"])), *w["mlp_proj"])
+        self.n = end
+        return F.layer_norm(h, (d,), *enc["ln_f"])
 
-def _plain_loop_class():
-    import torch
-    import torch.nn.functional as F
-
-    from namm_transfer.adapters.decision_transformer import TOKENS_PER_STEP, KVStepper, row_linear
-    from namm_transfer.policies import FullCache
-
-    class PlainKVLoop(KVStepper):
-        """KVStepper's fast path with the MemoryCache replaced by one preallocated (B, heads, slots, head_dim) key and
-        value buffer per layer and a direct SDPA call: the full cache's arithmetic with no bookkeeping."""
-
-        def __init__(self, model, max_steps: int):
-            self.slots = TOKENS_PER_STEP * max_steps
-            super().__init__(model, FullCache())
-
-        def reset(self) -> None:
-            super().reset()
-            self.buffers, self.n = None, 0
-
-        def _feed(self, x: torch.Tensor) -> torch.Tensor:
-            enc = self._weights or self._collect_weights()
-            h = x + enc["wpe0"]
-            b, n, d = h.shape
-            if self.buffers is None:
-                self.buffers = [tuple(x.new_empty(b, w["module"].num_heads, self.slots, w["module"].head_dim)
-                                      for _ in range(2)) for w in enc["blocks"]]
-            end = self.n + n
-            corner = None  # the new queries see every older slot and their own piece causally
-            if self.n and n > 1:
-                corner = (torch.arange(end, device=x.device)[None] <= self.n + torch.arange(n, device=x.device)[:, None])
-            for w, (keys, values) in zip(enc["blocks"], self.buffers):
-                attn = w["module"]
-                y = F.layer_norm(h, (d,), *w["ln_1"])
-                qkv = row_linear(y, *w["c_attn"]).view(b, n, 3, attn.num_heads, attn.head_dim)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-                keys[:, :, self.n:end], values[:, :, self.n:end] = k, v
-                o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=corner,
-                                                   is_causal=self.n == 0 and n > 1, scale=attn.scaling)
-                h = h + row_linear(o.transpose(1, 2).reshape(b, n, d), *w["c_proj"])
-                y = F.layer_norm(h, (d,), *w["ln_2"])
-                h = h + row_linear(w["act"](row_linear(y, *w["c_fc"])), *w["mlp_proj"])
-            self.n = end
-            return F.layer_norm(h, (d,), *enc["ln_f"])
-
-        def _track_fraction(self, n_new: int) -> None:
-            pass
-
-    return PlainKVLoop
-
-
-def PlainKVLoop(model, max_steps: int):  # noqa: N802 (a class built on first use: torch loads lazily here)
-    return _plain_loop_class()(model, max_steps)
+    def _track_fraction(self, n_new: int) -> None:
+        pass
 
 
 def time_batch(dt, gym_id: str, make_policy, target: float, seed: int, n: int, steps: int) -> dict:
