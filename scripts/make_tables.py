@@ -18,6 +18,13 @@ NAMM − L2, NAMM − recency per task, paired by (seed, episode) (every policy 
 from each folder's episodes.jsonl (all its kv-cache episodes); without it the summary's unpaired intervals are shown
 and the row says pairing was unavailable (namm_transfer/reporting/dt_grid.py).
 
+--points FOLDER...: more result folders, tabulated like the others, whose full-cache and NAMM scores are drawn as
+points in the sweep plots while their baselines are left out of the curves (e.g. eval_language runs of several
+NAMMs, whose baselines ran at each NAMM's per-sample cache, over a sweep of the baselines at fixed budgets):
+
+    python scripts/make_tables.py results/language/sweep-n50/budget-* --points results/language/eval-n50 \
+        results/language/eval-n50-c50-g60 --out results/language/sweep-n50
+
 A run whose --namm is a checkpoint written by `scripts/retention_maps.py --save-renorm` (normalisation statistics
 re-estimated on the target model) is reported as NAMM variant "namm-renorm", in its own rows.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,19 +40,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer.cli import default_out, out_help  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
 from namm_transfer.reporting.dt_grid import build_grid, grid_csv, grid_markdown  # noqa: E402
-from namm_transfer.reporting.plots import plot_sweep, slug, sweep_groups  # noqa: E402
-from namm_transfer.reporting.results import DOMAIN_TITLES, ResultFormatError, read_results  # noqa: E402
+from namm_transfer.reporting.plots import is_fixed, plot_sweep, slug, sweep_groups  # noqa: E402
+from namm_transfer.reporting.results import DOMAIN_TITLES, ResultFormatError, ResultSet, read_results  # noqa: E402
 from namm_transfer.reporting.tables import build_rows, missing_domains, to_csv, to_markdown  # noqa: E402
 
 
-def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], int]:
-    """(markdown, written files, exit code)."""
-    results, errors = [], []
-    for p in paths:
-        try:
-            results += read_results(p)
-        except ResultFormatError as err:
-            errors.append(str(err))
+def only_fixed(result: ResultSet) -> ResultSet:
+    """The result with just its full-cache and NAMM scores (the methods whose cache size no budget sets)."""
+    return replace(result, methods={m: s for m, s in result.methods.items() if is_fixed(m)})
+
+
+def make_tables(paths: list[str], out: Path | None, points: list[str] = ()) -> tuple[str, list[Path], int]:
+    """(markdown, written files, exit code). `points`: folders tabulated too, but only their full-cache and NAMM
+    scores join the sweep plots."""
+    results, point_results, errors = [], [], []
+    for sink, folders in ((results, paths), (point_results, points)):
+        for p in folders:
+            try:
+                sink.extend(read_results(p))
+            except ResultFormatError as err:
+                errors.append(str(err))
+    plotted = results + [only_fixed(r) for r in point_results]
+    results = results + point_results
     rows = build_rows(results)
     md = to_markdown(rows, missing_domains(results), errors)
     grid = build_grid(results)
@@ -59,7 +76,7 @@ def make_tables(paths: list[str], out: Path | None) -> tuple[str, list[Path], in
         if grid:
             write_text(out / "dt_grid.csv", grid_csv(grid))
             written.append(out / "dt_grid.csv")
-        for (domain, model, metric), panels in sweep_groups(results).items():
+        for (domain, model, metric), panels in sweep_groups(plotted).items():
             title = f"{DOMAIN_TITLES[domain]} — {model}: {metric} vs realised cache % (sources: table.md)"
             written.append(plot_sweep(panels, out / f"sweep_{slug(domain, Path(model).name, metric)}.png",
                                       title, metric))
@@ -71,8 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="result folders or their summary / records files")
     ap.add_argument("--out", default=str(default_out("tables")),
                     help="folder for table.md, table.csv, sweep_*.png; " + out_help("tables"))
+    ap.add_argument("--points", nargs="+", default=[], metavar="FOLDER",
+                    help="result folders whose full-cache and NAMM scores are plotted as points over the sweep "
+                         "(their baselines are tabulated, not plotted)")
     args = ap.parse_args(argv)
-    md, written, code = make_tables(args.results, Path(args.out))
+    md, written, code = make_tables(args.results, Path(args.out), args.points)
     print(md, end="")
     if written:
         print("wrote " + ", ".join(map(str, written)), file=sys.stderr)

@@ -89,3 +89,42 @@ def test_language_sweep_end_to_end(tmp_path, capsys):
     assert (out / "sweep_language_tiny-llama_answer-p.png").is_file()
     md = (out / "table.md").read_text()
     assert "(recorded argv (command.json))" in md
+
+
+def test_points_join_the_plot_without_their_baselines(tmp_path):
+    """--points: another NAMM's run adds its NAMM point to the sweep plot; its matched-cache baselines stay in the
+    table only, so the curves are the fixed-budget runs alone."""
+    folders = lang_sweep(tmp_path / "sweep")
+    other = write_language(tmp_path / "c50", {"full": LANG["full"], "namm": (0.85, 1.0, 0.7), "h2o": (0.2, 0.0, 0.7)},
+                           namm=None)
+    mt = _script("make_tables")
+    plotted = []
+    real_plot = mt.plot_sweep
+    mt.plot_sweep = lambda panels, path, *a: plotted.append(panels) or real_plot(panels, path, *a)
+    try:
+        md, written, code = mt.make_tables(list(map(str, folders)), tmp_path / "t", points=[str(other)])
+    finally:
+        mt.plot_sweep = real_plot
+    assert code == 0 and len(plotted) == 2
+    pts = plotted[0]["passkey (~300 tokens)"]
+    assert sorted(p.cache_pct for p in pts if p.method == "h2o") == [26.0, 51.0]  # not the 70% of the points run
+    assert sorted((p.cache_pct, p.score) for p in pts if p.method == "namm") == [(40.0, 0.8), (70.0, 0.85)]
+    assert "| 0.2 | 70.0 |" in md  # its baseline is still tabulated
+
+
+def test_sweep_under_torchrun_plan(tmp_path, capsys):
+    """--nproc-per-node 2: every call starts with torchrun (run as `python -m torch.distributed.run`), and the
+    harness's own parser still checks what follows the script."""
+    sb = _script("sweep_budgets")
+    code = sb.main(["--domain", "language", "--budgets", "0.5", "--no-namm", "--nproc-per-node", "2", "--out",
+                    str(tmp_path), "--dry-run", "--", "--n", "2", "--threads", "1"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert code == 0 and line.startswith("torchrun --standalone --nproc-per-node 2 ")
+    cmd = line.split()
+    assert sb.harness_argv(cmd)[:4] == ["--policies", "h2o,l2,recency", "--budget", "0.5"]
+    run = sb.executable(cmd)
+    assert run[1:4] == ["-m", "torch.distributed.run", "--standalone"] and run[-1] == str(tmp_path / "budget-0.5")
+    assert sb.executable(["python", "x.py", "--a"])[1:] == ["x.py", "--a"]
+    from helpers_inputs import refused
+    refused(sb.main, ["--domain", "dt", "--budgets", "0.5", "--nproc-per-node", "0", "--out", str(tmp_path / "s")],
+            capsys, "an integer >= 1")
