@@ -4,7 +4,8 @@
         [--tokens 1024] [--n 8] [--policies full,namm,h2o,l2,recency,snapkv] [--out runs/eval_language]
     torchrun --nproc-per-node 8 scripts/eval_language.py --device cuda --samples-per-task 64 ...  # over 8 GPUs
 
-Samples come from the test split (seeds disjoint from training). Baselines run, per sample, at the realised
+Samples come from the test split (seeds disjoint from training), or with --split validation from the split the
+search validates on (to pick a NAMM under this protocol without touching the test split). Baselines run, per sample, at the realised
 cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list). Where eviction happens
 (--protocol): "context-only" (default) runs eviction steps only while the context is read, then reads the question
 and the answer into the pruned cache; "query-aware" compresses the question too. Eviction never runs inside the
@@ -32,7 +33,7 @@ from namm_transfer.records import in_repo, write_json, write_text  # noqa: E402
 from namm_transfer.runs import content_hash, model_hash  # noqa: E402
 
 # protocol of runs recorded before --protocol existed: eviction steps anywhere, the answer included
-LEGACY = {"protocol": "anywhere (before --protocol)"}
+LEGACY = {"protocol": "anywhere (before --protocol)", "split": "test"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,9 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--namm", default=None, help="NAMM checkpoint folder or official ckpt.pt (default: the shipped "
                                                  "namm_transfer/checkpoints/namm-smollm2)")
     ap.add_argument("--tasks", type=name_list(TASKS), default=list(TASKS), help=", ".join(TASKS))
+    ap.add_argument("--split", default="test", choices=("test", "validation"),
+                    help="prompts from the held-out test split (default) or the search's validation split")
     ap.add_argument("--tokens", type=int_in(64), default=1024, help="target prompt length in tokens (>= 64)")
     ap.add_argument("--n", "--samples-per-task", dest="n", type=int_in(1, SPLIT_SIZE), default=8,
-                    help="test samples per task (under torchrun write --samples-per-task: torchrun reads --n as an "
+                    help="samples per task (under torchrun write --samples-per-task: torchrun reads --n as an "
                          "abbreviation of its own options)")
     ap.add_argument("--policies", type=name_list(sorted(POLICIES)), default="full,namm,h2o,l2,recency,snapkv")
     ap.add_argument("--budget", type=budget, default=0.5, help="baseline budget when NAMM is not evaluated")
@@ -92,7 +95,7 @@ def run(args) -> int:
     namm_path = in_repo(Path(namm.source).resolve()) if namm else None
     model, tok, model_sha = world.in_turn(lambda: load_model(args.model, args.device))  # a first load fills a cache
     settings = {"model": args.model, "model_hash": model_sha, "namm": namm_path,
-                "namm_hash": content_hash(namm.source) if namm else None, "tokens": args.tokens,
+                "namm_hash": content_hash(namm.source) if namm else None, "split": args.split, "tokens": args.tokens,
                 "protocol": args.protocol, "style": args.style, "chunk": args.chunk,
                 "max_new_tokens": args.max_new_tokens, "budget": args.budget, "delay": args.delay,
                 "device": args.device}
@@ -112,7 +115,7 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: di
     journal = distributed.RankRecords(out / "records.jsonl", world, key=lambda r: (r["policy"], r["key"]))
     done = journal.load()
     samples = [(task, i, s) for task in args.tasks
-               for i, s in enumerate(make_split(task, "test", args.n, args.tokens, tok))]
+               for i, s in enumerate(make_split(task, args.split, args.n, args.tokens, tok))]
     keys = [(name, f"{task}/{sample.seed}/{args.tokens}") for task, _, sample in samples for name in policies]
     # the unit of work is one process's batch with all its policies: baselines take NAMM's cache on the same sample
     batches = [[(f"{task}/{sample.seed}/{args.tokens}", sample) for task, _, sample in
@@ -151,7 +154,7 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: di
         paired, paired_md = paired_differences(rows, "namm", [p for p in policies if p not in ("full", "namm")])
         write_json(out / "paired.json", paired)
         md += "\nPaired differences, NAMM - baseline at NAMM's cache (same samples):\n\n" + paired_md
-    note = (f"\nModel {args.model}; NAMM {namm_path or '-'}; test split, {args.n} samples per "
+    note = (f"\nModel {args.model}; NAMM {namm_path or '-'}; {args.split} split, {args.n} samples per "
             f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; baselines at the cache fraction NAMM "
             f"kept after its last eviction step on each sample; 95% intervals: bootstrap over samples (10,000 "
             f"resamples, stratified by task for 'all').\n")

@@ -133,6 +133,7 @@ def test_eval_language_refuses_bad_arguments_and_other_settings(tmp_path, capsys
     assert json.loads((out / "run.json").read_text())["model_hash"] == "generated (seed 0)"
     refused(mod.main, [*base, "--tokens", "320"], capsys, "other settings", "tokens: recorded 300, this run 320")
     refused(mod.main, [*base, "--model", "tiny-qwen2"], capsys, "model: recorded 'tiny-llama', this run 'tiny-qwen2'")
+    refused(mod.main, [*base, "--split", "validation"], capsys, "split: recorded 'test', this run 'validation'")
     save_namm(tmp_path / "namm", torch.randn(4172, generator=torch.Generator().manual_seed(1)) * 0.5, None)
     refused(mod.main, base, capsys, "namm_hash: recorded 'sha256:")
     assert snapshot(out) == before
@@ -142,3 +143,25 @@ def test_eval_language_refuses_bad_arguments_and_other_settings(tmp_path, capsys
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["task"], r["policy"], r["n"]) for r in summary} == {("passkey", "full", 1), ("all", "full", 1)}
     assert len((out / "records.jsonl").read_text().splitlines()) == 4
+
+
+def test_validation_split_runs_apart_from_test(tmp_path):
+    """--split validation scores the search's validation prompts (seeds 1,000,000+), its rows are labelled so they
+    never share a table row with test results, and a run recorded before --split existed resumes as a test run."""
+    from helpers_inputs import script
+    from namm_transfer.reporting import read_results
+    mod = script("eval_language")
+    base = ["--model", "tiny-llama", "--tasks", "passkey", "--tokens", "300", "--n", "1", "--policies", "full",
+            "--no-progress"]
+    assert mod.main([*base, "--split", "validation", "--out", str(tmp_path / "val")]) == 0
+    (rec,) = [json.loads(l) for l in (tmp_path / "val" / "records.jsonl").read_text().splitlines()]
+    assert rec["key"] == "passkey/1000000/300"
+    assert {r.benchmark for r in read_results(tmp_path / "val")} == {"passkey (~300 tokens) [validation split]"}
+    assert mod.main([*base, "--out", str(tmp_path / "test")]) == 0
+    run_file = tmp_path / "test" / "run.json"
+    legacy = {k: v for k, v in json.loads(run_file.read_text()).items() if k != "split"}
+    run_file.write_text(json.dumps(legacy))
+    assert mod.main([*base, "--out", str(tmp_path / "test")]) == 0
+    (rec,) = [json.loads(l) for l in (tmp_path / "test" / "records.jsonl").read_text().splitlines()]
+    assert rec["key"] == "passkey/2000000/300"
+    assert {r.benchmark for r in read_results(tmp_path / "test")} == {"passkey (~300 tokens)"}

@@ -254,6 +254,8 @@ def read_language(folder: Path, file: Path) -> list[ResultSet]:
     if len(tasks) == 2 and "all" in tasks:  # one task: "all" repeats it
         tasks = [t for t in tasks if t != "all"]
     tokens = f" (~{run['tokens']} tokens)" if "tokens" in run else ""
+    if run.get("split", "test") != "test":  # e.g. a validation-split run: never in the same row as test results
+        tokens += f" [{run['split']} split]"
     out = []
     for task in tasks:
         sel = [r for r in rows if r["task"] == task]
