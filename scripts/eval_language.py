@@ -154,10 +154,12 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: di
         paired, paired_md = paired_differences(rows, "namm", [p for p in policies if p not in ("full", "namm")])
         write_json(out / "paired.json", paired)
         md += "\nPaired differences, NAMM - baseline at NAMM's cache (same samples):\n\n" + paired_md
+    baselines = ("baselines at the cache fraction NAMM kept after its last eviction step on each sample"
+                 if "namm" in policies else f"baselines at --budget {args.budget:g} (kept after each eviction "
+                 f"step, every {args.delay} tokens; the realised cache also counts what is read after the last one)")
     note = (f"\nModel {args.model}; NAMM {namm_path or '-'}; {args.split} split, {args.n} samples per "
-            f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; baselines at the cache fraction NAMM "
-            f"kept after its last eviction step on each sample; 95% intervals: bootstrap over samples (10,000 "
-            f"resamples, stratified by task for 'all').\n")
+            f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; {baselines}; 95% intervals: "
+            f"bootstrap over samples (10,000 resamples, stratified by task for 'all').\n")
     write_json(out / "summary.json", table)
     write_text(out / "summary.md", md + note)
     print(md + note)

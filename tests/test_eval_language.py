@@ -156,6 +156,8 @@ def test_validation_split_runs_apart_from_test(tmp_path):
     assert mod.main([*base, "--split", "validation", "--out", str(tmp_path / "val")]) == 0
     (rec,) = [json.loads(l) for l in (tmp_path / "val" / "records.jsonl").read_text().splitlines()]
     assert rec["key"] == "passkey/1000000/300"
+    md = (tmp_path / "val" / "summary.md").read_text()
+    assert "validation split" in md and "baselines at --budget 0.5 (kept after each eviction step, every 512" in md
     assert {r.benchmark for r in read_results(tmp_path / "val")} == {"passkey (~300 tokens) [validation split]"}
     assert mod.main([*base, "--out", str(tmp_path / "test")]) == 0
     run_file = tmp_path / "test" / "run.json"
