@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
-from namm_transfer.evolution.trainer import (MODEL_DTYPES, Stage, TrainConfig, Trainer, setup_distributed,  # noqa: E402
-                                             world)
+from namm_transfer.evolution.trainer import (MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
+                                             setup_distributed, world)
 
 
 def smollm2_tokenizer_and_config():
@@ -92,7 +92,7 @@ SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's 
     "elite_ratio": "elite_ratio", "samples_per_task": "samples_per_task", "pool_per_task": "pool_per_task",
     "stats_samples_per_task": "stats_samples_per_task", "member_batch": "member_batch", "chunk": "chunk",
     "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
-    "seed": "seed", "threads": "threads", "dtype": "dtype", "val_every": "val_every", "val_per_task": "val_per_task",
+    "seed": "seed", "threads": "threads", "dtype": "dtype", "protocol": "protocol", "val_every": "val_every", "val_per_task": "val_per_task",
     "val_baselines": "val_baselines",
 }
 
@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--delay", type=int, help=f"eviction period in tokens (default {d.delay})")
     ap.add_argument("--no-share-prefix", action="store_true")
     ap.add_argument("--style", help=f"default {d.style}")
+    ap.add_argument("--protocol", choices=TRAIN_PROTOCOLS,
+                    help=f"where eviction steps run on a prompt (default {d.protocol}: while the context is read, "
+                         "as eval_language.py evaluates; 'anywhere': every --delay tokens, the answer included)")
     ap.add_argument("--cache-weight", type=float,
                     help="memory pressure: fitness -= W * max(0, realised cache - target) (default 0 = reference)")
     ap.add_argument("--cache-target", type=float, help=f"default {d.cache_target}")
@@ -154,6 +157,10 @@ def main() -> None:
                     help="stop after this many more generations (for runs done in pieces)")
     ap.add_argument("--change-settings", action="store_true",
                     help="continue a saved search under changed settings (the change is recorded in its state)")
+    ap.add_argument("--validate-now", action="store_true",
+                    help="score the CMA-ES mean on the validation prompts at the current generation (once per "
+                         "dtype/protocol/length), e.g. with --more-generations 0 before a --change-settings that "
+                         "changes them, so the switch has a validation point in both settings")
     ap.add_argument("--measure-speedup", action="store_true")
     ap.add_argument("--ship", action="store_true", help=f"copy <out>/namm to {DEFAULT_NAMM}")
     args = ap.parse_args()
@@ -191,7 +198,8 @@ def run(args, trainer: Trainer, cfg: TrainConfig) -> None:
         measure_speedup(trainer)
         return
     t0 = time.time()
-    trainer.train(args.max_generations, accept_changes=args.change_settings, more_generations=args.more_generations)
+    trainer.train(args.max_generations, accept_changes=args.change_settings, more_generations=args.more_generations,
+                  validate_now=args.validate_now)
     if world()[0] == 0:
         print(f"done: generation {trainer.es.generation}/{trainer.total_generations} in {time.time() - t0:.0f}s; "
               f"NAMM (CMA-ES mean) at {Path(cfg.out) / 'namm'}")

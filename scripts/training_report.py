@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from namm_transfer.evolution.trainer import validation_mode  # noqa: E402
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
 
@@ -33,7 +34,8 @@ def summarise_run(folder: Path) -> dict:
     tasks = sorted({t for s in cfg["stages"] for t in s["tasks"]})
     return {"name": folder.name, "generations": info["es"]["generation"], "popsize": cfg["popsize"],
             "prompts": cfg["samples_per_task"] * len(tasks), "tokens": cfg["tokens"], "delay": cfg["delay"],
-            "dtype": cfg.get("dtype", "float32"), "target": cfg["cache_target"], "weight": cfg["cache_weight"],
+            "dtype": cfg.get("dtype", "float32"), "protocol": cfg.get("protocol", "anywhere"),
+            "target": cfg["cache_target"], "weight": cfg["cache_weight"],
             "sigma": info["es"]["sigma"],
             "hours": sum(r.get("seconds", 0) for r in hist + val) / 3600,
             "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
@@ -43,18 +45,24 @@ def summarise_run(folder: Path) -> dict:
 
 def validation_trend(val: list[dict]) -> str:
     """'+0.054 [+0.004, +0.112] (gen 10 -> 20, float32)': the mean change of NAMM's answer probability over the
-    validation prompts between the last two validation points scored with the same model dtype (same prompts,
-    paired), with its bootstrap 95% interval: the latest point's dtype, or, right after a dtype switch, the
-    previous dtype's last two points."""
+    validation prompts between the last two validation points scored in the same mode (model dtype, eviction
+    protocol, prompt length: same prompts, paired), with its bootstrap 95% interval: the latest point's mode, or,
+    right after a switch, the previous mode's last two points."""
     pts = [v for v in val if isinstance(v.get("namm_scores"), list)]
-    dtype_of = lambda v: v.get("dtype", "float32")  # noqa: E731 -- points from before the setting are float32
-    for dtype in dict.fromkeys(dtype_of(v) for v in reversed(pts)):  # the most recent dtype first
-        same = [v for v in pts if dtype_of(v) == dtype]
+    for mode in dict.fromkeys(validation_mode(v) for v in reversed(pts)):  # the most recent mode first
+        same = [v for v in pts if validation_mode(v) == mode]
         if len(same) >= 2 and len(same[-1]["namm_scores"]) == len(same[-2]["namm_scores"]):
             mean, lo, hi = paired_difference_ci(same[-1]["namm_scores"], same[-2]["namm_scores"])
             return (f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] (gen {same[-2]['generation']} -> {same[-1]['generation']}, "
-                    f"{dtype})")
+                    f"{mode_label(mode)})")
     return "-"
+
+
+def mode_label(mode: tuple) -> str:
+    """'bfloat16' for the points of the searches' first settings; the protocol and length when they were recorded
+    ('bfloat16, context-only, ~1024 tokens')."""
+    dtype, protocol, tokens = mode
+    return dtype if protocol == "anywhere" else f"{dtype}, {protocol}, ~{tokens} tokens"
 
 
 def report(root: Path = ROOT) -> str:
@@ -65,6 +73,7 @@ def report(root: Path = ROOT) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         r = summarise_run(run)
+        protocol = "" if r["protocol"] == "anywhere" else f", {r['protocol']}"
         agree = f"{r['agreement']:.2f} (mean of {r['n_agree']})" if r["agreement"] is not None else "-"
         v = r["last_val"]
         if v:
@@ -73,7 +82,7 @@ def report(root: Path = ROOT) -> str:
         else:
             val = ("not yet", "-", "-")
         lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
-                     f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}) | {r['target']} (weight {r['weight']}) | "
+                     f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}{protocol}) | {r['target']} (weight {r['weight']}) | "
                      f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
         lines.append("| (none) | | | | | | | | | | |")

@@ -206,5 +206,73 @@ def test_switching_the_model_dtype_rescores_references_and_bridges_the_validatio
     assert rows == [(1, "float32"), (2, "float32"), (3, "float32"), (3, "bfloat16"), (4, "bfloat16")]
     sys.path.insert(0, str(ROOT / "scripts"))
     from training_report import validation_trend
-    assert "(gen 3 -> 4, bfloat16)" in validation_trend(state["validation"])  # same-dtype points compared
-    assert "(gen 2 -> 3, float32)" in validation_trend(state["validation"][:4])  # right after the switch
+    assert "(gen 3 -> 4, bfloat16, context-only, ~300 tokens)" in validation_trend(state["validation"])  # one dtype
+    assert "(gen 2 -> 3, float32, context-only, ~300 tokens)" in validation_trend(state["validation"][:4])  # switch
+
+
+def test_context_only_training_scores_what_eval_language_scores():
+    """A member's training score under protocol context-only is the answer probability eval_language's
+    evaluate_batch gives the same NAMM on the same prompt with its context-only limit (eviction steps stop where
+    the question starts), with the shared prefix or without; 'anywhere' keeps evicting into the question."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_namm import load_model
+    from namm_transfer.evolution.fitness import encode_sample, score_rows
+    from namm_transfer.language.benchmark import evaluate_batch
+    from namm_transfer.language.tasks import eviction_limit, make_sample
+    from namm_transfer.namm import NAMMConfig
+    from namm_transfer.policies import NAMMPolicy
+    torch.manual_seed(0)
+    from namm_transfer import enable_memory_attention
+    model, tok = load_model("tiny-llama", "cpu")
+    enable_memory_attention(model)
+    sample = make_sample("passkey", 2_000_003, 300, tok)
+    limit = eviction_limit(sample, tok, "context-only")
+    enc = encode_sample(sample, tok, "raw", 300, "context-only")
+    assert enc.evict_until == limit and 192 < limit < 288 < enc.length  # a step at 288 would fall in the question
+    assert encode_sample(sample, tok, "raw", 300).key == enc.key  # one full-cache reference for every protocol
+    assert encode_sample(sample, tok, "raw", 300).evict_until is None
+    params = torch.randn(4172, generator=torch.Generator().manual_seed(3)) * 0.5
+    namm = lambda: NAMMPolicy(params, NAMMConfig(delay=96))  # noqa: E731
+    shared = score_rows(model, enc, namm(), 2, 32, share_prefix=True)
+    alone = score_rows(model, enc, namm(), 1, 32, share_prefix=False)
+    (rec,) = evaluate_batch(model, tok, [sample], namm(), "namm", ["k"], chunk=32, max_new_tokens=1,
+                            evict_until=[limit])
+    assert float(shared.score[0]) == pytest.approx(float(alone.score[0]), abs=1e-6)
+    assert float(shared.score[0]) == pytest.approx(rec.answer_prob, abs=1e-4)
+    assert float(shared.kept_fraction[0]) == pytest.approx(rec.kept_fraction, abs=1e-6)
+    anywhere = score_rows(model, encode_sample(sample, tok, "raw", 300), namm(), 1, 32)
+    assert float(anywhere.cache_fraction[0]) < float(shared.cache_fraction[0])  # one more step, in the question
+
+
+def test_switching_the_protocol_and_length_bridges_the_validation(full_run, tmp_path):
+    """A search saved before --protocol existed resumes as 'anywhere' (no settings change; its validation rows get
+    the saved protocol and length); --protocol context-only --tokens 320 --change-settings is recorded, the mean
+    is validated again in the new mode at the switch, and the trend pairs points of one mode only."""
+    out = copy_run(full_run[0], tmp_path / "run")
+    state = json.loads((out / "state.json").read_text())
+    state["config"].pop("protocol")  # as written before the setting existed
+    for r in state["validation"]:
+        r.pop("protocol"), r.pop("tokens")
+    (out / "state.json").write_text(json.dumps(state))
+    # one more generation, same settings (validation every 5: none at generation 4)
+    train(out, "--stages", "passkey:2,passkey+kv_retrieval:2", "--val-every", "5", flags=[])
+    state = json.loads((out / "state.json").read_text())
+    assert state["config"]["protocol"] == "anywhere" and state["settings_changes"] == []
+    assert [(r["generation"], r["protocol"], r["tokens"]) for r in state["validation"]] == [
+        (g, "anywhere", 300) for g in (1, 2, 3)]
+    train(out, "--more-generations", "0", "--validate-now", flags=[])  # a point at the switch, old settings
+    state = json.loads((out / "state.json").read_text())
+    assert state["es"]["generation"] == 4 and state["validation"][-1]["generation"] == 4
+    train(out, "--protocol", "context-only", "--tokens", "320", "--change-settings", "--stages",
+          "passkey:2,passkey+kv_retrieval:3", flags=[])
+    state = json.loads((out / "state.json").read_text())
+    assert state["settings_changes"][-1] == {"generation": 4, "changes": [
+        "tokens: 300 (saved) != 320 (now)", "protocol: 'anywhere' (saved) != 'context-only' (now)"]}
+    modes = [(r["generation"], r["protocol"], r["tokens"]) for r in state["validation"]]
+    assert modes[-3:] == [(4, "anywhere", 300), (4, "context-only", 320), (5, "context-only", 320)]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from training_report import validation_trend
+    assert validation_trend(state["validation"]).endswith("(gen 4 -> 5, float32, context-only, ~320 tokens)")
+    assert validation_trend(state["validation"][:-1]).endswith("(gen 3 -> 4, float32)")
+    res = run_train(["--out", out, "--protocol", "everywhere"])
+    assert res.returncode == 2 and "invalid choice: 'everywhere'" in res.stderr

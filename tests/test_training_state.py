@@ -72,7 +72,7 @@ def test_recorded_member_scores_are_reproduced(run):
     stats.count, stats.mean, stats.m2, stats.frozen = cur["stats"]["count"], cur_t["stats_mean"], \
         cur_t["stats_m2"], True
     task, seed, tokens, style = row["samples"][0].split("/")
-    sample = encode_sample(make_sample(task, int(seed), int(tokens), tok), tok, style, int(tokens))
+    sample = encode_sample(make_sample(task, int(seed), int(tokens), tok), tok, style, int(tokens), cfg.protocol)
     batch = cfg.member_batch or cfg.popsize
     for start in range(0, cfg.popsize, batch):
         group = list(range(start, min(start + batch, cfg.popsize)))

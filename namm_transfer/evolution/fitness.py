@@ -21,17 +21,26 @@ class EncodedSample:
     task: str
     stream: torch.Tensor  # (1, P + A - 1): prompt then the answer without its last token (teacher forcing)
     answer: torch.Tensor  # (A,)
+    evict_until: int | None = None  # eviction steps only at token counts <= this (None: anywhere)
 
     @property
     def length(self) -> int:
         return self.stream.shape[1]
 
 
-def encode_sample(sample, tokenizer, style: str = "raw", tokens: int | None = None) -> EncodedSample:
+def encode_sample(sample, tokenizer, style: str = "raw", tokens: int | None = None,
+                  protocol: str = "anywhere") -> EncodedSample:
+    """Prompt + answer as one teacher-forced stream. `protocol`: where eviction steps may run — "anywhere"
+    (every `delay` tokens, into the question and the answer), or one of language.tasks.PROTOCOLS
+    ("context-only": while the context is read, as eval_language.py evaluates by default)."""
     prompt = tokenizer(sample.prompt(tokenizer, style), return_tensors="pt").input_ids
     answer = tokenizer(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    key = f"{sample.task}/{sample.seed}/{tokens or prompt.shape[1]}/{style}"
-    return EncodedSample(key, sample.task, torch.cat([prompt, answer[None, :-1]], dim=1), answer)
+    key = f"{sample.task}/{sample.seed}/{tokens or prompt.shape[1]}/{style}"  # the full-cache reference's key
+    until = None
+    if protocol != "anywhere":
+        from ..language.tasks import eviction_limit
+        until = eviction_limit(sample, tokenizer, protocol, style)
+    return EncodedSample(key, sample.task, torch.cat([prompt, answer[None, :-1]], dim=1), answer, until)
 
 
 @dataclass
@@ -58,7 +67,8 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     fork_at = policy.delay if (share_prefix and rows > 1 and policy.evicts and n > policy.delay) else 0
     if fork_at and fork_at % chunk:
         raise ValueError(f"delay {policy.delay} must be a multiple of the chunk size {chunk} to share the prefix")
-    cache = MemoryCache(HoldPolicy(policy)) if fork_at else MemoryCache(policy)
+    until = sample.evict_until
+    cache = MemoryCache(HoldPolicy(policy), evict_until=until) if fork_at else MemoryCache(policy, evict_until=until)
     answer_logits = []
     for s, e in chunk_bounds(0, n, chunk):
         if fork_at and s == fork_at:

@@ -41,6 +41,14 @@ class Stage:
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRAIN_PROTOCOLS = ("context-only", "query-aware", "anywhere")
+
+
+def validation_mode(row: dict) -> tuple:
+    """What a validation point's number depends on besides the NAMM: model dtype, protocol and prompt length
+    (points are comparable, and paired by prompt, only within one mode). Rows from before a field existed carry
+    its old value (float32, anywhere; tokens filled in from the run's settings on resume)."""
+    return row.get("dtype", "float32"), row.get("protocol", "anywhere"), row.get("tokens")
 
 
 @dataclass
@@ -49,6 +57,10 @@ class TrainConfig:
     out: str = "runs/namm-smollm2"
     stages: list[Stage] = field(default_factory=lambda: [Stage(["passkey"], 10)])
     tokens: int = 1024  # target prompt length
+    # where eviction steps run on a prompt: "context-only" (while the context is read; the question and answer
+    # are read into the pruned cache: eval_language.py's default protocol), "query-aware" (the question too), or
+    # "anywhere" (every `delay` tokens, the answer included: how searches ran before this setting existed)
+    protocol: str = "context-only"
     popsize: int = 8
     sigma0: float = 0.065
     elite_ratio: float = 0.5
@@ -93,6 +105,8 @@ class TrainConfig:
             problems.append(f"samples per task {self.samples_per_task} > pool per task {self.pool_per_task}")
         if self.delay % 16:
             problems.append(f"delay {self.delay}: must be a multiple of the NAMM's STFT hop (16)")
+        if self.protocol not in TRAIN_PROTOCOLS:
+            problems.append(f"protocol {self.protocol!r}: one of {', '.join(TRAIN_PROTOCOLS)}")
         if self.dtype not in MODEL_DTYPES:
             problems.append(f"dtype {self.dtype!r}: one of {', '.join(MODEL_DTYPES)}")
         if self.member_batch < 0 or self.val_every < 0 or self.val_per_task < 1:
@@ -125,6 +139,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"training settings carry unknown fields {unknown}")
         d = dict(d)
+        d.setdefault("protocol", "anywhere")  # saved before the setting existed: eviction steps ran anywhere
         d["stages"] = [Stage(list(s["tasks"]), int(s["generations"])) for s in d.get("stages", [])]
         return cls(**d)
 
@@ -247,7 +262,7 @@ class Trainer:
         enable_memory_attention(model)
         from ..language.tasks import make_split
         self.tasks = sorted({t for s in cfg.stages for t in s.tasks})
-        self.pool = {t: [encode_sample(s, tokenizer, cfg.style, cfg.tokens)
+        self.pool = {t: [encode_sample(s, tokenizer, cfg.style, cfg.tokens, cfg.protocol)
                          for s in make_split(t, "train", cfg.pool_per_task, cfg.tokens, tokenizer)]
                      for t in self.tasks}
         self._val: list[EncodedSample] | None = None
@@ -318,6 +333,9 @@ class Trainer:
         self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
         self.refs, self.history = info["refs"], info["history"]
         self.validation, self.settings_changes = info.get("validation", []), info.get("settings_changes", [])
+        for row in self.validation:  # points from before these fields were recorded: the saved run's settings
+            row.setdefault("protocol", saved.protocol)  # (neither changed in any run before they were recorded)
+            row.setdefault("tokens", saved.tokens)
         self.model_hash = self.model_hash or info.get("model_hash")
         if saved.dtype != self.cfg.dtype:  # full-cache references were scored in the old dtype: score them again
             self.refs = {}
@@ -411,7 +429,8 @@ class Trainer:
     def validation_samples(self) -> list[EncodedSample]:
         if self._val is None:
             from ..language.tasks import make_split
-            self._val = [encode_sample(s, self.tok, self.cfg.style, self.cfg.tokens) for t in self.tasks
+            self._val = [encode_sample(s, self.tok, self.cfg.style, self.cfg.tokens, self.cfg.protocol)
+                         for t in self.tasks
                          for s in make_split(t, "validation", self.cfg.val_per_task, self.cfg.tokens, self.tok)]
         return self._val
 
@@ -436,21 +455,25 @@ class Trainer:
                 r = score_rows(self.model, sample, policy, 1, self.cfg.chunk, share_prefix=False)
                 score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
         all_sum(score), all_sum(frac)
-        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, "dtype": self.cfg.dtype}
+        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, "dtype": self.cfg.dtype,
+               "protocol": self.cfg.protocol, "tokens": self.cfg.tokens}
         for i, name in enumerate(names):
             row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], frac[i:i + 1], samples)[1][0])
             row[f"{name}_cache"] = float(frac[i].mean())
             row[f"{name}_scores"] = [round(float(x), 6) for x in score[i]]
         return row
 
-    def maybe_validate(self) -> None:
+    def maybe_validate(self, now: bool = False) -> None:
+        """Validate the mean at multiples of val_every, again at a generation whose point was scored in another
+        mode (the settings changed there), or `now` (any generation, once per mode)."""
         g = self.es.generation
         every = self.cfg.val_every
-        if not every or g == 0:
+        if not (every or now) or g == 0:
             return
-        here = [r.get("dtype", "float32") for r in self.validation if r["generation"] == g]
-        bridge = bool(here) and self.cfg.dtype not in here  # the model's dtype changed at a validation point:
-        if self.cfg.dtype in here or (g % every and not bridge):  # score the same mean in the new dtype too
+        mode = validation_mode({"dtype": self.cfg.dtype, "protocol": self.cfg.protocol, "tokens": self.cfg.tokens})
+        here = [validation_mode(r) for r in self.validation if r["generation"] == g]
+        bridge = bool(here) and mode not in here  # dtype, protocol or length changed at a validation point:
+        if mode in here or (not now and (not every or g % every) and not bridge):  # the new mode too
             return
         t0 = time.time()
         row = self.validate()
@@ -458,12 +481,12 @@ class Trainer:
         self.validation.append(row)
         self.save()
         base = ", ".join(f"{b} {row[f'{b}_ratio']:.3f}" for b in self.cfg.val_baselines)
-        self.log(f"validation at generation {g} ({self.cfg.dtype}): NAMM {row['namm_ratio']:.3f} of full at "
+        self.log(f"validation at generation {g} ({self.cfg.dtype}, {self.cfg.protocol}, ~{self.cfg.tokens} tokens): NAMM {row['namm_ratio']:.3f} of full at "
                  f"{100 * row['namm_cache']:.1f}% cache; {base} ({row['seconds']:.0f}s)")
 
     # ---- loop ----------------------------------------------------------------------------------------------
     def train(self, max_generations: int | None = None, progress: bool = True, accept_changes: bool = False,
-              more_generations: int | None = None) -> None:
+              more_generations: int | None = None, validate_now: bool = False) -> None:
         resumed = self.try_resume(accept_changes)
         if not self.stats.frozen:
             t0 = time.time()
@@ -476,7 +499,7 @@ class Trainer:
         end = self.total_generations if max_generations is None else min(self.total_generations, max_generations)
         if more_generations is not None:
             end = min(end, self.es.generation + more_generations)
-        self.maybe_validate()
+        self.maybe_validate(now=validate_now)
         bar = None
         if progress and self.rank == 0:
             from tqdm import tqdm
@@ -542,16 +565,29 @@ def plot_curve(log_path: Path, png: Path, val_path: Path | None = None) -> None:
     ax[0].set_xlabel("generation"), ax[0].set_title("training (noisy: fresh prompts each generation)", fontsize=8)
     ax[0].legend(fontsize=7)
     if val:
+        # a line joins points of one validation mode only (dtype / protocol / length): a gap where it changes
+        gapped = []
+        for r in val:
+            if gapped and validation_mode(r) != validation_mode(next(q for q in reversed(gapped) if "n" in q)):
+                gapped.append({"generation": r["generation"], "gap": True})  # NaN everywhere: breaks the lines
+            gapped.append(r)
+        val = gapped
         vg = [r["generation"] for r in val]
         names = [k.removesuffix("_ratio") for k in val[-1] if k.endswith("_ratio")]
         for name in names:
             ax[1].plot(vg, [r.get(f"{name}_ratio", float("nan")) for r in val], marker="o", ms=3,
                        label=("NAMM (CMA-ES mean)" if name == "namm" else f"{name} at NAMM's cache"))
+        for r in val:
+            if r.get("gap"):
+                ax[1].axvline(r["generation"], color="grey", ls=":", lw=1)
         ax[1].set_xlabel("generation"), ax[1].set_ylabel("answer p / full cache")
-        ax[1].set_title(f"validation ({val[-1]['n']} fixed prompts)", fontsize=8), ax[1].legend(fontsize=7)
+        ax[1].set_title(f"validation ({val[-1]['n']} fixed prompts; dotted: dtype / protocol / length changed)",
+                        fontsize=8)
+        ax[1].legend(fontsize=7)
     ax[-1].plot(g, [100 * r["cache_fraction_mean"] for r in rows], label="population mean (training)")
     if val:
-        ax[-1].plot(vg, [100 * r["namm_cache"] for r in val], marker="o", ms=3, label="CMA-ES mean (validation)")
+        ax[-1].plot(vg, [100 * r.get("namm_cache", float("nan")) for r in val], marker="o", ms=3,
+                    label="CMA-ES mean (validation)")
     ax[-1].set_xlabel("generation"), ax[-1].set_ylabel("realised cache %"), ax[-1].legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
