@@ -4,7 +4,10 @@
 #     nohup training/run.sh > runs/training.log 2>&1 &
 # Each call of train_namm.py resumes its folder exactly (state saved every generation); the folders' small state
 # is committed at the end of the period so a fresh clone continues from it. First call creates a folder with
-# the settings below; later calls pass only --out (the saved settings are the run's settings).
+# the settings below; later calls pass only --out (the saved settings are the run's settings). Changes made since
+# with --change-settings are recorded in each state's settings_changes (both searches: bfloat16 from generation
+# 30; from generations 85 / 74 eviction steps only while the context is read, on ~1024-token prompts:
+# --protocol context-only --tokens 1024, the protocol and length eval_language.py tests with).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
