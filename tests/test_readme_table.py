@@ -45,3 +45,19 @@ def test_readme_namm_c50_test_table_is_read_from_its_committed_results():
         assert em == f"{namm[3].split()[0]} ({full[3].split()[0]})", task
         for baseline, diff in zip(("h2o", "l2", "recency", "snapkv"), diffs):
             assert cells(task, baseline, paired)[3] == diff, (task, baseline)
+
+
+def test_readme_validation_protocol_table_matches_the_runs():
+    """The README's table of candidates under the test protocol on validation prompts (section "Language NAMM
+    search in progress") quotes each run's summary.json: ratio of full with its interval and realised cache."""
+    import json
+    readme = (ROOT / "README.md").read_text()
+    runs = sorted((ROOT / "results/language/val-protocol").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        (row,) = [r for r in summary if r["task"] == "all" and r["policy"] == "namm"]
+        assert json.loads((run / "run.json").read_text())["split"] == "validation"
+        lo, hi = row["relative_to_full_ci95"]
+        cell = f"{row['relative_to_full']:.3f} [{lo:.3f}, {hi:.3f}] @ {row['realised_cache_pct']:.1f}%"
+        assert cell in readme, (run.name, cell)
