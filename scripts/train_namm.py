@@ -92,7 +92,8 @@ SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's 
     "elite_ratio": "elite_ratio", "samples_per_task": "samples_per_task", "pool_per_task": "pool_per_task",
     "stats_samples_per_task": "stats_samples_per_task", "member_batch": "member_batch", "chunk": "chunk",
     "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
-    "seed": "seed", "threads": "threads", "dtype": "dtype", "protocol": "protocol", "val_every": "val_every", "val_per_task": "val_per_task",
+    "seed": "seed", "threads": "threads", "dtype": "dtype", "protocol": "protocol", "val_every": "val_every",
+    "val_per_task": "val_per_task",
     "val_baselines": "val_baselines",
 }
 

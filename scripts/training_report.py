@@ -82,7 +82,8 @@ def report(root: Path = ROOT) -> str:
         else:
             val = ("not yet", "-", "-")
         lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
-                     f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}{protocol}) | {r['target']} (weight {r['weight']}) | "
+                     f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}{protocol}) | "
+                     f"{r['target']} (weight {r['weight']}) | "
                      f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
         lines.append("| (none) | | | | | | | | | | |")

@@ -220,9 +220,9 @@ def test_context_only_training_scores_what_eval_language_scores():
     from namm_transfer.language.benchmark import evaluate_batch
     from namm_transfer.language.tasks import eviction_limit, make_sample
     from namm_transfer.namm import NAMMConfig
+    from namm_transfer import enable_memory_attention
     from namm_transfer.policies import NAMMPolicy
     torch.manual_seed(0)
-    from namm_transfer import enable_memory_attention
     model, tok = load_model("tiny-llama", "cpu")
     enable_memory_attention(model)
     sample = make_sample("passkey", 2_000_003, 300, tok)

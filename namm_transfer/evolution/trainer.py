@@ -455,13 +455,16 @@ class Trainer:
                 r = score_rows(self.model, sample, policy, 1, self.cfg.chunk, share_prefix=False)
                 score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
         all_sum(score), all_sum(frac)
-        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, "dtype": self.cfg.dtype,
-               "protocol": self.cfg.protocol, "tokens": self.cfg.tokens}
+        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, **self.validation_settings()}
         for i, name in enumerate(names):
             row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], frac[i:i + 1], samples)[1][0])
             row[f"{name}_cache"] = float(frac[i].mean())
             row[f"{name}_scores"] = [round(float(x), 6) for x in score[i]]
         return row
+
+    def validation_settings(self) -> dict:
+        """The settings a validation point records and is compared by (see validation_mode)."""
+        return {"dtype": self.cfg.dtype, "protocol": self.cfg.protocol, "tokens": self.cfg.tokens}
 
     def maybe_validate(self, now: bool = False) -> None:
         """Validate the mean at multiples of val_every, again at a generation whose point was scored in another
@@ -470,7 +473,7 @@ class Trainer:
         every = self.cfg.val_every
         if not (every or now) or g == 0:
             return
-        mode = validation_mode({"dtype": self.cfg.dtype, "protocol": self.cfg.protocol, "tokens": self.cfg.tokens})
+        mode = validation_mode(self.validation_settings())
         here = [validation_mode(r) for r in self.validation if r["generation"] == g]
         bridge = bool(here) and mode not in here  # dtype, protocol or length changed at a validation point:
         if mode in here or (not now and (not every or g % every) and not bridge):  # the new mode too
@@ -481,8 +484,9 @@ class Trainer:
         self.validation.append(row)
         self.save()
         base = ", ".join(f"{b} {row[f'{b}_ratio']:.3f}" for b in self.cfg.val_baselines)
-        self.log(f"validation at generation {g} ({self.cfg.dtype}, {self.cfg.protocol}, ~{self.cfg.tokens} tokens): NAMM {row['namm_ratio']:.3f} of full at "
-                 f"{100 * row['namm_cache']:.1f}% cache; {base} ({row['seconds']:.0f}s)")
+        self.log(f"validation at generation {g} ({self.cfg.dtype}, {self.cfg.protocol}, ~{self.cfg.tokens} tokens): "
+                 f"NAMM {row['namm_ratio']:.3f} of full at {100 * row['namm_cache']:.1f}% cache; {base} "
+                 f"({row['seconds']:.0f}s)")
 
     # ---- loop ----------------------------------------------------------------------------------------------
     def train(self, max_generations: int | None = None, progress: bool = True, accept_changes: bool = False,
@@ -567,8 +571,8 @@ def plot_curve(log_path: Path, png: Path, val_path: Path | None = None) -> None:
     if val:
         # a line joins points of one validation mode only (dtype / protocol / length): a gap where it changes
         gapped = []
-        for r in val:
-            if gapped and validation_mode(r) != validation_mode(next(q for q in reversed(gapped) if "n" in q)):
+        for prev, r in zip([None, *val], val):
+            if prev is not None and validation_mode(r) != validation_mode(prev):
                 gapped.append({"generation": r["generation"], "gap": True})  # NaN everywhere: breaks the lines
             gapped.append(r)
         val = gapped
