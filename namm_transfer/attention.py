@@ -16,12 +16,14 @@ model's mask is purely causal and the policy reads no attention from these queri
 queries outside SnapKV's observation window), the queries go to fused SDPA with is_causal (no older slot), no mask
 (one query) or one shared bottom-right causal mask, as the unmodified model does; everything else keeps the
 explicit visibility below. Anything else (dropout in training, non-causal attention, an argument this module
-does not know, a mask it cannot read) raises `UnsupportedAttention` naming it before any output is produced.
+does not know, a mask it cannot read, keys or values that are not the tensors `cache.update` returned, a second
+attention call per layer and forward) raises `UnsupportedAttention` naming it before any output is produced.
 Without a MemoryCache the function is transformers' SDPA attention (or the same exact math when the model needs
 soft-capping, sinks or attention weights).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -192,16 +194,38 @@ def scatter_columns(probs: torch.Tensor, columns: torch.Tensor, total: int) -> t
 
 def memory_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function. query (B, H, q, D); key/value (B, H_kv, N, D) from the cache."""
-    spec = attention_spec(module, query, scaling, dropout, kwargs)
     pending = getattr(_CAPTURE, "pending", None)
     layer_idx = getattr(module, "layer_idx", None)
-    if pending is None or pending[1] != layer_idx or key is not pending[0].layers[layer_idx].keys:
+    if pending is None or pending[1] != layer_idx:
+        spec = attention_spec(module, query, scaling, dropout, kwargs)
+        captured = getattr(_CAPTURE, "captured", None)
+        if captured is not None and captured() is key:
+            raise UnsupportedAttention(f"{type(module).__name__} calls its attention more than once per layer and "
+                                       "forward over the keys of a MemoryCache; the memory attention reproduces "
+                                       "one call per layer only")
         return plain_attention(module, query, key, value, attention_mask, spec, kwargs)
+    layer = pending[0].layers[layer_idx]
     try:
-        return _cached_attention(module, pending[0].layers[layer_idx], query, attention_mask, spec)
+        spec = attention_spec(module, query, scaling, dropout, kwargs)
+        check_cached_tensors(module, layer, key, value)
+        out = _cached_attention(module, layer, query, attention_mask, spec)
     except BaseException:
         _CAPTURE.pending = None  # the cache stays unusable (awaiting capture); later plain forwards are unaffected
         raise
+    _CAPTURE.captured = weakref.ref(key)
+    return out
+
+
+def check_cached_tensors(module, layer, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The memory attention attends over the layer's slots, so the model must hand its attention function exactly
+    the keys and values `cache.update` returned. Families that cache something else (DeepSeek's compressed
+    latents) or change the tensors in between (JetMoE's repeated heads, DiffLlama's split values) are refused."""
+    for name, got, stored in (("keys", key, layer.keys), ("values", value, layer.values)):
+        if got is not stored:
+            raise UnsupportedAttention(
+                f"{type(module).__name__} attends over {name} other than the ones it stored in the cache (its "
+                f"attention changes them after cache.update: got shape {tuple(got.shape)}, stored "
+                f"{tuple(stored.shape)}); a MemoryCache cannot reproduce this family's attention")
 
 
 # queries whose probabilities are materialised at once (B, H, PROBS_BLOCK, N): bounds the transient memory of a long

@@ -29,6 +29,9 @@ FAMILIES = {
         head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
     "gpt_oss": (T.GptOssConfig, T.GptOssForCausalLM, dict(  # attention sinks, alternating windows, MoE
         head_dim=16, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
+    "llama4-chunked": (T.Llama4TextConfig, T.Llama4ForCausalLM, dict(  # chunked attention on the RoPE layer
+        head_dim=16, attention_chunk_size=WINDOW, no_rope_layers=[1, 0], num_local_experts=1, moe_layers=[],
+        intermediate_size_mlp=128)),
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {}),
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(num_key_value_heads=None)),

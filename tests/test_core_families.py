@@ -131,6 +131,44 @@ def test_a_family_whose_attention_cannot_be_routed_is_refused_when_enabling():
         enable_memory_attention(model)
 
 
+@pytest.mark.parametrize("name, config, model_cls, extra, what", [
+    ("diffllama", T.DiffLlamaConfig, T.DiffLlamaForCausalLM, {}, "values"),  # two calls over halves of V
+    ("deepseek_v3", T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # caches latents, expands them after
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,
+        n_group=1, topk_group=1), "keys"),
+    ("jetmoe", T.JetMoeConfig, T.JetMoeForCausalLM, dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2),
+     "keys"),  # repeats the cached heads after cache.update
+])
+def test_families_that_change_the_cached_tensors_are_refused(name, config, model_cls, extra, what):
+    """Attention routed through the interface, but over tensors derived from what the cache stored: refused at
+    the first forward (DiffLlama's keep-everything run was 7.1 logits away from the model before this check)."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = model_cls(config(**{**cfg, **extra})).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match=f"attends over {what} other than the ones it stored"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
+def test_a_second_attention_call_per_layer_is_refused(monkeypatch):
+    """A family whose layer calls its attention twice over the cached keys (one capture per layer and forward)."""
+    import transformers.models.mistral.modeling_mistral as mistral
+
+    real = mistral.ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def twice(name, default):
+        fn = real(name, default)
+        return lambda *a, **k: (fn(*a, **k), fn(*a, **k))[0]
+
+    monkeypatch.setattr(mistral.ALL_ATTENTION_FUNCTIONS, "get_interface", twice)
+    model = family_model("mistral")
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="more than once per layer"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
 def test_right_padding_is_refused():
     model = family_model("mistral")
     ids = prompt(n=20)
