@@ -21,6 +21,9 @@ DEFAULT_NAMM = PACKAGE_CHECKPOINTS / "namm-smollm2"  # the 45-generation NAMM ev
 # the second operating point: namm-c50's CMA-ES mean at generation 60 (training/namm-c50), picked on validation;
 # on the test split 0.933 of the full cache's answer probability at 72.5% cache (results/language/eval-n50-c50-g60)
 NAMM_C50 = PACKAGE_CHECKPOINTS / "namm-smollm2-c50"
+# the low operating point: the same search's mean at generation 100, after it moved to the test protocol; on the
+# test split 0.782 of the full cache's answer probability at 52.5% cache (results/language/eval-n50-c50-g100)
+NAMM_C50_G100 = PACKAGE_CHECKPOINTS / "namm-smollm2-c50-g100"
 _BUFFER_PREFIX = "stored_buffers_to_save.token_embedding_0_output_"
 
 

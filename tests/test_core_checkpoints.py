@@ -156,21 +156,24 @@ def test_broken_namm_folder_is_a_clear_error(tmp_path, breakage):
         load_namm(tmp_path / "m")
 
 
-def test_shipped_operating_points_load_and_the_c50_one_is_the_file_its_test_table_measured():
-    """Both shipped NAMMs load as data; namm-smollm2-c50 is, byte for byte, the checkpoint the committed held-out
-    table of results/language/eval-n50-c50-g60 (and the e2e benchmark) recorded by hash."""
+def test_shipped_operating_points_load_and_each_is_the_file_its_test_table_measured():
+    """Every shipped NAMM loads as data; namm-smollm2-c50 and namm-smollm2-c50-g100 are, byte for byte, the
+    checkpoints the committed held-out tables of results/language/eval-n50-c50-g60 (and the e2e benchmark) and
+    eval-n50-c50-g100 recorded by hash."""
     import json
     from pathlib import Path
 
-    from namm_transfer.checkpoints import DEFAULT_NAMM, NAMM_C50
+    from namm_transfer.checkpoints import DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100
     from namm_transfer.runs import content_hash
     root = Path(__file__).resolve().parents[1]
-    for path in (DEFAULT_NAMM, NAMM_C50):
+    for path in (DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100):
         policy = load_namm(path)
         assert policy.params.shape == (1, 4172) and bool(policy.params.isfinite().all())
-    meta = json.loads((NAMM_C50 / "config.json").read_text())["meta"]
-    assert (meta["variant"], meta["generation"], meta["cache_target"]) == ("namm-c50", 60, 0.5)
-    assert load_namm(NAMM_C50).delay == 256
+    for path, generation, run in ((NAMM_C50, 60, "eval-n50-c50-g60"), (NAMM_C50_G100, 100, "eval-n50-c50-g100")):
+        meta = json.loads((path / "config.json").read_text())["meta"]
+        assert (meta["variant"], meta["generation"], meta["cache_target"]) == ("namm-c50", generation, 0.5)
+        assert load_namm(path).delay == 256
+        recorded = json.loads((root / "results/language" / run / "run.json").read_text())["namm_hash"]
+        assert content_hash(path) == recorded, path
     recorded = json.loads((root / "results/language/eval-n50-c50-g60/run.json").read_text())["namm_hash"]
-    assert content_hash(NAMM_C50) == recorded
     assert json.loads((root / "results/bench_core/e2e-c50.json").read_text())["namm_hash"] == recorded

@@ -128,3 +128,16 @@ def test_sweep_under_torchrun_plan(tmp_path, capsys):
     from helpers_inputs import refused
     refused(sb.main, ["--domain", "dt", "--budgets", "0.5", "--nproc-per-node", "0", "--out", str(tmp_path / "s")],
             capsys, "an integer >= 1")
+
+
+def test_sweep_colours_keep_namm_points_apart_from_baseline_curves():
+    """Every method keeps one colour across panels, and no NAMM variant takes the colour of a baseline's curve
+    (the default cycle gave namm-c50 L2's orange)."""
+    from namm_transfer.reporting.plots import sweep_colours
+    methods = ["full", "h2o", "l2", "recency", "snapkv", "random", "namm", "namm-c50-g60", "namm-c50-g100"]
+    colours = sweep_colours(methods)
+    assert "full" not in colours and len(colours) == len(methods) - 1
+    curves = {colours[m] for m in ("h2o", "l2", "recency", "snapkv", "random")}
+    points = [colours[m] for m in ("namm", "namm-c50-g60", "namm-c50-g100")]
+    assert len(set(points)) == 3 and not curves & set(points)
+    assert [colours[m] for m in ("h2o", "l2", "recency", "snapkv")] == ["C0", "C1", "C2", "C3"]

@@ -261,3 +261,17 @@ def test_named_namm_variants_are_read_tabled_and_plotted(tmp_path):
                                             "namm-c50": MethodScore("namm-c50", 0.9, 50.0),
                                             "h2o": MethodScore("h2o", 0.8, 50.0)}})()
     assert row.namm.method == "namm-c50"
+
+
+def test_a_search_mean_is_named_with_its_generation(tmp_path):
+    """One search ships several means: a checkpoint whose meta records the generation is named variant-gN;
+    a renormalised copy keeps 'namm-renorm' (its meta carries the base's generation); no variant stays 'namm'."""
+    import torch
+    from namm_transfer import save_namm
+    from namm_transfer.reporting.results import namm_variant
+    for meta, name in (({"variant": "namm-c50", "generation": 100}, "namm-c50-g100"),
+                       ({"variant": "namm-renorm", "generation": 45}, "namm-renorm"),
+                       ({"generation": 45}, "namm"), ({"variant": "namm-c50", "generation": "100"}, "namm-c50")):
+        save_namm(tmp_path / name, torch.zeros(4172), None, meta=meta)
+        assert namm_variant(str(tmp_path / name)) == name, meta
+    assert namm_variant("namm_transfer/checkpoints/namm-smollm2-c50") == "namm-c50-g60"

@@ -60,32 +60,48 @@ def slug(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)[:120]
 
 
+def sweep_colours(methods: list[str]) -> dict[str, str]:
+    """One colour per method in every panel: budgeted baselines from the start of matplotlib's cycle, NAMM
+    variants from its end, so a NAMM point never takes the colour of a baseline's curve."""
+    points = [m for m in methods if is_namm(m)]
+    point_colours = [f"C{(4 + i) % 10}" for i in range(len(points))]
+    free = [f"C{i}" for i in range(10) if f"C{i}" not in point_colours] or ["C0"]
+    lines = [m for m in methods if m != "full" and not is_namm(m)]
+    return {**{m: free[i % len(free)] for i, m in enumerate(lines)}, **dict(zip(points, point_colours))}
+
+
 def plot_sweep(panels: dict[str, list[SweepPoint]], path: str | Path, title: str, ylabel: str) -> Path:
-    """One panel per benchmark; returns the PNG path."""
+    """One panel per benchmark, one legend below them all; returns the PNG path."""
     plt = _plt()
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), squeeze=False)
+    colours = sweep_colours(list(dict.fromkeys(p.method for pts in panels.values() for p in pts)))
+    legend: dict[str, object] = {}
     for ax, (bench, pts) in zip(axes[0], panels.items()):
         methods = list(dict.fromkeys(p.method for p in pts))
         for method in methods:
             mp = sorted((p for p in pts if p.method == method), key=lambda p: p.cache_pct)
             x, y = [p.cache_pct for p in mp], [p.score for p in mp]
             if method == "full":
-                ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="full cache")
+                handle = ax.axhline(float(np.mean(y)), color="black", ls="--", lw=1, label="full cache")
             elif is_namm(method):
                 marker = {"namm": "*", RENORM: "P"}.get(method, "D")
-                ax.scatter(x, y, s=110 if marker == "*" else 70, marker=marker, zorder=5,
-                           label=f"{method.upper() if method == 'namm' else method} (emergent cache)")
+                handle = ax.scatter(x, y, s=110 if marker == "*" else 70, marker=marker, zorder=5,
+                                    color=colours[method], edgecolors="black", linewidths=0.5,
+                                    label=f"{method.upper() if method == 'namm' else method} (emergent cache)")
             else:
-                ax.plot(x, y, marker="o", ms=4, label=method)
+                (handle,) = ax.plot(x, y, marker="o", ms=4, color=colours[method], label=method)
+            legend.setdefault(handle.get_label(), handle)
         ax.set_title(bench, fontsize=9)
         ax.set_xlabel("realised cache %")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, int(4.6 * n * 14)), fontsize=9)
-    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 8), fontsize=8,
+               frameon=False)
+    rows = -(-len(legend) // 8)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

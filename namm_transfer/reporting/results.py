@@ -196,17 +196,21 @@ def provenance(result_file: Path, folder: Path, script: str, run: dict | None, e
 
 def namm_variant(checkpoint: str | None) -> str:
     """The variant a NAMM checkpoint names in its meta ('namm-renorm' from `calibration.save_renormalised`,
-    'namm-c50' from a search toward a 50% cache target, ...), else 'namm'."""
+    'namm-c50' from a search toward a 50% cache target, ...), with the search's generation when the meta records
+    it ('namm-c50-g60': one search ships several means), else 'namm'."""
     if not checkpoint:
         return "namm"
     cfg = REPO_ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
     if cfg.is_file():
         try:
-            variant = json.loads(cfg.read_text()).get("meta", {}).get("variant")
-            if isinstance(variant, str) and is_namm(variant):
-                return variant
+            meta = json.loads(cfg.read_text()).get("meta", {})
         except json.JSONDecodeError:
-            pass
+            return "namm"
+        variant, generation = meta.get("variant"), meta.get("generation")
+        if isinstance(variant, str) and is_namm(variant) and variant != "namm":
+            if isinstance(generation, int) and not isinstance(generation, bool) and variant != RENORM:
+                return f"{variant}-g{generation}"
+            return variant
     return "namm"
 
 
