@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,7 @@ def to_markdown(rows: list[TableRow], missing: list[str] | None = None, errors: 
             lines.append(f"- NAMM variant {RENORM}: the language NAMM with normalisation statistics re-estimated on "
                          "the target model (keep-all pass); an ablation, reported separately from the default.")
         searched = sorted({r.namm.method for r in rows if r.namm and r.namm.method.startswith("namm-c")})
-        lines += [f"- NAMM variant {v}: evolved on language toward a realised cache of {v.removeprefix('namm-c')}% "
-                  f"(training/{v})." for v in searched]
+        lines += [searched_variant_note(v) for v in searched]
         notes = list(dict.fromkeys(n for row in rows for n in row.result.notes))
         lines += [f"- note: {n}" for n in notes]
         lines += ["", "Sources:"]
@@ -119,3 +119,15 @@ def to_csv(rows: list[TableRow], path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+def searched_variant_note(variant: str) -> str:
+    """The metric note of a NAMM from a search toward a cache target: 'namm-c50' or 'namm-c50-g100'."""
+    match = re.fullmatch(r"namm-c(\d+)(?:-g(\d+))?", variant)
+    if not match:
+        return f"- NAMM variant {variant}: evolved on language (see its checkpoint's meta)."
+    target, generation = match.groups()
+    search = f"namm-c{target}"
+    when = f", the CMA-ES mean at generation {generation}" if generation else ""
+    return (f"- NAMM variant {variant}: evolved on language toward a realised cache of {target}% "
+            f"(training/{search}{when}).")
