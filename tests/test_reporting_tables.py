@@ -277,11 +277,11 @@ def test_a_search_mean_is_named_with_its_generation(tmp_path):
     assert namm_variant("namm_transfer/checkpoints/namm-smollm2-c50") == "namm-c50-g60"
 
 
-def test_searched_variant_notes_name_the_search_and_generation():
+def test_searched_variant_notes_name_the_target_and_generation():
     from namm_transfer.reporting.tables import searched_variant_note
     assert searched_variant_note("namm-c50-g100") == ("- NAMM variant namm-c50-g100: evolved on language toward a "
-                                                      "realised cache of 50% (training/namm-c50, the CMA-ES mean at "
+                                                      "realised cache of 50% (hinge term; the CMA-ES mean at "
                                                       "generation 100).")
     assert searched_variant_note("namm-c75") == ("- NAMM variant namm-c75: evolved on language toward a realised "
-                                                 "cache of 75% (training/namm-c75).")
+                                                 "cache of 75% (hinge term).")
     assert "see its checkpoint's meta" in searched_variant_note("namm-cx")

@@ -122,12 +122,11 @@ def to_csv(rows: list[TableRow], path: str | Path | None = None) -> str:
 
 
 def searched_variant_note(variant: str) -> str:
-    """The metric note of a NAMM from a search toward a cache target: 'namm-c50' or 'namm-c50-g100'."""
+    """The metric note of a NAMM from a search with a cache target: 'namm-c50' or 'namm-c50-g100' (the variant
+    names the target the search had when the checkpoint was written, and the generation when its meta has one)."""
     match = re.fullmatch(r"namm-c(\d+)(?:-g(\d+))?", variant)
     if not match:
         return f"- NAMM variant {variant}: evolved on language (see its checkpoint's meta)."
     target, generation = match.groups()
-    search = f"namm-c{target}"
-    when = f", the CMA-ES mean at generation {generation}" if generation else ""
-    return (f"- NAMM variant {variant}: evolved on language toward a realised cache of {target}% "
-            f"(training/{search}{when}).")
+    when = f"; the CMA-ES mean at generation {generation}" if generation else ""
+    return f"- NAMM variant {variant}: evolved on language toward a realised cache of {target}% (hinge term{when})."
