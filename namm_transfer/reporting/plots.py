@@ -98,10 +98,10 @@ def plot_sweep(panels: dict[str, list[SweepPoint]], path: str | Path, title: str
         ax.set_xlim(0, 105)
         ax.grid(alpha=0.3)
     fig.suptitle(textwrap.fill(title, int(4.6 * n * 14)), fontsize=9)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 8), fontsize=8,
-               frameon=False)
-    rows = -(-len(legend) // 8)
-    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    ncol = min(len(legend), 2 * n + 1)  # about as many entries per row as fit under n panels
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    rows = -(-len(legend) // ncol)
+    fig.tight_layout(rect=(0, 0.065 * rows + 0.02, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
