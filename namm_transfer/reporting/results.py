@@ -203,8 +203,11 @@ def namm_variant(checkpoint: str | None) -> str:
     cfg = REPO_ROOT / checkpoint / "config.json"  # harnesses record paths inside the checkout relative to it
     if cfg.is_file():
         try:
-            meta = json.loads(cfg.read_text()).get("meta", {})
+            info = json.loads(cfg.read_text())
         except json.JSONDecodeError:
+            return "namm"
+        meta = info.get("meta") if isinstance(info, dict) else None
+        if not isinstance(meta, dict):
             return "namm"
         variant, generation = meta.get("variant"), meta.get("generation")
         if isinstance(variant, str) and is_namm(variant) and variant != "namm":
