@@ -7,7 +7,8 @@
 # the settings below; later calls pass only --out (the saved settings are the run's settings). Changes made since
 # with --change-settings are recorded in each state's settings_changes (both searches: bfloat16 from generation
 # 30; from generations 85 / 74 eviction steps only while the context is read, on ~1024-token prompts:
-# --protocol context-only --tokens 1024, the protocol and length eval_language.py tests with).
+# --protocol context-only --tokens 1024, the protocol and length eval_language.py tests with; namm-c75 only: --cache-target
+# 0.72 from generation 80, to settle below the goal's 75% cache).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
