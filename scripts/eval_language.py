@@ -6,11 +6,12 @@
 
 Samples come from the test split (seeds disjoint from training), or with --split validation from the split the
 search validates on (to pick a NAMM under this protocol without touching the test split). Baselines run, per
-sample, at the realised cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list). Where eviction happens
-(--protocol): "context-only" (default) runs eviction steps only while the context is read, then reads the question
-and the answer into the pruned cache; "query-aware" compresses the question too. Eviction never runs inside the
-answer. Rerunning the same command resumes from <out>/records.jsonl. Writes summary.json / summary.md (means with
-bootstrap 95% intervals) and paired.json (NAMM - each baseline on the same samples, paired 95% intervals).
+sample, at the realised cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list).
+Where eviction happens (--protocol): "context-only" (default) runs eviction steps only while the context is read,
+then reads the question and the answer into the pruned cache; "query-aware" compresses the question too.
+Eviction never runs inside the answer. Rerunning the same command resumes from <out>/records.jsonl. Writes
+summary.json / summary.md (means with bootstrap 95% intervals) and paired.json (NAMM - each baseline on the same
+samples, paired 95% intervals).
 """
 from __future__ import annotations
 

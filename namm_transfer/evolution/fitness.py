@@ -67,8 +67,7 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     fork_at = policy.delay if (share_prefix and rows > 1 and policy.evicts and n > policy.delay) else 0
     if fork_at and fork_at % chunk:
         raise ValueError(f"delay {policy.delay} must be a multiple of the chunk size {chunk} to share the prefix")
-    until = sample.evict_until
-    cache = MemoryCache(HoldPolicy(policy), evict_until=until) if fork_at else MemoryCache(policy, evict_until=until)
+    cache = MemoryCache(HoldPolicy(policy) if fork_at else policy, evict_until=sample.evict_until)
     answer_logits = []
     for s, e in chunk_bounds(0, n, chunk):
         if fork_at and s == fork_at:

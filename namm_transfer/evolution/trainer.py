@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..attention import enable_memory_attention
 from ..checkpoints import save_namm
 from ..features import RunningStats
+from ..language.tasks import PROTOCOLS, make_split
 from ..namm import NAMMConfig
 from ..policies import FullCache, NAMMPolicy, make_policy
 from ..records import write_text
@@ -41,7 +42,7 @@ class Stage:
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TRAIN_PROTOCOLS = ("context-only", "query-aware", "anywhere")
+TRAIN_PROTOCOLS = (*PROTOCOLS, "anywhere")  # eval_language.py's protocols, and eviction steps anywhere
 
 
 def validation_mode(row: dict) -> tuple:
@@ -260,7 +261,6 @@ class Trainer:
         self.validation: list[dict] = []
         self.settings_changes: list[dict] = []
         enable_memory_attention(model)
-        from ..language.tasks import make_split
         self.tasks = sorted({t for s in cfg.stages for t in s.tasks})
         self.pool = {t: [encode_sample(s, tokenizer, cfg.style, cfg.tokens, cfg.protocol)
                          for s in make_split(t, "train", cfg.pool_per_task, cfg.tokens, tokenizer)]
@@ -428,7 +428,6 @@ class Trainer:
     # ---- validation curve -------------------------------------------------------------------------------
     def validation_samples(self) -> list[EncodedSample]:
         if self._val is None:
-            from ..language.tasks import make_split
             self._val = [encode_sample(s, self.tok, self.cfg.style, self.cfg.tokens, self.cfg.protocol)
                          for t in self.tasks
                          for s in make_split(t, "validation", self.cfg.val_per_task, self.cfg.tokens, self.tok)]
