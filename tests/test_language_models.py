@@ -1,5 +1,9 @@
 """Model loading helpers: tiny random LMs, the tiny tokenizer, local-folder loading, SmolLM2 error paths."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ import torch
 from namm_transfer.language import models
 from namm_transfer.language.models import (cache_dir, load_causal_lm, smollm2_gguf_path, tiny_random_lm,
                                            tiny_tokenizer)
+from namm_transfer.runs import content_hash
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -75,3 +80,39 @@ def test_smollm2_loads_and_answers():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**enc, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+def _fake_converted_folder(folder, local_files_only):
+    folder.mkdir()
+    for name, text in (("config.json", "{}"), ("tokenizer.json", "{}"), ("model.safetensors", "weights")):
+        (folder / name).write_text(text)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"backend": "tokenizers", "is_local": True, "local_files_only": local_files_only}, indent=2) + "\n")
+    return folder
+
+
+def test_converted_folder_bytes_do_not_depend_on_hub_offline_setting(tmp_path):
+    """transformers records HF_HUB_OFFLINE in tokenizer_config.json; a folder converted while the hub was online
+    is repaired on reuse, so its content hash (checked when a training or evaluation folder resumes) is the same."""
+    online = _fake_converted_folder(tmp_path / "online", False)
+    offline = _fake_converted_folder(tmp_path / "offline", True)
+    assert content_hash(online) != content_hash(offline)
+    assert models.convert_smollm2(online) == online  # complete: reused, not reconverted
+    assert content_hash(online) == content_hash(offline)
+    assert json.loads((online / "tokenizer_config.json").read_text())["local_files_only"] is True
+    before = (offline / "tokenizer_config.json").stat().st_mtime_ns
+    models.convert_smollm2(offline)
+    assert (offline / "tokenizer_config.json").stat().st_mtime_ns == before  # already normal: left alone
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_is_the_same_online_and_offline(tmp_path):
+    code = ("import sys; from namm_transfer.language.models import convert_smollm2; "
+            "from namm_transfer.runs import content_hash; print(content_hash(convert_smollm2(sys.argv[1])))")
+    hashes = []
+    for offline in ("0", "1"):
+        env = {**os.environ, "HF_HUB_OFFLINE": offline}
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / offline)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        hashes.append(out.strip().splitlines()[-1])
+    assert hashes[0] == hashes[1]

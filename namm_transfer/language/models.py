@@ -6,6 +6,7 @@ safetensors folder in a user cache directory; later calls reload that folder in 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -46,11 +47,30 @@ def _is_complete(folder: Path) -> bool:
         any(folder.glob("*.safetensors"))
 
 
+def normalise_tokenizer_config(folder: Path) -> None:
+    """Make the saved tokenizer_config.json independent of the environment of the conversion: transformers
+    records there whether the hub was offline (HF_HUB_OFFLINE), so the folder's bytes, and the model hash that
+    training and evaluation folders check on resume, would differ between two conversions of the same GGUF.
+    The GGUF is a local file, so the value is always True; rewritten only when it differs."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    text = path.read_text()
+    config = json.loads(text)
+    if config.get("local_files_only") is True:
+        return
+    config["local_files_only"] = True
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def convert_smollm2(target: Path | None = None, force: bool = False) -> Path:
     """Dequantise the packaged GGUF once and save model + tokenizer as a safetensors folder (atomic rename).
     Returns the folder; reuses it when it is already complete."""
     target = Path(target) if target is not None else cache_dir() / SMOLLM2_CACHE_NAME
     if _is_complete(target) and not force:
+        normalise_tokenizer_config(target)  # a folder converted by an earlier version while the hub was online
         return target
     gguf = smollm2_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +88,7 @@ def convert_smollm2(target: Path | None = None, force: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        normalise_tokenizer_config(tmp)
         if not _is_complete(target):  # another process may have finished first
             if target.exists():
                 shutil.rmtree(target)  # an incomplete leftover
