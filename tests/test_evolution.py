@@ -48,8 +48,9 @@ def run_train(args, nproc=1):
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "scripts/train_namm.py")]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29533", str(ROOT / "scripts/train_namm.py")]
+        # --standalone: a free port each run (a fixed port collides with any other torchrun on the machine)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "scripts/train_namm.py")]
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
 
 
