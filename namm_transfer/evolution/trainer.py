@@ -162,6 +162,19 @@ def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ distributed
+def compute_platform(device: str | torch.device) -> str:
+    """The kernels a generation's scores were computed with, recorded in every log and validation row: member
+    scores replay to the last digit only on the same kind (bfloat16 matmuls run natively through oneDNN on
+    AVX512-BF16/AMX CPUs and are emulated elsewhere, e.g. AVX2 — other rounding, ~0.003 on a score, and ~5x
+    slower than float32 there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"torch {torch.__version__}, cuda {torch.cuda.get_device_name(device)}"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()} "
+            f"(bf16 {'native' if native else 'emulated'})")
+
+
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
@@ -454,7 +467,8 @@ class Trainer:
                 r = score_rows(self.model, sample, policy, 1, self.cfg.chunk, share_prefix=False)
                 score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
         all_sum(score), all_sum(frac)
-        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, **self.validation_settings()}
+        row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, **self.validation_settings(),
+               "platform": compute_platform(self.device)}
         for i, name in enumerate(names):
             row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], frac[i:i + 1], samples)[1][0])
             row[f"{name}_cache"] = float(frac[i].mean())
@@ -533,7 +547,7 @@ class Trainer:
                    "samples": [s.key for s in samples],
                    "member_scores": [[round(float(x), 6) for x in r] for r in res["score"]],
                    "member_cache": [round(float(x), 5) for x in cache],
-                   "seconds": time.time() - t0}
+                   "seconds": time.time() - t0, "platform": compute_platform(self.device)}
             self.history.append(row)
             self.keep_previous()
             self.save()
