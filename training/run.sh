@@ -12,6 +12,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
+# Model dtype: bfloat16 where the CPU runs it natively (oneDNN: AVX512-BF16 / AMX; there a generation takes half
+# the float32 time), float32 elsewhere (on AVX2, bfloat16 is emulated: a SmolLM2 forward measured 5x slower than
+# float32). A switch is a recorded settings change (--change-settings; the full-cache references are rescored).
+DTYPE=${DTYPE:-$(.venv/bin/python -c "import torch; print('bfloat16' if torch.backends.mkldnn.is_available() \
+  and torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'float32')")}
 NICE=${NICE:-19}
 COMMON="--stages passkey+kv_retrieval+passage_retrieval:1000 --tokens 768 --delay 256 --chunk 128 \
   --popsize 16 --samples-per-task 2 --pool-per-task 64 --stats-samples-per-task 4 --cache-weight 1.0 \
@@ -28,11 +33,11 @@ RUNS=${RUNS:-"training/namm-c50 training/namm-c75"}
 #  never two loops on the same folder)
 SNAP=${SNAP:-runs/train-code}
 rm -rf "$SNAP" && mkdir -p "$SNAP" && git archive HEAD namm_transfer scripts | tar -x -C "$SNAP" || exit 1
-echo "training code: $(git rev-parse --short HEAD)"
+echo "training code: $(git rev-parse --short HEAD); dtype $DTYPE"
 while true; do
   for d in $RUNS; do
     extra=""
-    [ -f "$d/state.json" ] || extra="${CREATE[$d]}"
+    [ -f "$d/state.json" ] && extra="--dtype $DTYPE --change-settings" || extra="${CREATE[$d]} --dtype $DTYPE"
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=1 nice -n "$NICE" .venv/bin/python "$SNAP/scripts/train_namm.py" --out "$d" $extra \
       --more-generations "$STEP" || { echo "train_namm.py failed for $d"; exit 1; }
