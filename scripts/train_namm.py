@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.evolution.trainer import (MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
-                                             setup_distributed, world)
+                                             compute_platform, setup_distributed, world)
 
 
 def smollm2_tokenizer_and_config():
@@ -55,6 +55,15 @@ def load_model(name: str, device: str, dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         return model.to(device=device, dtype=dtype).eval(), tok
     return load_causal_lm(name, device=device, dtype=dtype)
+
+
+def warn_if_bfloat16_is_emulated(dtype: str, device: str) -> None:
+    """bfloat16 on a CPU without oneDNN's bf16 kernels (e.g. AVX2) is emulated: say so once, it costs ~5x."""
+    platform = compute_platform(device)
+    if dtype == "bfloat16" and "bf16 emulated" in platform and world()[0] == 0:
+        print(f"warning: bfloat16 is emulated on this machine ({platform}): a SmolLM2 forward takes ~5x the "
+              "float32 time here; --dtype float32 --change-settings runs the search faster (recorded)",
+              file=sys.stderr)
 
 
 def model_files_hash(name: str) -> str | None:
@@ -147,8 +156,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help=f"default {d.seed}")
     ap.add_argument("--threads", type=int, help=f"default {d.threads}")
     ap.add_argument("--dtype", choices=sorted(MODEL_DTYPES),
-                    help=f"the model's dtype (default {d.dtype}; bfloat16 runs ~2.6x faster on CPUs with AVX512-BF16; "
-                         "changing it on resume rescores the full-cache references)")
+                    help=f"the model's dtype (default {d.dtype}; bfloat16 runs ~2.6x faster on CPUs with AVX512-BF16 "
+                         "and ~5x slower where it is emulated, e.g. AVX2; changing it on resume rescores the "
+                         "full-cache references)")
     ap.add_argument("--val-every", type=int, help=f"validation every N generations (default {d.val_every}; 0 = off)")
     ap.add_argument("--val-per-task", type=int, help=f"validation prompts per task (default {d.val_per_task})")
     ap.add_argument("--val-baselines", help="baselines scored at the NAMM's cache in validation (default h2o,recency)")
@@ -177,6 +187,7 @@ def main() -> None:
     device = args.device
     if device == "cuda" and world()[1] > 1:
         device = f"cuda:{world()[0] % torch.cuda.device_count()}"
+    warn_if_bfloat16_is_emulated(cfg.dtype, device)
     model, tok = load_model(cfg.model, device, MODEL_DTYPES[cfg.dtype])
     trainer = Trainer(cfg, model, tok, device, model_hash=model_files_hash(cfg.model))
     from contextlib import nullcontext

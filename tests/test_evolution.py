@@ -91,6 +91,8 @@ def test_trainer_resume_is_identical_and_writes_outputs(full_run, tmp_path):
     assert [r["generation"] for r in log] == [0, 1, 2]
     assert log[2]["stage_tasks"] == ["passkey", "kv_retrieval"]
     assert all(len(r["member_scores"]) == 4 and len(r["member_cache"]) == 4 for r in log)
+    from namm_transfer.evolution.trainer import compute_platform
+    assert all(r["platform"] == compute_platform("cpu") for r in log)  # what replaying these scores needs
     assert (tmp_path / "b" / "curve.png").stat().st_size > 1000
     assert not torch.equal(full, torch.zeros_like(full))
     assert val_rows(tmp_path / "b") == val_rows(a)
@@ -277,3 +279,24 @@ def test_switching_the_protocol_and_length_bridges_the_validation(full_run, tmp_
     assert validation_trend(state["validation"][:-1]).endswith("(gen 3 -> 4, float32)")
     res = run_train(["--out", out, "--protocol", "everywhere"])
     assert res.returncode == 2 and "invalid choice: 'everywhere'" in res.stderr
+
+
+def test_emulated_bfloat16_is_named_with_what_to_do(monkeypatch, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_namm_script", ROOT / "scripts" / "train_namm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for platform, dtype, warned in [("torch 2.14.1, cpu AVX2 (bf16 emulated)", "bfloat16", True),
+                                    ("torch 2.14.1, cpu AVX2 (bf16 emulated)", "float32", False),
+                                    ("torch 2.14.1, cpu AVX512 (bf16 native)", "bfloat16", False)]:
+        monkeypatch.setattr(mod, "compute_platform", lambda device, p=platform: p)
+        mod.warn_if_bfloat16_is_emulated(dtype, "cpu")
+        err = capsys.readouterr().err
+        assert ("--dtype float32 --change-settings" in err) == warned, (platform, dtype, err)
+
+
+def test_platform_names_the_kernels():
+    from namm_transfer.evolution.trainer import compute_platform
+    platform = compute_platform("cpu")
+    assert platform.startswith(f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()} (bf16 ")
+    assert platform.endswith(("native)", "emulated)"))
