@@ -170,6 +170,8 @@ def compute_platform(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"torch {torch.__version__}, cuda {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":
+        return f"torch {torch.__version__}, {device.type}"
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()} "
             f"(bf16 {'native' if native else 'emulated'})")
