@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.evolution.trainer import (MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
-                                             compute_platform, setup_distributed, world)
+                                             bfloat16_is_native, compute_platform, setup_distributed, world)
 
 
 def smollm2_tokenizer_and_config():
@@ -59,10 +59,9 @@ def load_model(name: str, device: str, dtype: torch.dtype = torch.float32):
 
 def warn_if_bfloat16_is_emulated(dtype: str, device: str) -> None:
     """bfloat16 on a CPU without oneDNN's bf16 kernels (e.g. AVX2) is emulated: say so once, it costs ~5x."""
-    platform = compute_platform(device)
-    if dtype == "bfloat16" and "bf16 emulated" in platform and world()[0] == 0:
-        print(f"warning: bfloat16 is emulated on this machine ({platform}): a SmolLM2 forward takes ~5x the "
-              "float32 time here; --dtype float32 --change-settings runs the search faster (recorded)",
+    if dtype == "bfloat16" and not bfloat16_is_native(device) and world()[0] == 0:
+        print(f"warning: bfloat16 is emulated on this machine ({compute_platform(device)}): a SmolLM2 forward "
+              "takes ~5x the float32 time here; --dtype float32 --change-settings runs the search faster (recorded)",
               file=sys.stderr)
 
 

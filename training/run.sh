@@ -16,8 +16,8 @@ STEP=${STEP:-2}           # generations per run per turn
 # Model dtype: bfloat16 where the CPU runs it natively (oneDNN: AVX512-BF16 / AMX; there a generation takes half
 # the float32 time), float32 elsewhere (on AVX2, bfloat16 is emulated: a SmolLM2 forward measured 5x slower than
 # float32). A switch is a recorded settings change (--change-settings; the full-cache references are rescored).
-DTYPE=${DTYPE:-$(.venv/bin/python -c "import torch; print('bfloat16' if torch.backends.mkldnn.is_available() \
-  and torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'float32')")}
+DTYPE=${DTYPE:-$(.venv/bin/python -c "from namm_transfer.evolution.trainer import bfloat16_is_native
+print('bfloat16' if bfloat16_is_native() else 'float32')")}
 NICE=${NICE:-19}
 COMMON="--stages passkey+kv_retrieval+passage_retrieval:1000 --tokens 768 --delay 256 --chunk 128 \
   --popsize 16 --samples-per-task 2 --pool-per-task 64 --stats-samples-per-task 4 --cache-weight 1.0 \

