@@ -298,3 +298,35 @@ def test_platform_names_the_kernels():
     platform = compute_platform("cpu")
     assert platform.startswith(f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()} (bf16 ")
     assert platform.endswith(("native)", "emulated)"))
+
+
+def test_answer_scores_need_the_output_head_only_on_answer_positions():
+    """score_rows asks the model for logits only where answer tokens are predicted (logits_to_keep); a model
+    without that argument gets every position's logits. Both give the same scores, token accuracies and caches."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_namm import load_model
+    from namm_transfer.evolution.fitness import encode_sample, score_rows
+    from namm_transfer.language.tasks import make_sample
+    from namm_transfer.namm import NAMMConfig
+    from namm_transfer import enable_memory_attention
+    from namm_transfer.policies import NAMMPolicy
+
+    class FullHead(torch.nn.Module):  # the same model behind a forward without logits_to_keep
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, cache, use_cache, position_ids):
+            return self.model(input_ids=input_ids, cache=cache, use_cache=use_cache, position_ids=position_ids)
+
+    torch.manual_seed(0)
+    model, tok = load_model("tiny-llama", "cpu")
+    enable_memory_attention(model)
+    enc = encode_sample(make_sample("kv_retrieval", 2_000_011, 300, tok), tok, "raw", 300)
+    assert enc.answer.numel() > 1
+    params = torch.randn(3, 4172, generator=torch.Generator().manual_seed(5)) * 0.5
+    got = score_rows(model, enc, NAMMPolicy(params, NAMMConfig(delay=96)), 3, 32)
+    want = score_rows(FullHead(model), enc, NAMMPolicy(params, NAMMConfig(delay=96)), 3, 32)
+    for name in ("score", "token_accuracy", "cache_fraction", "kept_fraction"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), rtol=0, atol=1e-6), name
+    assert float(got.cache_fraction.min()) < 1  # members did evict
