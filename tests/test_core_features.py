@@ -29,6 +29,17 @@ def test_gqa_mean():
     assert torch.allclose(out[:, 1], a[:, 3:6].mean(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [2, 3, 4, 7, 8])
+def test_gqa_mean_in_half_precision_has_the_bits_of_torch_mean(dtype, group):
+    """gqa_mean's element-wise path for bf16/fp16 on CPU gives exactly what .mean over the group gives."""
+    g = torch.Generator().manual_seed(group)
+    for scale in (1.0, 8.0):
+        a = torch.softmax(torch.randn(2, 2 * group, 48, 300, generator=g) * scale, -1).to(dtype)
+        want = a.view(2, 2, group, 48, 300).mean(dim=2)
+        assert torch.equal(feat.gqa_mean(a, 2), want)
+
+
 def test_streaming_spectrogram_matches_numpy():
     torch.manual_seed(0)
     series = torch.rand(3, 64)
