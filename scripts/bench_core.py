@@ -255,7 +255,7 @@ def run_e2e(args) -> dict:
             model.set_attn_implementation("sdpa")
             cache = DynamicCache()
             for s, e in chunk_bounds(0, ids.shape[1], 128):
-                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True)
+                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1)  # as prefill()
             t1 = time.perf_counter()
             logits, generated = out.logits[:, -1], []
             for i in range(args.new_tokens):

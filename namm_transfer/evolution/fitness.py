@@ -6,12 +6,11 @@ All members see the same samples; each member's cache is its own batch row.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from ..adapters.causal_lm import chunk_bounds
+from ..adapters.causal_lm import chunk_bounds, last_logits_only
 from ..cache import MemoryCache
 from ..policies import HoldPolicy, MemoryPolicy
 
@@ -69,9 +68,7 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     if fork_at and fork_at % chunk:
         raise ValueError(f"delay {policy.delay} must be a multiple of the chunk size {chunk} to share the prefix")
     cache = MemoryCache(HoldPolicy(policy) if fork_at else policy, evict_until=sample.evict_until)
-    # the output head only where answer tokens are predicted (one position elsewhere): the head is ~1/5 of a
-    # SmolLM2 forward's matmuls; the kept rows' logits equal the full head's (a row's product is its own)
-    head_subset = "logits_to_keep" in inspect.signature(model.forward).parameters
+    # the output head only where answer tokens are predicted (one position elsewhere): see last_logits_only
     answer_logits = []
     for s, e in chunk_bounds(0, n, chunk):
         if fork_at and s == fork_at:
@@ -79,7 +76,7 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
         b = 1 if (fork_at and s < fork_at) else rows
         pos = torch.arange(s, e, device=device)[None].expand(b, -1)
         lo = max(s, n - a)
-        keep = {"logits_to_keep": max(e - lo, 1)} if head_subset else {}
+        keep = last_logits_only(model, max(e - lo, 1))
         logits = model(input_ids=stream[:, s:e].expand(b, -1), cache=cache, use_cache=True,
                        position_ids=pos, **keep).logits
         if lo < e:
