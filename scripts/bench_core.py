@@ -241,7 +241,7 @@ def run_e2e(args) -> dict:
     from transformers import DynamicCache
 
     from namm_transfer import H2O, FullCache, MemoryCache, enable_memory_attention, load_namm
-    from namm_transfer.adapters.causal_lm import chunk_bounds, greedy_decode, prefill
+    from namm_transfer.adapters.causal_lm import chunk_bounds, greedy_decode, last_logits_only, prefill
     from namm_transfer.language.models import load_causal_lm
 
     torch.set_num_threads(args.threads)
@@ -255,7 +255,7 @@ def run_e2e(args) -> dict:
             model.set_attn_implementation("sdpa")
             cache = DynamicCache()
             for s, e in chunk_bounds(0, ids.shape[1], 128):
-                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1)  # as prefill()
+                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **last_logits_only(model))  # as prefill()
             t1 = time.perf_counter()
             logits, generated = out.logits[:, -1], []
             for i in range(args.new_tokens):
