@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("csrc") / "spectrogram_fold.c"
 ENV_SWITCH = "NAMM_TRANSFER_NATIVE"
 N_FFT, HOP, BINS = 32, 16, 17  # the configuration the kernel is written for (NAMM's released one)
 FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles wins
+LINK_FLAGS = ["-fno-math-errno", "-shared", "-fPIC"]  # after every flag set
 
 _lock = threading.Lock()
 _kernel = None
@@ -87,7 +88,7 @@ def _build() -> Path:
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        cmd_flags = [*flags, "-fno-math-errno", "-shared", "-fPIC"]
+        cmd_flags = [*flags, *LINK_FLAGS]
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(cmd_flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
         suffix = ".dll" if sys.platform == "win32" else ".so"
@@ -113,8 +114,12 @@ def _build() -> Path:
 
 
 def _load():
-    lib = ctypes.CDLL(str(_build()))
-    fn = lib.namm_spectrogram_fold
+    return bind(_build())
+
+
+def bind(library: Path):
+    """The kernel function of a compiled library, with its C signature."""
+    fn = ctypes.CDLL(str(library)).namm_spectrogram_fold
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ptr]
     fn.restype = None

@@ -253,9 +253,9 @@ def run_e2e(args) -> dict:
     with torch.no_grad():
         if args.policy == "plain":
             model.set_attn_implementation("sdpa")
-            cache = DynamicCache()
+            cache, head = DynamicCache(), last_logits_only(model)  # the output head on the last position, as prefill()
             for s, e in chunk_bounds(0, ids.shape[1], 128):
-                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **last_logits_only(model))  # as prefill()
+                out = model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **head)
             t1 = time.perf_counter()
             logits, generated = out.logits[:, -1], []
             for i in range(args.new_tokens):

@@ -48,7 +48,6 @@ def test_kernel_result_does_not_depend_on_the_tile_width(tmp_path):
     """The tile width is picked per instruction set (V = 4 vectors under AVX-512, 1 elsewhere, so the
     accumulators stay in registers); every width computes each slot by the same chain of multiply-adds, so all
     give the same bits, on full and partial tiles alike."""
-    import ctypes
     cc = native._compiler()
     g = torch.Generator().manual_seed(2)
     rows, ema = torch.rand(3, 7 + 5 * 16 + 32, 200, generator=g), torch.rand(3, 17, 200, generator=g)
@@ -56,11 +55,9 @@ def test_kernel_result_does_not_depend_on_the_tile_width(tmp_path):
     outs = {}
     for v, kb in [(1, 3), (2, 1), (4, 3), (1, 2)]:
         lib = tmp_path / f"k{v}{kb}.so"
-        subprocess.run([cc, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", f"-DV={v}", f"-DKB={kb}",
-                        str(native.SOURCE), "-o", str(lib)], check=True, capture_output=True)
-        fn = ctypes.CDLL(str(lib)).namm_spectrogram_fold
-        fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2 + [ctypes.c_float] + \
-            [ctypes.c_void_p] * 2
+        subprocess.run([cc, *native.FLAG_SETS[0], *native.LINK_FLAGS, f"-DV={v}", f"-DKB={kb}", str(native.SOURCE),
+                        "-o", str(lib)], check=True, capture_output=True)
+        fn = native.bind(lib)
         outs[v, kb] = native.spectrogram_fold(rows, 7, 6, feat.dft_basis(32), w, 0.3, ema, fn=fn)
     default = native.spectrogram_fold(rows, 7, 6, feat.dft_basis(32), w, 0.3, ema)
     for key, out in outs.items():

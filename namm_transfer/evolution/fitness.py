@@ -80,7 +80,7 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
         logits = model(input_ids=stream[:, s:e].expand(b, -1), cache=cache, use_cache=True,
                        position_ids=pos, **keep).logits
         if lo < e:
-            answer_logits.append(logits[:, logits.shape[1] - (e - lo):].float().expand(rows, -1, -1))
+            answer_logits.append(logits[:, lo - e:].float().expand(rows, -1, -1))  # the last e - lo
     cache.assert_captured()
     logp = torch.cat(answer_logits, dim=1).log_softmax(-1)  # (rows, A, V)
     gold = sample.answer.to(device)
