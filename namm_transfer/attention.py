@@ -14,7 +14,9 @@ The query block of one forward is cut where any batch row reaches an eviction st
 the same tokens fed in chunks. Causal fast path: when no slot of any row is invalid, no window hides a key, the
 model's mask is purely causal and the policy reads no attention from these queries (FullCache, L2, recency; the
 queries outside SnapKV's observation window), the queries go to fused SDPA with is_causal (no older slot), no mask
-(one query) or one shared bottom-right causal mask, as the unmodified model does; everything else keeps the
+(one query) or one shared bottom-right causal mask, as the unmodified model does. Policies that read attention,
+after evictions in rows without padding, hide the invalid slots per slot and the forward's own keys by their causal
+corner (the same logits as the explicit visibility, without a (B, H, q, N) mask); everything else keeps the
 explicit visibility below. Anything else (dropout in training, non-causal attention, an argument this module
 does not know, a mask it cannot read, keys or values that are not the tensors `cache.update` returned, a second
 attention call per layer and forward) raises `UnsupportedAttention` naming it before any output is produced.
@@ -127,10 +129,12 @@ def visible_keys(mask: torch.Tensor | None, columns: torch.Tensor, valid: torch.
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
            spec: AttentionSpec, need_probs: bool, training: bool = False, blind_rows: bool = True,
-           causal_tail: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           causal_tail: bool = False, older_valid: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of query (B, H, q, D) over key/value (B, H_kv, N, D); visible (B, H_kv or H, q, N) or None (all).
-    `causal_tail` (with visible None): the queries are the last q keys' own, each sees every older key and the
-    piece's keys up to its own (only the q x q corner is masked).
+    `causal_tail` (with visible None): the last t slots hold, in order, the queries' own keys and those of later
+    queries of the same forward (t = q, or the slots after `older_valid`'s); each query sees every older slot
+    (older_valid (B, H_kv, N - t): only those marked True) and the tail up to its own key.
     `blind_rows`: some query may see no key at all (padding); it then gets zeros, as SDPA gives, not NaN.
     Returns (output (B, H, q, D), probabilities (B, H, q, N) in the query dtype or None)."""
     b, h, q, d = query.shape
@@ -148,10 +152,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     if visible is not None:
         scores.masked_fill_(~visible, float("-inf"))
-    elif causal_tail and q > 1:
+    elif causal_tail:
         n = key.shape[2]
-        corner = torch.ones(q, q, dtype=torch.bool, device=scores.device).triu(1)
-        scores[..., n - q:].masked_fill_(corner, float("-inf"))
+        t = q if older_valid is None else n - older_valid.shape[-1]
+        if older_valid is not None and not bool(older_valid.all()):
+            hide_slots(scores.view(b, h_kv, h // h_kv, q, n)[..., :n - t], older_valid)
+        if t > 1:  # tail slot j is the key of the forward's query j: query i sees j <= i
+            ahead = torch.arange(t, device=scores.device)[None, :] > torch.arange(q, device=scores.device)[:, None]
+            scores[..., n - t:].masked_fill_(ahead, float("-inf"))
     if spec.sinks is not None:  # as GPT-OSS's eager: the sink joins the logits, softmax in the logits' dtype
         sink = spec.sinks.to(scores.dtype).reshape(1, h, 1, 1).expand(*scores.shape[:3], 1)
         logits = torch.cat([scores, sink], dim=-1)
@@ -166,6 +174,17 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible:
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs.to(value.dtype).reshape(b, h_kv, (h // h_kv) * q, key.shape[2]), value)
     return out.view(b, h, q, value.shape[-1]), probs
+
+
+def hide_slots(scores: torch.Tensor, shown: torch.Tensor) -> None:
+    """In place: -inf at the slots not shown. scores (B, H_kv, g, q, S), shown (B, H_kv, S) bool.
+    Adds a (B, H_kv, 1, 1, S) bias of 0 / -inf (x + 0 == x, x - inf is -inf for every finite x, ~4x faster than a
+    broadcast masked_fill here); float16 logits, which can overflow to +inf, take the masked_fill."""
+    if scores.dtype == torch.float16:
+        scores.masked_fill_(~shown[:, :, None, None], float("-inf"))
+        return
+    bias = torch.zeros(shown.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~shown, float("-inf"))
+    scores.add_(bias[:, :, None, None])
 
 
 def plain_attention(module, query, key, value, mask, spec: AttentionSpec, kwargs: dict):
@@ -234,8 +253,9 @@ PROBS_BLOCK = 128
 
 # how often the causal fast path ran, by kind (tests read it; "causal": is_causal, "single": one query, no mask,
 # "bottom_right": a (q, N) causal mask shared by every row and head; "probs": the explicit softmax under the same
-# conditions, masking only the piece's q x q corner)
-FAST_PATH_CALLS = {"causal": 0, "single": 0, "bottom_right": 0, "probs": 0}
+# conditions, masking only the piece's q x q corner; "tail": the explicit softmax after evictions in lockstep rows,
+# hiding invalid slots per slot and the forward's own keys by their causal corner, see lockstep_tail)
+FAST_PATH_CALLS = {"causal": 0, "single": 0, "bottom_right": 0, "probs": 0, "tail": 0}
 
 
 def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, start: int, q_len: int, a: int, e: int
@@ -249,16 +269,41 @@ def causal_fast_path(layer, mask: torch.Tensor | None, spec: AttentionSpec, star
     q = e - a
     n_vis = layer.length - (q_len - e)  # the forward's later queries' slots are the last ones
     older = n_vis - q  # slots before this piece's own keys: every query sees them all
-    if mask is not None:  # the model's mask must be purely causal over the columns seen (no block pattern)
-        cols = torch.arange(mask.shape[-1], device=mask.device)
-        causal = cols[None, :] <= torch.arange(start + a, start + e, device=mask.device)[:, None]
-        if not bool((mask[:, :, a:e] == causal).all()):
-            return None
+    if mask is not None and not purely_causal(mask, start, a, e):
+        return None
     if q == 1:
         return n_vis, False, None
     if older == 0:
         return n_vis, True, None
     return n_vis, False, bottom_right_causal(n_vis, q, layer.keys.device)[None, None]
+
+
+def purely_causal(mask: torch.Tensor, start: int, a: int, e: int) -> bool:
+    """The model's bool mask (B or 1, 1 or H, q_len, S) lets the forward's queries [a, e) (sequence columns
+    start + a ...) see exactly the columns up to their own (no padding, window or block pattern)."""
+    cols = torch.arange(mask.shape[-1], device=mask.device)
+    causal = cols[None, :] <= torch.arange(start + a, start + e, device=mask.device)[:, None]
+    return bool((mask[:, :, a:e] == causal).all())
+
+
+def lockstep_tail(layer, mask: torch.Tensor | None, spec: AttentionSpec, start: int, q_len: int, a: int, e: int
+                  ) -> int | None:
+    """When the queries [a, e) see exactly every valid slot older than their forward's piece and the forward's own
+    keys up to their own — rows in lockstep, no window hiding a key, the model's mask purely causal, the last
+    t = q_len - a slots holding the forward's keys from column start + a on (valid, in order) and every valid
+    older slot an earlier column — return t (attend's `causal_tail` with `older_valid`), else None. No query is
+    then blind: each sees its own key."""
+    if not layer.lockstep or (spec.sliding_window is not None and start + e > spec.sliding_window):
+        return None
+    if mask is not None and not purely_causal(mask, start, a, e):
+        return None
+    t = q_len - a
+    cols, valid = layer.columns, layer.valid
+    own = torch.arange(start + a, start + q_len, device=cols.device)
+    if not (bool(valid[:, :, -t:].all()) and bool((cols[:, :, -t:] == own).all())):
+        return None
+    older = cols[:, :, :-t].masked_fill(~valid[:, :, :-t], -1)
+    return t if older.numel() == 0 or int(older.max()) < start + a else None
 
 
 def bottom_right_causal(n_vis: int, q: int, device) -> torch.Tensor:
@@ -282,6 +327,11 @@ def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: i
         FAST_PATH_CALLS["probs"] += 1
         return attend(query[:, :, a:e], layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis], None, spec, need_probs,
                       blind_rows=False, causal_tail=True)
+    tail = lockstep_tail(layer, mask, spec, start, q_len, a, e) if need_probs or spec.exact_only else None
+    if tail is not None:  # per-slot validity and the forward's causal corner instead of a (B, H, q, N) mask
+        FAST_PATH_CALLS["tail"] += 1
+        return attend(query[:, :, a:e], layer.keys, layer.values, None, spec, need_probs, blind_rows=False,
+                      causal_tail=True, older_valid=layer.valid[:, :, :layer.length - tail])
     q_cols = torch.arange(start + a, start + e, device=query.device)
     vis = None
     if mask is not None or e - a > 1 or not layer.all_valid or (

@@ -122,3 +122,64 @@ def test_snapkv_computes_attention_only_for_its_window(monkeypatch):
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert n_all == 2 * L
     assert n_window == 2 * 16 * (L // 128)  # the window before each of the 3 steps, in each of 2 layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q, t", [(5, 5), (5, 12), (1, 1), (1, 6), (7, 7)])
+def test_tail_masking_equals_the_explicit_visibility(dtype, q, t):
+    """attend's per-slot validity + causal corner gives the bits of the full (B, H, q, N) visibility mask: the
+    same probabilities and outputs, with softcap and sinks too."""
+    g = torch.Generator().manual_seed(q * 100 + t)
+    b, h, h_kv, d, older = 3, 6, 2, 8, 20
+    n = older + t
+    query = torch.randn(b, h, q, d, generator=g).to(dtype)
+    key, value = (torch.randn(b, h_kv, n, d, generator=g).to(dtype) for _ in range(2))
+    older_valid = torch.rand(b, h_kv, older, generator=g) > 0.4
+    older_valid[1] = True  # one row with nothing hidden among its older slots
+    ahead = torch.arange(t)[None, :] > torch.arange(q)[:, None]
+    visible = torch.cat([older_valid[:, :, None, :].expand(b, h_kv, q, older),
+                         (~ahead).expand(b, h_kv, q, t)], dim=-1)
+    for spec in (attn.AttentionSpec(scaling=d ** -0.5), attn.AttentionSpec(scaling=0.3, softcap=5.0),
+                 attn.AttentionSpec(scaling=0.3, sinks=torch.randn(h, generator=g))):
+        ref_out, ref_p = attn.attend(query, key, value, visible, spec, True)
+        out, p = attn.attend(query, key, value, None, spec, True, blind_rows=False, causal_tail=True,
+                             older_valid=older_valid)
+        assert torch.equal(p, ref_p) and torch.equal(out, ref_out)
+
+
+def rows_evicting_differently():
+    """A two-member NAMM population on a batch of 2 (row b = member b), stepping every 32 tokens."""
+    from namm_transfer.namm import NAMMConfig
+    cfg = NAMMConfig(delay=32)
+    pop = torch.randn(2, cfg.num_params, generator=torch.Generator().manual_seed(3)) * 0.5
+    return NAMMPolicy(pop, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [48, 100])
+def test_lockstep_rows_after_evictions_take_the_tail_path_with_the_same_bits(chunk, dtype, monkeypatch):
+    """Rows that evict differently (invalid slots in some rows, forwards cut at the steps, so the tail holds later
+    queries' keys too) take the "tail" path and give the bits of the explicit visibility: logits and evictions."""
+    model = tiny_model("llama").to(dtype)
+    ids = torch.randint(0, 128, (2, 220), generator=torch.Generator().manual_seed(6))
+    run = lambda: run_with_policy(model, ids, rows_evicting_differently(), chunk=chunk, decode_from=210)  # noqa: E731
+    (got, cache, events), n = counts_during(run)
+    assert n["tail"] > 0
+    assert not all(layer.all_valid for layer in cache.layers), "no row holds an invalid slot"
+    with monkeypatch.context() as m:
+        m.setattr(attn, "lockstep_tail", lambda *a, **k: None)
+        (slow, _, slow_events), n_slow = counts_during(run)
+    assert n_slow["tail"] == 0
+    assert events == slow_events and torch.equal(got, slow)
+
+
+def test_padded_rows_keep_the_explicit_visibility():
+    """With padding (rows not in lockstep) the tail path never runs: padding slots are not older keys."""
+    from namm_transfer.adapters.causal_lm import generate
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    _, n = counts_during(lambda: generate(model, ids, H2O(0.5, delay=32), max_new_tokens=4, chunk_size=64,
+                                          attention_mask=mask))
+    assert n["tail"] == 0
