@@ -21,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import load_file  # noqa: E402
+
+from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm  # noqa: E402
 from namm_transfer.evolution.trainer import validation_mode  # noqa: E402
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
@@ -41,6 +44,25 @@ def summarise_run(folder: Path) -> dict:
             "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
             "last_val": val[-1] if val else None, "n_val": len(val), "trend": validation_trend(val),
             "changes": len(info.get("settings_changes", []))}
+
+
+def selection_check(folder: Path) -> str:
+    """How far the CMA-ES mean (from its zero start) and the step-size path p_sigma have moved, each against what
+    the same generations would give if the ranking of members carried no information (ratio 1 = indistinguishable
+    from selection at random at the level of the whole parameter vector; > 1 = consistent direction)."""
+    info = json.loads((folder / "state.json").read_text())
+    cfg, es_info, hist = info["config"], info["es"], info["history"]
+    tensors = load_file(str(folder / "state.safetensors"))
+    gens = es_info["generation"]
+    es = SepCMAES(es_info["dim"], es_info["popsize"], cfg["sigma0"], cfg["elite_ratio"])
+    sigmas = [cfg["sigma0"]] + [r["sigma"] for r in hist[:gens - 1]]
+    drift = float(tensors["es_mean"].norm())
+    drift0 = random_selection_mean_drift(sigmas, float(tensors["es_diag_c"].sum()), es.mu_eff)
+    path, path0 = float(tensors["es_p_sigma"].norm()), random_selection_path_norm(es.dim, es.c_sigma, gens)
+    return (f"- training/{folder.name} after {gens} generations: the mean has moved {drift:.2f} from its zero start, "
+            f"{drift0:.2f} if the ranking were noise ({drift / drift0:.3f}x); |p_sigma| {path:.2f} against "
+            f"{path0:.2f} ({path / path0:.3f}x); a search whose ranking is noise gives 1 +- {1 / math.sqrt(2 * es.dim):.3f} "
+            f"(one sd) for both")
 
 
 def validation_trend(val: list[dict]) -> str:
@@ -87,6 +109,9 @@ def report(root: Path = ROOT) -> str:
                      f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
         lines.append("| (none) | | | | | | | | | | |")
+    else:
+        lines += ["", "Selection check (`selection_check` in `scripts/training_report.py`):"]
+        lines += [selection_check(run) for run in runs]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from namm_transfer.evolution.cmaes import SepCMAES
+from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-llama", "--stages", "passkey:2,passkey+kv_retrieval:1", "--tokens", "300",
@@ -25,6 +25,32 @@ def test_reference_rates():
     assert es.c_sigma == pytest.approx(0.00267, rel=1e-2) and es.c_c == pytest.approx(0.000958, rel=1e-3)
     assert es.chi_n == pytest.approx(64.59, abs=1e-2)
     assert es.weights[:16].sum().item() == pytest.approx(1.0) and (es.weights[16:] < 0).all()
+
+
+def _path_and_drift(fitness, reps=20, dim=400, gens=60):
+    """Root-mean-square |p_sigma| and |m_T - m_0| over `reps` runs, and their random-selection expectations."""
+    obs_p, obs_m, exp_p, exp_m = [], [], [], []
+    for rep in range(reps):
+        es = SepCMAES(dim, 16, sigma0=0.1, seed=rep)
+        sigmas = []
+        for _ in range(gens):
+            sigmas.append(es.sigma)
+            es.tell(fitness(es.ask(), rep))
+        obs_p.append(float(es.p_sigma.norm()) ** 2)
+        obs_m.append(float(es.mean.norm()) ** 2)
+        exp_p.append(random_selection_path_norm(dim, es.c_sigma, gens) ** 2)
+        exp_m.append(random_selection_mean_drift(sigmas, float(es.diag_c.sum()), es.mu_eff) ** 2)
+    rms = lambda v: (sum(v) / len(v)) ** 0.5  # noqa: E731
+    return rms(obs_p) / rms(exp_p), rms(obs_m) / rms(exp_m)
+
+
+def test_random_selection_norms_match_a_search_whose_ranking_is_noise():
+    gen = torch.Generator().manual_seed(0)
+    path, drift = _path_and_drift(lambda x, rep: torch.rand(len(x), generator=gen))
+    assert path == pytest.approx(1.0, abs=0.03) and drift == pytest.approx(1.0, abs=0.03)
+    # a ranking with signal (one coordinate rewarded) makes both larger than selection at random
+    path, drift = _path_and_drift(lambda x, rep: x[:, 0])
+    assert path > 1.1 and drift > 1.1
 
 
 def test_cmaes_optimises_and_resumes_exactly():

@@ -90,3 +90,18 @@ class SepCMAES:
         self.p_sigma, self.p_c, self.generation = state["p_sigma"], state["p_c"], state["generation"]
         self.gen.set_state(state["rng"])
         self._y = state["y"]
+
+
+def random_selection_path_norm(dim: int, c_sigma: float, generations: int) -> float:
+    """Root of E||p_sigma||^2 after `generations` updates from p_sigma = 0 when the ranking carries no information
+    about the samples: each update adds sqrt(c_s (2 - c_s) mu_eff) y_w / sqrt(diag C) ~ N(0, c_s (2 - c_s) I),
+    so E||p||^2 = dim (1 - (1 - c_s)^(2 t)). A larger observed norm means the selected steps point the same way
+    from one generation to the next (the signal cumulative step-size adaptation reads)."""
+    return math.sqrt(dim * (1 - (1 - c_sigma) ** (2 * generations)))
+
+
+def random_selection_mean_drift(sigmas: list[float], diag_sum: float, mu_eff: float, c_m: float = 1.0) -> float:
+    """Root of E||m_T - m_0||^2 when the ranking carries no information: generation t moves the mean by
+    c_m sigma_t y_w with E||y_w||^2 = sum(diag C) / mu_eff, independent across generations. `sigmas` are the step
+    sizes the T generations sampled with; `diag_sum` is sum(diag C) (constant here: its rates are ~1e-7)."""
+    return c_m * math.sqrt(sum(s * s for s in sigmas) * diag_sum / mu_eff)
