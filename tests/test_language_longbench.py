@@ -12,7 +12,8 @@ from namm_transfer.language.longbench import (CATEGORIES, MAX_NEW_TOKENS, METRIC
                                               build_prompt, classification_score, code_sim_score, count_score,
                                               fuzz_ratio, load_longbench, longbench_path, qa_f1_score,
                                               qa_f1_zh_score, retrieval_score, retrieval_zh_score, rouge_l_score,
-                                              score_prediction, summarize, task_score, truncate_middle)
+                                              rouge_zh_score, score_prediction, summarize, task_score,
+                                              truncate_middle)
 from namm_transfer.language.models import tiny_tokenizer
 
 ROWS = [
@@ -155,6 +156,32 @@ def test_rouge_l_matches_rouge_package():
         except Exception:  # LongBench scores the package's errors (empty text) as 0
             ref = 0.0
         assert rouge_l_score(p, g) == pytest.approx(ref, abs=1e-9), (p, g)
+
+
+def _deep_pair(n: int) -> tuple[str, str]:
+    """Prediction "z w1 .. wn" (one segment, n distinct filler words) and reference "z q": the `rouge` package's
+    recursive backtrack walks j from n + 1 down to 1, then i to 1, then matches "z": n + 3 calls."""
+    fillers = [f"x{a}{b}{c}" for a in "abcdefghij" for b in "abcdefghij" for c in "abcdefghij"][:n]
+    return "z " + " ".join(fillers), "z q"
+
+
+def test_rouge_zero_beyond_the_rouge_package_recursion_limit_as_metrics_rouge_score_except():
+    """metrics.py rouge_score returns 0.0 from its bare except when rouge's recursive LCS backtrack raises
+    RecursionError: under eval.py's call chain (Python <= 3.10) a pair may take 990 calls in rouge_score and 989 in
+    rouge_zh_score, which calls rouge_score one frame deeper. Union LCS {z}: r = 1/2, p = 1/(n + 1)."""
+    def f(n: int) -> float:
+        p, r = 1 / (n + 1), 1 / 2
+        return 2.0 * p * r / (p + r + 1e-8)
+    assert rouge_l_score(*_deep_pair(987)) == pytest.approx(f(987), abs=1e-12)  # 990 calls
+    assert rouge_l_score(*_deep_pair(988)) == 0.0  # 991 calls
+    assert rouge_l_score(*_deep_pair(988), max_calls=None) == pytest.approx(f(988), abs=1e-12)
+    pred, gold = _deep_pair(988)
+    assert score_prediction("gov_report", pred, [gold]) == 0.0
+    pytest.importorskip("jieba")
+    assert rouge_zh_score(*_deep_pair(986)) == pytest.approx(f(986), abs=1e-12)  # 989 calls
+    assert rouge_zh_score(*_deep_pair(987)) == 0.0  # 990 calls
+    pred, gold = _deep_pair(987)
+    assert score_prediction("vcsum", pred, [gold]) == 0.0
 
 
 def test_rouge_zh_score():
