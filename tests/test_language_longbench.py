@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from namm_transfer.language.longbench import (CATEGORIES, MAX_NEW_TOKENS, METRICS, NAMM_TASKS, PROMPTS, LongBenchSample,
-                                              build_prompt, classification_score, code_sim_score, count_score,
-                                              fuzz_ratio, load_longbench, longbench_path, qa_f1_score,
-                                              qa_f1_zh_score, retrieval_score, retrieval_zh_score, rouge_l_score,
-                                              rouge_zh_score, score_prediction, summarize, task_score,
-                                              truncate_middle)
+from namm_transfer.language.longbench import (CATEGORIES, MAX_NEW_TOKENS, METRICS, NAMM_TASKS, PROMPTS, TASKS,
+                                              TASKS_E, LongBenchSample, build_prompt, classification_score,
+                                              code_sim_score, count_score, fuzz_ratio, length_bucket, load_longbench,
+                                              longbench_path, qa_f1_score, qa_f1_zh_score, retrieval_score,
+                                              retrieval_zh_score, rouge_l_score, rouge_zh_score, score_prediction,
+                                              summarize, task_score, task_score_e, truncate_middle)
 from namm_transfer.language.models import tiny_tokenizer
 
 ROWS = [
@@ -202,6 +202,41 @@ def test_task_score_max_over_answers_and_mean():
     assert score_prediction("triviaqa", "\nParis\nRome", ["Rome"]) == 0.0  # first line only
     with pytest.raises(ValueError, match="unknown LongBench task"):
         score_prediction("lcc_x", "x", ["x"])
+
+
+def test_task_score_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no predictions"):
+        task_score("narrativeqa", [], [])
+
+
+def test_length_buckets_scorer_e():
+    """eval.py scorer_e: buckets by the sample's length field (< 4000, < 8000, else), 100 x mean, 2 decimals."""
+    assert [length_bucket(n) for n in (0, 3999, 4000, 7999, 8000)] == ["0-4k", "0-4k", "4-8k", "4-8k", "8k+"]
+    preds = ["Paragraph 1", "Paragraph 2", "none", "Paragraph 1 or 3", "Paragraph 1"]
+    golds = [["Paragraph 1"]] * 5
+    # 0-4k: 1, 0, 0 -> 33.33; 4-8k: one number of two is right -> 50.0; 8k+: 1 -> 100.0
+    assert task_score_e("passage_retrieval_en", preds, golds, [0, 3999, 100, 4000, 8000]) == \
+        {"0-4k": 33.33, "4-8k": 50.0, "8k+": 100.0}
+    assert task_score_e("passage_retrieval_en", preds, golds, [0, 3999, 100, 4000, 8000], ndigits=None)["0-4k"] \
+        == pytest.approx(100 / 3)
+    # an empty bucket: None (eval.py writes NaN); trec with the task's one class list, first line only
+    assert task_score_e("trec", ["City\nHuman", "Human"], [["City"], ["City"]], [10, 9000], ["City", "Human"]) == \
+        {"0-4k": 100.0, "4-8k": None, "8k+": 0.0}
+    with pytest.raises(ValueError, match="one of each per sample"):
+        task_score_e("trec", ["City"], [["City"]], [1, 2], ["City"])
+    assert len(TASKS) == 21 and set(TASKS) == set(METRICS) and set(TASKS_E) < set(TASKS) and len(TASKS_E) == 13
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "hotpotqa.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n{oops\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"hotpotqa.jsonl, line 3: not valid JSON.*data.zip"):
+        load_longbench("hotpotqa", tmp_path)
+    path.write_text('["a list"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1: not a LongBench sample"):
+        load_longbench("hotpotqa", tmp_path)
+    with pytest.raises(FileNotFoundError, match="THUDM/LongBench"):
+        load_longbench("trec", tmp_path)
 
 
 def test_retrieval_zh_and_count():

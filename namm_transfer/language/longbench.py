@@ -7,7 +7,8 @@ Everything here follows THUDM/LongBench at commit c5ea10bc (2024-12-18; files Lo
 metrics.py, config/dataset2prompt.json, config/dataset2maxlen.json), reimplemented: the prompts are the official
 strings (typos included: narrativeqa says "asconcisely" twice), all 21 tasks have their official metric, a task's
 score is 100 x the mean over samples of the best metric value over the gold answers, rounded to 2 decimals as
-eval.py writes it, and `summarize` gives the six LongBench categories and the averages.
+eval.py writes it (`task_score_e`: per length bucket, eval.py's scorer_e for LongBench-E), and `summarize` gives
+the six LongBench categories and the averages. scripts/run_longbench.py generates the predictions.
 
 Truncation: truncation="longbench" is pred.py's (the prompt tokenized *with* the tokenizer's special tokens, so a BOS
 counts; longer than max_length -> the first and last int(max_length / 2) tokens, decoded without special tokens and
@@ -93,6 +94,15 @@ MAX_NEW_TOKENS = {
 NO_CHAT_TEMPLATE = ("trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p")
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")
 NAMM_TASKS = ("passage_retrieval_en", "dureader", "narrativeqa")  # the official NAMM curriculum, in order
+# pred.py's task lists, in its order: LongBench (21 tasks) and LongBench-E (13, files <task>_e.jsonl).
+TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique", "dureader",
+         "gov_report", "qmsum", "multi_news", "vcsum", "trec", "triviaqa", "samsum", "lsht", "passage_count",
+         "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p")
+TASKS_E = ("qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
+           "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p")
+DOWNLOAD_HINT = ("Get the official data: download data.zip from the Hugging Face dataset THUDM/LongBench "
+                 "(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip) and unzip it, then pass the "
+                 "unzipped data folder (the one holding narrativeqa.jsonl) or its parent.")
 
 
 @dataclass
@@ -119,8 +129,8 @@ def longbench_path(task: str, root: str | Path) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"LongBench task {task!r} not found: expected {candidates[0]} or {candidates[1]} "
-                            f"(the THUDM/LongBench data.zip unpacks to data/<task>.jsonl)")
+    raise FileNotFoundError(f"LongBench task {task!r} not found: expected {candidates[0]} or {candidates[1]}. "
+                            f"{DOWNLOAD_HINT}")
 
 
 def load_longbench(task: str, root: str | Path, limit: int | None = None) -> list[LongBenchSample]:
@@ -129,18 +139,32 @@ def load_longbench(task: str, root: str | Path, limit: int | None = None) -> lis
     if base not in PROMPTS:
         raise ValueError(f"unknown LongBench task {task!r}; known: {sorted(PROMPTS)}")
     out = []
-    with open(longbench_path(task, root), encoding="utf-8") as f:
-        for line in f:
+    path = longbench_path(task, root)
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            d = json.loads(line)
-            known = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
-            out.append(LongBenchSample(base, d.get("input", ""), d["context"], list(d["answers"]),
-                                       int(d.get("length", 0)), d.get("language", ""), d.get("all_classes"),
-                                       str(d.get("_id", len(out))), {k: v for k, v in d.items() if k not in known}))
+            out.append(_parse_sample(base, line, len(out), f"{path}, line {number}"))
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+_KNOWN_FIELDS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
+
+
+def _parse_sample(task: str, line: str, index: int, where: str) -> LongBenchSample:
+    """One jsonl line as a sample; a malformed line is a ValueError naming `where` (file and line)."""
+    try:
+        d = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err}); the file looks damaged: {DOWNLOAD_HINT}") from None
+    if not isinstance(d, dict) or "context" not in d or not isinstance(d.get("answers"), list):
+        raise ValueError(f"{where}: not a LongBench sample (a JSON object with at least 'context' and a list "
+                         f"'answers'); {DOWNLOAD_HINT}")
+    return LongBenchSample(task, d.get("input", ""), d["context"], list(d["answers"]), int(d.get("length", 0)),
+                           d.get("language", ""), d.get("all_classes"), str(d.get("_id", index)),
+                           {k: v for k, v in d.items() if k not in _KNOWN_FIELDS})
 
 
 TRUNCATION = ("longbench", "namm")
@@ -361,17 +385,51 @@ def score_prediction(task: str, prediction: str, answers: list[str], all_classes
     return max((METRICS[task](prediction, a, all_classes=all_classes) for a in answers), default=0.0)
 
 
+def _classes_per_sample(all_classes, n: int) -> list:
+    """all_classes as one entry per sample: a list of lists as given, else the task's one list (or None) n times."""
+    return all_classes if all_classes and isinstance(all_classes[0], list) else [all_classes] * n
+
+
 def task_score(task: str, predictions: list[str], answers: list[list[str]], all_classes=None,
                ndigits: int | None = 2) -> float:
     """LongBench task score: 100 x mean over samples of `score_prediction`, rounded to `ndigits` as eval.py writes
     result.json (None: unrounded). all_classes: one list for the task (eval.py passes the last sample's) or one per
     sample."""
     if not predictions:
-        return 0.0
-    per_sample = all_classes if all_classes and isinstance(all_classes[0], list) else [all_classes] * len(answers)
+        raise ValueError(f"task_score({task!r}): no predictions to score (eval.py would divide by zero); score a task "
+                         "only once it has at least one prediction")
+    per_sample = _classes_per_sample(all_classes, len(answers))
     scores = [score_prediction(task, p, a, c) for p, a, c in zip(predictions, answers, per_sample, strict=True)]
     value = 100.0 * sum(scores) / len(scores)
     return value if ndigits is None else round(value, ndigits)
+
+
+# eval.py scorer_e's length buckets (LongBench-E), by the sample's "length" field (words; characters for Chinese).
+LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
+
+
+def length_bucket(length: int) -> str:
+    """eval.py scorer_e: "0-4k" below 4000, "4-8k" below 8000, else "8k+"."""
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def task_score_e(task: str, predictions: list[str], answers: list[list[str]], lengths: list[int], all_classes=None,
+                 ndigits: int | None = 2) -> dict[str, float | None]:
+    """LongBench-E score of one task per length bucket (eval.py scorer_e): 100 x the mean of `score_prediction` over
+    the samples in the bucket, rounded to `ndigits`; None for an empty bucket (eval.py writes NaN there).
+    all_classes: as in `task_score`."""
+    if not (len(predictions) == len(answers) == len(lengths)):
+        raise ValueError(f"task_score_e({task!r}): {len(predictions)} predictions, {len(answers)} answer lists and "
+                         f"{len(lengths)} lengths; give one of each per sample")
+    per_sample = _classes_per_sample(all_classes, len(answers))
+    buckets: dict[str, list[float]] = {b: [] for b in LENGTH_BUCKETS}
+    for p, a, n, c in zip(predictions, answers, lengths, per_sample, strict=True):
+        buckets[length_bucket(n)].append(score_prediction(task, p, a, c))
+    out = {}
+    for name, scores in buckets.items():
+        value = 100.0 * sum(scores) / len(scores) if scores else None
+        out[name] = value if value is None or ndigits is None else round(value, ndigits)
+    return out
 
 
 def summarize(task_scores: dict[str, float]) -> dict:
