@@ -10,6 +10,7 @@ the DT its one-hot row as the next action token (:meth:`DTPolicy.env_action`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,18 +51,28 @@ def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | No
     scripts/train_dt.py writes them) unless given (public edbeeching checkpoints keep them on the model card)."""
     from transformers import DecisionTransformerModel
 
-    model = DecisionTransformerModel.from_pretrained(str(path)).eval()
+    model, info = DecisionTransformerModel.from_pretrained(str(path), output_loading_info=True)
+    model.eval()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with fresh (random or empty) values: refuse instead of acting on them
+        raise ValueError(f"{path}: the weights lack {len(missing)} of the model's tensors (e.g. {missing[:3]}); "
+                         "not a DecisionTransformerModel checkpoint for its config.json")
     cfg = model.config
     mean = state_mean if state_mean is not None else getattr(cfg, "state_mean", None)
     std = state_std if state_std is not None else getattr(cfg, "state_std", None)
     if mean is None or std is None:
         raise ValueError(f"{path}: config has no state_mean/state_std; pass them (e.g. from the model card)")
+    scale = float(scale or getattr(cfg, "return_scale", 1000.0))
+    context = int(context or getattr(cfg, "context_length", 20))
+    if not (math.isfinite(scale) and scale > 0) or context < 1:
+        raise ValueError(f"{path}: config.json has return_scale {scale:g} and context_length {context}; they must "
+                         "be a finite number > 0 and an integer >= 1")
     return DTPolicy(
         model=model,
         state_mean=np.asarray(mean, dtype=np.float32),
         state_std=np.asarray(std, dtype=np.float32),
-        scale=float(scale or getattr(cfg, "return_scale", 1000.0)),
-        context=int(context or getattr(cfg, "context_length", 20)),
+        scale=scale,
+        context=context,
         max_ep_len=int(cfg.max_ep_len),
         meta={k: getattr(cfg, k) for k in _META_KEYS if hasattr(cfg, k)},
         discrete_actions=getattr(cfg, "action_type", "continuous") == "discrete",

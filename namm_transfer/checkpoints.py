@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from dataclasses import fields
@@ -72,6 +73,10 @@ def load_namm(path: str | os.PathLike = DEFAULT_NAMM, **policy_kwargs) -> NAMMPo
         raise ValueError(f"{path} is not a readable NAMM checkpoint ({type(err).__name__}: {err}); "
                          "expected what save_namm writes (config.json with 'config', namm.safetensors with "
                          "'params')") from None
+    for name, t in tensors.items():
+        if name in ("params", "norm_mean", "norm_var") and (not t.is_floating_point() or t.dim() != 1):
+            raise ValueError(f"{path / 'namm.safetensors'} field {name!r} is a {t.dim()}-D {t.dtype} tensor; "
+                             "expected a 1-D float tensor (what save_namm writes)")
     if params.numel() != config.num_params:
         raise ValueError(f"{path}: {params.numel()} parameters but its config needs {config.num_params}")
     check_finite(params, f"{path / 'namm.safetensors'} field 'params'")
@@ -92,8 +97,8 @@ def check_finite(t: torch.Tensor, where: str) -> None:
 
 
 def _config(d) -> NAMMConfig:
-    """NAMMConfig from a JSON dict: known fields only, numbers > 0 of the default's type (threshold: any
-    number), attention_dtype a float dtype name or null."""
+    """NAMMConfig from a JSON dict: known fields only, finite numbers > 0 of the default's type (threshold: any
+    finite number; ema_coeff < 1; hop <= n_fft), attention_dtype a float dtype name or null."""
     if not isinstance(d, dict):
         raise ValueError(f"'config' is a {type(d).__name__}, not an object")
     defaults = {f.name: f.default for f in fields(NAMMConfig)}
@@ -105,10 +110,14 @@ def _config(d) -> NAMMConfig:
             ok = v in (None, "bfloat16", "float16", "float32")
         else:
             kind = int if isinstance(defaults[k], int) else (int, float)
-            ok = isinstance(v, kind) and not isinstance(v, bool) and (k == "threshold" or v > 0)
+            ok = (isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and (k == "threshold" or v > 0)
+                  and (k != "ema_coeff" or v < 1))
         if not ok:
             raise ValueError(f"config field {k!r} = {v!r} is out of range")
-    return NAMMConfig(**d)
+    config = NAMMConfig(**d)
+    if config.hop > config.n_fft:
+        raise ValueError(f"config field 'hop' = {config.hop} is larger than 'n_fft' = {config.n_fft}")
+    return config
 
 
 def _checked_stats(mean, var, config: NAMMConfig, where) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,8 +141,9 @@ class RankRecords:
     """The records file of a result folder (JSONL, one record per work item, `key(record)` naming the item) written
     by one rank or several: each rank appends to its own journal (one process: to the file itself)."""
 
-    def __init__(self, path: str | os.PathLike, world: World, key: Callable[[dict], Hashable]):
-        self.path, self.world, self.key = Path(path), world, key
+    def __init__(self, path: str | os.PathLike, world: World, key: Callable[[dict], Hashable],
+                 fields: dict[str, type | tuple[type, ...]] | None = None):
+        self.path, self.world, self.key, self.fields = Path(path), world, key, fields or {}
         self.own = self.path if world.size == 1 else self.path.with_name(
             f"{self.path.stem}.rank{world.rank}{self.path.suffix}")
         self.done: dict = {}
@@ -169,10 +170,24 @@ class RankRecords:
             self.base, self.journals = read_records(self.path), self.journal_paths()
             rows = [self.base, [r for p in self.journals for r in read_records(p)]]
         base, journaled = self.world.broadcast(rows)
-        self.done = {self.key(r): r for r in base}
+        self.done = {self.checked_key(r): r for r in base}
         for r in journaled:
-            self.done.setdefault(self.key(r), r)
+            self.done.setdefault(self.checked_key(r), r)
         return self.done
+
+    def checked_key(self, row: dict) -> Hashable:
+        """`key(row)` of a record read back; a record without the fields that name its work item, or with a
+        `fields` entry missing or of another type, is a UsageError saying how to go on."""
+        try:
+            key = self.key(row)
+            bad = next((k for k, kind in self.fields.items() if not isinstance(row.get(k), kind)), None)
+        except (KeyError, TypeError, IndexError) as err:
+            bad = f"{type(err).__name__}: {err}"
+        if bad is not None:
+            raise UsageError(f"{self.path} (or a rank journal beside it): the record {json.dumps(row)[:120]} is not "
+                             f"one this script writes (field {bad}); remove that line (the run resumes without it) "
+                             "or use another --out")
+        return key
 
     def add(self, row: dict) -> None:
         """One result: in `done` and appended to this rank's journal at once (a kill loses at most this record)."""

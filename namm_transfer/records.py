@@ -55,6 +55,8 @@ def read_records(path: Path) -> list[dict]:
     """Records already written; a torn last line (killed mid-write) is cut off so later appends stay valid. A
     corrupt line elsewhere is a UsageError naming the file and line."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path} is not a file; move it away or use another --out")
     if not path.is_file():
         return []
     data = path.read_bytes()

@@ -120,7 +120,11 @@ def open_run(out: str | os.PathLike, settings: dict, script: str, argv: list[str
     (not checked: e.g. this run's policy list) and the command line (command.json), and yield the folder; the
     lock is held until the block ends."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission, read-only disk
+        raise UsageError(f"--out {out}: cannot create this folder ({err.strerror or err}); pass a folder path "
+                         "that can be written") from None
     with folder_lock(out):
         write_json(out / RUN_FILE, {**check_settings(out, settings, fillable, legacy), **(info or {})})
         record_command(out, script, argv)

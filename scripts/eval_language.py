@@ -73,13 +73,45 @@ def load_model(name: str, device: str):
     if name.startswith(("tiny-", "random-")):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train_namm import load_model as load_generated
-        return (*load_generated(name, device), "generated (seed 0)")
+        try:
+            return (*load_generated(name, device), "generated (seed 0)")
+        except ValueError as err:  # tiny-<unknown arch>, random-<not smollm2>
+            raise UsageError(f"--model {name}: {err}") from None
     from namm_transfer.language.models import load_causal_lm, resolve_model_path
     try:
         model, tok = load_causal_lm(name, device=device)
-    except OSError as err:
-        raise UsageError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # not found; no tokenizer or not a causal LM in the folder
+        raise UsageError(f"cannot load model {name!r}: {str(err).splitlines()[0]}\nPass a Hub id or a folder "
+                         "holding a causal LM and its tokenizer, smollm2-135m, tiny-<arch> or random-smollm2.") from None
     return model, tok, model_hash(resolve_model_path(name))
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence a model with learned absolute position embeddings (GPT-2, OPT, ...) can read; None for
+    the others (RoPE and the like have no hard limit)."""
+    cfg = model.config
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    words = model.get_input_embeddings()
+    learned = limit is not None and any(isinstance(m, torch.nn.Embedding) and m is not words
+                                        and limit <= m.num_embeddings <= limit + 2 for m in model.modules())
+    return limit if learned else None
+
+
+def check_fits(args, model, tok) -> None:
+    """UsageError before any work when --style chat meets a tokenizer without a chat template, or a prompt plus its
+    answer (or the generated tokens) would run past the model's learned position embeddings."""
+    if args.style == "chat" and not getattr(tok, "chat_template", None):
+        raise UsageError(f"--style chat: the tokenizer of {args.model} has no chat template; use --style raw")
+    limit = position_limit(model)
+    if limit is None:
+        return
+    longest = max(len(tok(s.prompt(tok, args.style)).input_ids)
+                  + max(len(tok(s.continuation, add_special_tokens=False).input_ids), args.max_new_tokens)
+                  for task in args.tasks for s in make_split(task, args.split, args.n, args.tokens, tok))
+    if longest > limit:
+        raise UsageError(f"--tokens {args.tokens}: prompts plus answers reach {longest} tokens, but {args.model} has "
+                         f"learned position embeddings for {limit}; use --tokens {max(64, args.tokens - (longest - limit))}"
+                         " or less")
 
 
 def main(argv=None) -> int:
@@ -95,6 +127,7 @@ def run(args) -> int:
     namm = load_namm_arg(args.namm) if "namm" in policies else None
     namm_path = in_repo(Path(namm.source).resolve()) if namm else None
     model, tok, model_sha = world.in_turn(lambda: load_model(args.model, args.device))  # a first load fills a cache
+    check_fits(args, model, tok)
     settings = {"model": args.model, "model_hash": model_sha, "namm": namm_path,
                 "namm_hash": content_hash(namm.source) if namm else None, "split": args.split, "tokens": args.tokens,
                 "protocol": args.protocol, "style": args.style, "chunk": args.chunk,

@@ -92,6 +92,8 @@ def main(argv=None) -> int:
                     help="result folders whose full-cache and NAMM scores are plotted as points over the sweep "
                          "(their baselines are tabulated, not plotted)")
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; pass a folder for table.md, table.csv and the plots")
     md, written, code = make_tables(args.results, Path(args.out), args.points)
     print(md, end="")
     if written:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def load_checkpoint(args):
     local = Path(ckpt).exists()
     if not given and not local:
         raise UsageError(f"no embedded DT for --env {args.env} ({in_repo(ckpt)}): {how_to_make(args.env)}")
+    if given and not local and (given.count("/") != 1 or given.startswith((".", "/", "~"))):  # a path, no Hub id
+        raise UsageError(f"--checkpoint {given}: no such folder; pass a DT folder (save_pretrained: config.json + "
+                         "model.safetensors) or a Hub id owner/name")
     check_trained_on(hub.trained_task(given or ""), given, args.env)
     stats = read_state_stats(args.state_stats) if args.state_stats else hub.card_stats(hub.trained_task(given or ""))
     try:
@@ -141,6 +145,10 @@ def load_checkpoint(args):
         raise UsageError(f"{err}\nPass --state-stats FILE: a JSON with state_mean and state_std, or the D4RL "
                          "dataset the DT was trained on (<env>-<quality>-v2.hdf5; mean and std + 1e-6 over its "
                          "states, as the official DT and Hugging Face's example compute them).") from None
+    except pickle.UnpicklingError:
+        raise UsageError(f"cannot load DT checkpoint {ckpt!r}: its pytorch_model.bin is damaged or holds Python "
+                         "objects other than tensors (refused: unpickling those can run code); use a "
+                         "model.safetensors checkpoint") from None
     except (KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as err:
         raise UsageError(f"cannot load DT checkpoint {ckpt!r}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
@@ -396,7 +404,11 @@ def run_episodes(args, out: Path, spec, dt, dt_recompute, namm, namm_meta, refs,
     from namm_transfer.records import write_json, write_text
 
     path = out / "episodes.jsonl"
-    journal = RankRecords(path, world, key=lambda r: (r["rollout"], r["policy"], r["seed"], r["episode"]))
+    number = (int, float)
+    journal = RankRecords(path, world, key=lambda r: (r["rollout"], r["policy"], r["seed"], r["episode"]),
+                          fields={"seed": int, "episode": int, "ret": number, "length": int, "scores": dict,
+                                  "realised_fraction": number, "steps_per_s": number, "policy_ms": number,
+                                  "final_cache_tokens": number, "eviction_fraction": (*number, type(None))})
     done = journal.load()
 
     jobs = [(RECOMPUTE, "full")] if args.rollout in ("recompute", "both") else []

@@ -124,13 +124,20 @@ def load_samples(args, notes: list[str]):
         split = args.split
         root = Path(args.cache_dir) / f"video-synthetic-{split}-seed{args.seed}-n{args.synthetic_samples}"
         if not (root / f"lvb_{split}.json").is_file():
-            generate_split(root, split, num_samples=args.synthetic_samples, seed=args.seed)
+            try:
+                generate_split(root, split, num_samples=args.synthetic_samples, seed=args.seed)
+            except OSError as err:  # a file in the way, no permission, disk full
+                raise UsageError(f"--cache-dir {args.cache_dir}: cannot write the synthetic split in {root} "
+                                 f"({err.strerror or err}); pass a folder that can be written") from None
             notes.append(f"generated a synthetic {split} split ({args.synthetic_samples} videos) in {root}")
         args.data_root = str(root)
     try:
         samples = load_dataset(args.dataset, args.data_root, args.split, allow_outside=args.allow_outside_paths)
     except (DatasetNotFoundError, ValueError) as err:  # not found, unreadable annotations, duplicate ids
         raise UsageError(str(err)) from None
+    if not samples:
+        raise UsageError(f"--data-root {args.data_root}: the {args.dataset} {args.split} annotations hold no samples; "
+                         "check that the annotation file lists the benchmark's entries")
     missing = [s.id for s in samples if args.subtitles and s.problem is None and s.subtitle_path is None]
     if missing:
         raise UsageError(f"--subtitles: {len(missing)} sample(s) have no subtitle file (e.g. {missing[:3]}); "
@@ -177,6 +184,8 @@ def load_model(args, notes: list[str]):
     except OSError as err:
         raise UsageError(f"cannot load model {name!r}: {err}\n(offline? download it first with "
                          f"`huggingface-cli download {name}`, or pass --model PATH)") from None
+    except ValueError as err:  # another kind of model
+        raise UsageError(f"--model {name}: {str(err).splitlines()[0]}") from None
     except torch.OutOfMemoryError as err:
         raise UsageError(f"model {name!r} does not fit on {args.device}: {err}") from None
 

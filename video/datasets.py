@@ -130,9 +130,19 @@ LVB_HOW = (
 )
 
 
+def choices(value, field_name: str = "candidates") -> list[str]:
+    """Answer options as text: a JSON list of strings or numbers, at most one per letter A-F."""
+    if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool)
+                                              for c in value):
+        raise ValueError(f"{field_name} {value!r:.80} is not a list of answer texts")
+    if len(value) > len(LETTERS):
+        raise ValueError(f"{len(value)} {field_name}; at most {len(LETTERS)} (A-{LETTERS[-1]}) are supported")
+    return [str(c) for c in value]
+
+
 def _lvb_options(rec: dict) -> list[str]:
     if rec.get("candidates") is not None:
-        return [str(c) for c in rec["candidates"]]
+        return choices(rec["candidates"])
     opts = []
     for i in range(5):  # the parquet has option0..option4, "N/A" for missing ones
         o = rec.get(f"option{i}")
@@ -157,6 +167,8 @@ def _lvb_sample(rec: dict, base: Path, videos_dir: Path, dataset: str, index: in
         if len(options) < 2:
             raise ValueError(f"{len(options)} answer options")
         answer = rec.get("correct_choice")
+        if isinstance(answer, bool) or (isinstance(answer, float) and not answer.is_integer()):
+            raise ValueError(f"correct_choice {answer!r} is not an option index")
         answer = None if answer is None or int(answer) < 0 else int(answer)
         if answer is not None and answer >= len(options):
             raise ValueError(f"correct_choice {answer} but {len(options)} options")
@@ -336,9 +348,9 @@ def _mlvu_sample(item, i: int, stem: str, qtype: str, json_name: str, video_root
     try:
         if not isinstance(item, dict):
             raise ValueError(f"a {type(item).__name__}, not an object")
-        options = [str(c) for c in item.get("candidates") or []]
-        if not options:
+        if not item.get("candidates"):
             return None
+        options = choices(item["candidates"])
         missing = [k for k in ("video", "question") if item.get(k) is None]
         if missing:
             raise ValueError(f"missing {missing}")

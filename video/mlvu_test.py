@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from video.datasets import (VideoQASample, _find_dir, _not_found, _read_json_list, bad_sample, check_unique_ids,
-                            under)
+                            choices, under)
 
 MLVU_TEST_NAMES = ("MLVU_Test", "mlvu_test")
 MLVU_TEST_HUB = ("MLVU/MLVU_Test",)
@@ -57,7 +57,7 @@ def _sample(item, i: int, name: str, gold: dict[str, str], videos_dir: Path, all
         missing = [k for k in ("question_id", "video", "question", "candidates") if item.get(k) is None]
         if missing:
             raise ValueError(f"missing {missing}")
-        options = [str(c) for c in item["candidates"]]
+        options = choices(item["candidates"])
         if not 2 <= len(options) <= 6:
             raise ValueError(f"{len(options)} candidates")
         return VideoQASample(

@@ -48,10 +48,15 @@ class VideoInputs:
 
 
 def load_video_model(name_or_path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """LlavaNextVideoForConditionalGeneration + LlavaNextVideoProcessor from a Hub id or a local folder."""
-    from transformers import LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
+    """LlavaNextVideoForConditionalGeneration + LlavaNextVideoProcessor from a Hub id or a local folder. A folder
+    holding another kind of model is a ValueError (from_pretrained would build a default 7B model instead)."""
+    from transformers import AutoConfig, LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor
 
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type != "llava_next_video":
+        raise ValueError(f"{name_or_path} holds a {config.model_type!r} model, not Llava-Next-Video (model_type "
+                         "'llava_next_video'); pass a LlavaNextVideoForConditionalGeneration folder or Hub id")
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(name_or_path, config=config, dtype=dtype)
     return model.to(device).eval(), LlavaNextVideoProcessor.from_pretrained(name_or_path)
 
 

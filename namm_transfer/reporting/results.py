@@ -75,6 +75,12 @@ class MethodScore:
     n: int | None = None  # samples / episodes
     budget: str = "-"  # where a baseline's budget came from
 
+    def __post_init__(self):
+        for name in ("score", "cache_pct"):
+            x = getattr(self, name)
+            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+                raise TypeError(f"{self.method}'s {name} is {x!r:.60}, not a number")
+
 
 @dataclass
 class Provenance:
@@ -139,9 +145,26 @@ def _load_json(path: Path, expected: str):
         raise ResultFormatError(path, expected, f"invalid JSON: {err}") from None
 
 
+def _load_run(folder: Path) -> dict | None:
+    """<folder>/run.json (a JSON object) when there is one."""
+    if not (folder / "run.json").is_file():
+        return None
+    run = _load_json(folder / "run.json", "run.json")
+    if not isinstance(run, dict):
+        raise ResultFormatError(folder / "run.json", "a JSON object of the run's settings", type(run).__name__)
+    return run
+
+
+def _read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as err:
+        raise ResultFormatError(path, expected, f"not text: {err}") from None
+
+
 def _load_jsonl(path: Path, expected: str) -> list[dict]:
     rows = []
-    lines = path.read_text().splitlines()
+    lines = _read_text(path, expected).splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -159,10 +182,14 @@ def _load_jsonl(path: Path, expected: str) -> list[dict]:
     return rows
 
 
-def _need(row: dict, keys, path: Path, expected: str) -> None:
+def _need(row: dict, keys, path: Path, expected: str, numbers=()) -> None:
+    """`row` has every one of `keys`, and a number (not null) in each of `numbers`."""
     missing = [k for k in keys if k not in row]
     if missing:
         raise ResultFormatError(path, expected, f"a row without {missing}: {json.dumps(row)[:160]}")
+    bad = [k for k in numbers if isinstance(row[k], bool) or not isinstance(row[k], (int, float))]
+    if bad:
+        raise ResultFormatError(path, expected, f"a row whose {bad} are not numbers: {json.dumps(row)[:160]}")
 
 
 def command_line(script: str, settings: dict, skip: tuple[str, ...] = ()) -> str:
@@ -235,11 +262,11 @@ LANGUAGE_RECORDS = "JSON lines with " + ", ".join(LANGUAGE_RECORD) + " (scripts/
 
 
 def read_language(folder: Path, file: Path) -> list[ResultSet]:
-    run = _load_json(folder / "run.json", "run.json") if (folder / "run.json").is_file() else None
+    run = _load_run(folder)
     if file.name.endswith(".jsonl"):
         records = _load_jsonl(file, LANGUAGE_RECORDS)
         for r in records:
-            _need(r, LANGUAGE_RECORD, file, LANGUAGE_RECORDS)
+            _need(r, LANGUAGE_RECORD, file, LANGUAGE_RECORDS, numbers=("em", "answer_prob", "realised_fraction"))
         from ..language.benchmark import summarise
         rows, _ = summarise(records, list(dict.fromkeys(r["policy"] for r in records)))
     else:
@@ -249,7 +276,7 @@ def read_language(folder: Path, file: Path) -> list[ResultSet]:
         for r in rows:
             if not isinstance(r, dict):
                 raise ResultFormatError(file, LANGUAGE_SUMMARY, f"a {type(r).__name__} row")
-            _need(r, LANGUAGE_ROW, file, LANGUAGE_SUMMARY)
+            _need(r, LANGUAGE_ROW, file, LANGUAGE_SUMMARY, numbers=("em", "answer_prob", "realised_cache_pct"))
     run = run or {}
     policies = str(run.get("policies", "")).split(",")
     matched = "namm" in policies
@@ -286,7 +313,7 @@ VIDEO_RECORDS = "JSON lines with " + ", ".join(VIDEO_RECORD) + " (scripts/run_vi
 
 
 def read_video(folder: Path, file: Path) -> list[ResultSet]:
-    run = _load_json(folder / "run.json", "run.json") if (folder / "run.json").is_file() else None
+    run = _load_run(folder)
     if file.name.endswith(".jsonl"):
         records = _load_jsonl(file, VIDEO_RECORDS)
         for r in records:
@@ -341,11 +368,11 @@ def _rollout(name: str) -> str:
 
 
 def read_dt(folder: Path, file: Path) -> list[ResultSet]:
-    run = _load_json(folder / "run.json", "run.json") if (folder / "run.json").is_file() else None
+    run = _load_run(folder)
     if file.name.endswith(".jsonl"):
         episodes = _load_jsonl(file, DT_EPISODES)
         for e in episodes:
-            _need(e, DT_FORMAT.episode_required, file, DT_EPISODES)
+            _need(e, DT_FORMAT.episode_required, file, DT_EPISODES, numbers=("ret", "realised_fraction"))
         summary = {"settings": run or {}, "rows": load_script("run_dt").summarise(episodes)}
     else:
         summary = _load_json(file, DT_SUMMARY)
@@ -396,7 +423,7 @@ EXPECTED = ("a result folder of scripts/eval_language.py, run_video.py or run_dt
 
 
 def _first_record(path: Path) -> dict:
-    for line in path.read_text().splitlines():
+    for line in _read_text(path, "JSON lines of a harness").splitlines():
         if line.strip():
             try:
                 row = json.loads(line)
@@ -451,4 +478,11 @@ READERS = {"language": read_language, "video": read_video, "dt": read_dt}
 def read_results(path: str | Path) -> list[ResultSet]:
     """Every ResultSet in one result folder or file; raises ResultFormatError naming the file."""
     file = result_file(Path(path))
-    return READERS[detect(file)](file.parent, file)
+    domain = detect(file)
+    try:
+        return READERS[domain](file.parent, file)
+    except ResultFormatError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as err:  # a field of the wrong type
+        raise ResultFormatError(file, f"a {DOMAIN_TITLES[domain]} result as its harness writes it",
+                                f"{type(err).__name__}: {err}") from None
