@@ -59,6 +59,10 @@ def load_namm(path: str | os.PathLike = DEFAULT_NAMM, **policy_kwargs) -> NAMMPo
     files is executed; a broken or non-finite checkpoint is a ValueError naming the file and what is wrong."""
     path = Path(path)
     if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"no NAMM checkpoint at {path}: no such file; pass a folder written by save_namm "
+                                    "or scripts/train_namm.py (namm.safetensors + config.json), or an official "
+                                    "evo-memory ckpt.pt that exists")
         return import_official(path, **policy_kwargs)
     if not (path / "namm.safetensors").exists() or not (path / "config.json").exists():
         raise FileNotFoundError(f"no NAMM checkpoint at {path}: expected namm.safetensors + config.json "
@@ -68,11 +72,16 @@ def load_namm(path: str | os.PathLike = DEFAULT_NAMM, **policy_kwargs) -> NAMMPo
         config = _config(info["config"])
         tensors = load_file(str(path / "namm.safetensors"))
         params = tensors["params"]
-        count = int(info.get("norm_count", 1))
+        count = info.get("norm_count", 1)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is not a readable NAMM checkpoint ({type(err).__name__}: {err}); "
                          "expected what save_namm writes (config.json with 'config', namm.safetensors with "
                          "'params')") from None
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{path / 'config.json'} field 'norm_count' = {count!r} is not a whole number >= 0 (the "
+                         "number of feature vectors the normalisation was measured on, as save_namm writes it)")
     for name, t in tensors.items():
         if name in ("params", "norm_mean", "norm_var") and (not t.is_floating_point() or t.dim() != 1):
             raise ValueError(f"{path / 'namm.safetensors'} field {name!r} is a {t.dim()}-D {t.dtype} tensor; "
@@ -187,8 +196,11 @@ def import_official(path: str | os.PathLike, config: NAMMConfig | None = None, *
     stats = RunningStats(config.num_bins)
     mu, var = state.get(_BUFFER_PREFIX + "mean"), state.get(_BUFFER_PREFIX + "var")
     if mu is not None and var is not None:
-        count = torch.as_tensor(state.get(_BUFFER_PREFIX + "num", 1))
-        stats.set(*_checked_stats(mu, var, config, path), count=max(int(count.reshape(-1)[0]), 1))
+        count = int(torch.as_tensor(state.get(_BUFFER_PREFIX + "num", 1)).reshape(-1)[0])
+        if count < 0:
+            raise ValueError(f"{path}: evolution_state[{_BUFFER_PREFIX + 'num'!r}] = {count} is negative; expected "
+                             "the number of feature vectors the normalisation was measured on")
+        stats.set(*_checked_stats(mu, var, config, path), count=max(count, 1))
     policy = NAMMPolicy(mean, config, stats, **policy_kwargs)
     policy.source = str(path)
     return policy

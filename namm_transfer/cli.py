@@ -170,6 +170,17 @@ def load_namm_arg(path: str | None, delay: int | None = None, flag: str = "--nam
         raise UsageError(f"{flag} {path or DEFAULT_NAMM}: {err}") from None
 
 
+def check_model_path(name: str, flag: str = "--model") -> None:
+    """UsageError for a model name that is a path (absolute, ./ ../ ~, or more than one '/') to no existing
+    folder: the Hub would only say the repo id is malformed. A Hub id owner/name is left to the loader."""
+    import os
+
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)) \
+            and not Path(name).exists():
+        raise UsageError(f"{flag} {name}: no such folder; pass a folder holding the model (config.json and its "
+                         "weights, as save_pretrained writes) or a Hugging Face Hub id owner/name")
+
+
 def check_device(device: str) -> None:
     """UsageError for --device cuda without a CUDA device."""
     import torch

@@ -71,7 +71,11 @@ def folder_lock(out: Path) -> Iterator[None]:
     """Hold <out>/.lock exclusively for the block; a second run into `out` is refused, not queued."""
     path = Path(out) / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise UsageError(f"{path} is a folder, not the lock file a run takes there; remove it (it holds "
+                             f"no results) and rerun, or use another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

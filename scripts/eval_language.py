@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer import distributed, make_policy  # noqa: E402
-from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
-                               name_list, out_help, run_cli)
+from namm_transfer.cli import (UsageError, budget, check_device, check_model_path, default_out, int_in,  # noqa: E402
+                               load_namm_arg, name_list, out_help, run_cli)
 from namm_transfer.language.benchmark import evaluate_batch, paired_differences, summarise  # noqa: E402
 from namm_transfer.language.tasks import PROTOCOLS, SPLIT_SIZE, STYLES, TASKS, eviction_limit, make_split  # noqa: E402
 from namm_transfer.policies import POLICIES  # noqa: E402
@@ -78,6 +78,7 @@ def load_model(name: str, device: str):
         except ValueError as err:  # tiny-<unknown arch>, random-<not smollm2>
             raise UsageError(f"--model {name}: {err}") from None
     from namm_transfer.language.models import load_causal_lm, resolve_model_path
+    check_model_path(name)
     try:
         model, tok = load_causal_lm(name, device=device)
     except (OSError, ValueError) as err:  # not found; no tokenizer or not a causal LM in the folder

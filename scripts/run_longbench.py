@@ -41,14 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
-                               load_script, name_list, out_help, run_cli)
+from namm_transfer.cli import (UsageError, budget, check_device, check_model_path, default_out, int_in,  # noqa: E402
+                               load_namm_arg, load_script, name_list, out_help, run_cli)
 from namm_transfer.language import longbench as lb  # noqa: E402
 from namm_transfer.records import append_record, in_repo, read_records, write_json, write_text  # noqa: E402
 
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "namm") + BASELINES
-SNAPKV_WINDOW = 32  # SnapKV's default observation window: its eviction period must be longer
 TINY_RANDOM = "tiny-random"  # a 2-layer random Llama with a character-level tokenizer (tests, smoke runs)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRED_KEYS = ("pred", "answers", "all_classes", "length")
@@ -92,8 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.argv = argv  # as given (None: sys.argv[1:]); recorded in <out>/command.json
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    if args.delay is not None and "snapkv" in args.policies and args.delay <= SNAPKV_WINDOW:
-        ap.error(f"--delay {args.delay}: snapkv needs an eviction period > its window of {SNAPKV_WINDOW} tokens")
     return args
 
 
@@ -134,6 +131,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
         return tiny_random_lm("llama").to(device=device, dtype=dtype), tiny_tokenizer(), "generated (seed 0)"
     if name.startswith(("tiny-", "random-")):  # SmolLM2's tokenizer, random weights (as eval_language.py)
         return (*load_script("train_namm").load_model(name, device, dtype), "generated (seed 0)")
+    check_model_path(name)
     try:
         model, tok = load_causal_lm(name, device=device, dtype=dtype)
     except OSError as err:
@@ -357,8 +355,6 @@ def run(args) -> int:
     samples = load_tasks(args.data, args.tasks, args.e, args.limit)  # fail fast, before the model loads
     namm = load_namm_arg(args.namm, args.delay) if "namm" in args.policies else None
     delay = args.delay or (namm.delay if namm is not None else 512)
-    if "snapkv" in args.policies and delay <= SNAPKV_WINDOW:
-        raise UsageError(f"snapkv needs an eviction period > its window of {SNAPKV_WINDOW} tokens; give --delay")
     model, tok, model_sha = load_model(args.model, args.device, DTYPES[args.dtype])
     route_attention(model)
     cfg = DecodeConfig(args.max_length, args.truncation, args.chat_template, args.chunk, args.evict_during)

@@ -41,14 +41,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.cli import (UsageError, budget, check_device, default_out, int_in, load_namm_arg,  # noqa: E402
-                               name_list, out_help, run_cli)
+from namm_transfer.cli import (UsageError, budget, check_device, check_model_path, default_out, int_in,  # noqa: E402
+                               load_namm_arg, name_list, out_help, run_cli)
 
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "namm") + BASELINES
 TINY_RANDOM = "tiny-random"
 TINY_DELAY = 64  # tiny models see 4 video tokens per frame: evict every 64 tokens so eviction happens at all
-SNAPKV_WINDOW = 32  # SnapKV's default observation window
 SETTINGS = ("dataset", "split", "data_root", "data_hash", "model", "model_hash", "namm", "namm_hash", "frames",
             "chunk", "delay", "budget", "seed", "dtype", "evict_during", "frame_sampling", "subtitles")
 LEGACY_SETTINGS = {"frame_sampling": "unique", "subtitles": False}  # what runs recorded before these flags used
@@ -106,8 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--split {args.split}: {args.dataset} has {', '.join(SPLITS[args.dataset])}")
     if args.subtitles and args.dataset != "longvideobench":
         ap.error(f"--subtitles: only LongVideoBench has subtitles, not {args.dataset}")
-    if args.delay is not None and "snapkv" in args.policy_list and args.delay <= SNAPKV_WINDOW:
-        ap.error(f"--delay {args.delay}: snapkv needs an eviction period > its window of {SNAPKV_WINDOW} tokens")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     return args
 
@@ -179,6 +176,7 @@ def load_model(args, notes: list[str]):
                      "checks the pipeline.")
         model, processor = build_tiny_llava_next_video(seed=args.seed)
         return model.to(device=args.device, dtype=dtype), processor
+    check_model_path(name)
     try:
         return load_video_model(name, args.device, dtype)
     except OSError as err:
@@ -341,9 +339,6 @@ def run(args) -> int:
     namm = load_namm_policy(args) if "namm" in args.policy_list else None
     model, processor = load_model(args, notes)
     args.delay = resolve_delay(args, model, namm, notes)
-    if "snapkv" in args.policy_list and args.delay <= SNAPKV_WINDOW:
-        raise UsageError(f"snapkv needs --delay > its window ({SNAPKV_WINDOW}); the core SnapKV fails on a first "
-                         "eviction step with no tokens outside the window")
     if namm is not None and namm.delay != args.delay:
         namm = load_namm_policy(args, args.delay)
     if namm is not None:

@@ -12,7 +12,7 @@ from transformers import DecisionTransformerConfig, DecisionTransformerModel
 from helpers_inputs import refused, script
 from namm_transfer import save_namm
 from namm_transfer.checkpoints import load_namm
-from namm_transfer.cli import UsageError
+from namm_transfer.cli import UsageError, check_model_path, load_namm_arg
 from namm_transfer.runs import open_run
 from test_reporting_tables import LANG, write_dt, write_language, write_video
 
@@ -46,6 +46,33 @@ def test_namm_params_of_another_dtype_or_shape_are_refused(namm_dir, change):
     save_file({"params": params.contiguous()}, str(path))
     with pytest.raises(ValueError, match="expected a 1-D float tensor"):
         load_namm(namm_dir)
+
+
+def test_namm_negative_norm_count_is_refused(namm_dir):
+    """A negative normalisation count was clamped to 1 silently."""
+    info = json.loads((namm_dir / "config.json").read_text())
+    info["norm_count"] = -5
+    (namm_dir / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="'norm_count' = -5"):
+        load_namm(namm_dir)
+
+
+def test_official_namm_negative_norm_count_is_refused(tmp_path):
+    from namm_transfer.checkpoints import _BUFFER_PREFIX
+    from namm_transfer.namm import NAMMConfig
+
+    cfg = NAMMConfig()
+    torch.save({"evolution_state": {"mean": torch.zeros(cfg.num_params), _BUFFER_PREFIX + "mean": torch.zeros(
+        cfg.num_bins), _BUFFER_PREFIX + "var": torch.ones(cfg.num_bins), _BUFFER_PREFIX + "num": torch.tensor(-3)}},
+               tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="num'\\] = -3 is negative"):
+        load_namm(tmp_path / "ckpt.pt")
+
+
+def test_namm_pt_that_does_not_exist_says_what_to_pass(tmp_path):
+    with pytest.raises(UsageError, match="no such file; pass a folder written by save_namm or scripts/train_namm.py"
+                                         ".*official evo-memory ckpt.pt"):
+        load_namm_arg(str(tmp_path / "missing.pt"))
 
 
 # ------------------------------------------------------------------------------------------------- DT checkpoints
@@ -123,6 +150,24 @@ def test_out_that_is_a_file_is_refused(tmp_path):
             pass
 
 
+def test_out_whose_lock_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "out" / ".lock").mkdir(parents=True)
+    with pytest.raises(UsageError, match="\\.lock is a folder.*remove it"):
+        with open_run(tmp_path / "out", {}, "scripts/x.py", []):
+            pass
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "{tmp}/x/y", "no/such/model"])
+def test_model_path_that_does_not_exist_is_not_blamed_on_the_hub(tmp_path, name):
+    with pytest.raises(UsageError, match="no such folder; pass a folder holding the model .* Hub id owner/name"):
+        check_model_path(name.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("name", ["owner/name", "gpt2", "smollm2-135m"])
+def test_hub_ids_are_left_to_the_loader(name):
+    check_model_path(name)
+
+
 # ---------------------------------------------------------------------------------------------------------- video
 
 
@@ -142,6 +187,40 @@ def test_malformed_options_are_per_sample_problems(tmp_path, change, problem):
     (tmp_path / "lvb_test.json").write_text(json.dumps([_lvb_entry(**change)]))
     (sample,) = load_dataset("synthetic", tmp_path, "test")
     assert sample.problem and problem in sample.problem
+
+
+@pytest.mark.parametrize("duration", [float("nan"), -3.0, "12", True, [1]])
+def test_bad_duration_is_a_per_sample_problem(tmp_path, duration):
+    """A NaN, negative or non-numeric duration was accepted (and bounds the subtitles read)."""
+    from video.datasets import load_dataset
+
+    (tmp_path / "lvb_test.json").write_text(json.dumps([_lvb_entry(duration=duration)]))
+    (sample,) = load_dataset("synthetic", tmp_path, "test")
+    assert sample.problem and "not a number of seconds >= 0" in sample.problem
+
+
+def test_video_model_folder_that_does_not_exist_is_not_blamed_on_the_hub(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "lvb_test.json").write_text(json.dumps([_lvb_entry()]))
+    refused(script("run_video").main, ["--dataset", "synthetic", "--data-root", str(tmp_path / "data"), "--model",
+                                       str(tmp_path / "no" / "such" / "model"), "--policies", "full", "--out",
+                                       str(tmp_path / "out"), "--no-progress"], capsys, "no such folder",
+            "Hub id owner/name")
+
+
+def test_video_snapkv_with_delay_within_its_window_runs(tmp_path):
+    """SnapKV reads the queries since the last step when --delay <= its window (32): the refusal was stale."""
+    from video.synthetic import SyntheticConfig, generate_split
+
+    data = tmp_path / "data"
+    generate_split(data, "test", num_samples=1, seed=0, config=SyntheticConfig(frame_counts=(64,)))
+    out = tmp_path / "out"
+    assert script("run_video").main(["--dataset", "synthetic", "--data-root", str(data), "--policies", "snapkv",
+                                     "--delay", "16", "--budget", "0.5", "--frames", "8", "--out", str(out),
+                                     "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--model",
+                                     "tiny-random"]) == 0
+    (rec,) = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert rec["policy"] == "snapkv" and not rec["error"]
 
 
 def test_video_annotations_without_entries_are_refused(tmp_path, capsys):
@@ -186,6 +265,11 @@ def _lang_args(tmp_path, *extra):
 def test_language_model_names_and_folders_that_are_no_causal_lm(tmp_path, capsys, dt_dir, model, expected):
     refused(script("eval_language").main, ["--model", model.format(dt=dt_dir), *_lang_args(tmp_path)], capsys,
             expected)
+
+
+def test_language_model_folder_that_does_not_exist_is_not_blamed_on_the_hub(tmp_path, capsys):
+    refused(script("eval_language").main, ["--model", str(tmp_path / "no" / "such" / "model"), *_lang_args(tmp_path)],
+            capsys, "no such folder", "Hub id owner/name")
 
 
 def test_language_prompt_past_learned_positions_is_refused_before_work(tmp_path, capsys):

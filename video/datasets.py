@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import glob
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,15 @@ def under(base: Path, rel, field_name: str, allow_outside: bool = False) -> Path
     if not allow_outside and not os.path.normpath(path).startswith(os.path.normpath(base) + os.sep):
         raise ValueError(f"{field_name} {rel!r} points outside {base}; pass --allow-outside-paths to allow it")
     return path
+
+
+def duration_of(value) -> float | None:
+    """An annotated `duration`: None, or a finite number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"duration {value!r:.80} is not a number of seconds >= 0")
+    return float(value)
 
 
 def bad_sample(dataset: str, sample_id: str, where: str, err: Exception) -> VideoQASample:
@@ -185,7 +196,7 @@ def _lvb_sample(rec: dict, base: Path, videos_dir: Path, dataset: str, index: in
             options=options,
             answer=answer,
             dataset=dataset,
-            duration=None if rec.get("duration") is None else float(rec["duration"]),
+            duration=duration_of(rec.get("duration")),
             duration_group=None if group is None else int(group),
             category=rec.get("question_category"),
             subtitle_path=str(sub_path) if sub_path is not None and sub_path.is_file() else None,
@@ -363,7 +374,7 @@ def _mlvu_sample(item, i: int, stem: str, qtype: str, json_name: str, video_root
         return VideoQASample(
             id=sample_id, video_path=str(video), question=str(item["question"]), options=options,
             answer=_mlvu_answer(item, options, f"{json_name}[{i}]"), dataset="mlvu",
-            duration=None if item.get("duration") is None else float(item["duration"]), category=qt,
+            duration=duration_of(item.get("duration")), category=qt,
             extra={**extra, "task": stem})
     except (ValueError, TypeError) as err:
         return bad_sample("mlvu", sample_id, f"{json_name}[{i}]", err)

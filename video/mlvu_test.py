@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from video.datasets import (VideoQASample, _find_dir, _not_found, _read_json_list, bad_sample, check_unique_ids,
-                            choices, under)
+                            choices, duration_of, under)
 
 MLVU_TEST_NAMES = ("MLVU_Test", "mlvu_test")
 MLVU_TEST_HUB = ("MLVU/MLVU_Test",)
@@ -63,7 +63,7 @@ def _sample(item, i: int, name: str, gold: dict[str, str], videos_dir: Path, all
         return VideoQASample(
             id=qid, video_path=str(under(videos_dir, item["video"], "video", allow_outside)),
             question=str(item["question"]), options=options, answer=_gold_index(gold.get(qid), options),
-            dataset="mlvu", duration=None if item.get("duration") is None else float(item["duration"]),
+            dataset="mlvu", duration=duration_of(item.get("duration")),
             category=item.get("question_type"),
             extra={"split": "test", **({"gold_text": gold[qid]} if qid in gold else {})})
     except (ValueError, TypeError) as err:
