@@ -57,9 +57,11 @@ D4RL_REF: dict[str, RefScores] = {
 }
 
 # Refs written into the project's own v5 datasets. min: mean return of a uniform-random policy over 100
-# episodes on the v5 env (reset seeds 123..222, action_space.seed(123)) — Minari's own procedure, measured
-# here with gymnasium 1.4.0 / mujoco 4.0.0. max: no expert v5 policy exists offline, so the D4RL expert
-# return is used as the top of the scale; it is a constant of this project's "local" scale, not a D4RL score.
+# episodes on the v5 env (action_space.seed(123), every reset seeded: 123..222), measured here with gymnasium
+# 1.4.0 / mujoco 4.0.0. Minari's RandomPolicy (minari/utils.py get_average_reference_score) seeds only the first
+# reset (123) and continues unseeded; that variant gives 15.93 / 1.24 / -282.64 (hopper / walker2d / halfcheetah).
+# max: no expert v5 policy exists offline, so the D4RL expert return is used as the top of the scale; it is a
+# constant of this project's "local" scale, not a D4RL score.
 LOCAL_REF: dict[str, RefScores] = {
     "hopper": RefScores(16.668783, 3234.3, "local"),
     "halfcheetah": RefScores(-276.044740, 12135.0, "local"),

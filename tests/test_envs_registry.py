@@ -62,3 +62,14 @@ def test_minigrid_memory_entry():
     # MuJoCo tasks keep their reference-return scales
     assert list(get_spec("hopper-medium").scorers("local")) == ["d4rl", "local"]
     assert list(get_spec("hopper-medium").scorers("d4rl")) == ["d4rl"]
+
+
+@pytest.mark.parametrize("env, ref_min, ref_max", [("hopper", -20.272305, 3234.3),
+                                                    ("halfcheetah", -280.178953, 12135.0),
+                                                    ("walker2d", 1.629008, 4592.3)])
+def test_d4rl_reference_scores_are_infos_py(env, ref_min, ref_max):
+    """D4RL d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE of '<env>-random-v0' / '<env>-expert-v0', which every
+    -v2 dataset of the env (medium, medium-replay, expert) uses; normalized score = 100 (ret - min) / (max - min)."""
+    assert (D4RL_REF[env].min, D4RL_REF[env].max) == (ref_min, ref_max)
+    assert normalized_score(env, ref_min, "d4rl") == pytest.approx(0.0, abs=1e-9)
+    assert normalized_score(env, 0.25 * ref_min + 0.75 * ref_max, "d4rl") == pytest.approx(75.0)
