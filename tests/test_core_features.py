@@ -267,3 +267,82 @@ def test_fold_frames_is_the_frame_by_frame_ema():
     for f in range(6):
         s = a * s + (1 - a) * mags[:, :, f]
     assert torch.allclose(feat.fold_frames(ema, mags, a), s, rtol=1e-6)
+
+
+def test_streamed_features_after_evictions_equal_brute_force_history():
+    """A NAMM that evicts about half the cache at every step, run streamed over a tiny model: at each step, every
+    valid slot's spectrogram EMA equals the one computed from scratch from the full history of attention its key
+    received (the rows the pruned model produced, since the key entered), as the batch functions define it: the
+    STFT of that column with zero overlap before the sequence, then the EMA over all its frames. A kept slot
+    misaligned after a compaction, or an EMA not decayed (or restarted) across an eviction, fails it."""
+    from namm_transfer import MemoryCache, NAMMPolicy, enable_memory_attention
+    from namm_transfer.cache import MemoryLayer
+    from namm_transfer.language.models import tiny_random_lm
+
+    delay, total, chunk = 32, 160, 40  # 5 steps per layer; forwards cut at the steps
+    model = tiny_random_lm("llama", seed=0)
+    enable_memory_attention(model)
+    params = torch.randn(CFG.num_params, generator=torch.Generator().manual_seed(0)) * 0.5
+    params[-1] = 1.0  # score bias: keeps about half of the slots at each step
+    policy = NAMMPolicy(params, delay=delay)
+    cfg = policy.config
+    assert policy.attention_stream() is not None  # the streamed path (n_fft == 2 * hop)
+
+    rows = {}  # layer -> [(attention (B, H_kv, q, N) as the policy reads it, sequence column of each slot)]
+    record = MemoryLayer.record
+
+    def recording(layer, probs, a, e):
+        att = feat.gqa_mean(probs.to(policy.attention_dtype), layer.keys.shape[1]).float()
+        rows.setdefault(layer.layer_idx, []).append((att.clone(), layer.columns[..., :att.shape[-1]].clone()))
+        return record(layer, probs, a, e)
+
+    steps = []  # (layer, tokens seen, positions, valid, streamed EMA (B, H, N, bins), keep)
+    policy_step = policy.step
+
+    def capturing(view):
+        keep, state = policy_step(view)
+        steps.append((view.layer_idx, view.tokens_seen, view.positions.clone(), view.valid.clone(),
+                      view.summary["ema"].clone(), keep.clone()))
+        return keep, state
+
+    policy.step = capturing
+    ids = torch.randint(0, 128, (1, total), generator=torch.Generator().manual_seed(1))
+    cache = MemoryCache(policy)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(MemoryLayer, "record", recording)
+        for s in range(0, total, chunk):
+            model(input_ids=ids[:, s:s + chunk], cache=cache, use_cache=True,
+                  position_ids=torch.arange(s, s + chunk)[None])
+
+    # brute-force history: hist[layer][b, h, query, key position] = attention the key received from the query
+    hist = {}
+    for layer, pieces in rows.items():
+        b, h = pieces[0][0].shape[:2]
+        hist[layer] = torch.zeros(b, h, total, total)
+        q0 = 0
+        for att, cols in pieces:
+            q = att.shape[2]
+            hist[layer][:, :, q0:q0 + q].scatter_(3, cols[:, :, None, :].expand(-1, -1, q, -1), att)
+            q0 += q
+        assert q0 == total  # every query's attention row was read
+
+    a = cfg.ema_coeff ** cfg.hop
+    survivors = veterans = 0  # slots compared that outlived one / two or more evictions
+    assert len(steps) == 2 * (total // delay)
+    for layer, seen, pos, valid, ema, keep in steps:
+        assert seen % delay == 0
+        if seen <= 2 * delay:  # the first steps really evict, in every head
+            assert bool(((valid & ~keep).sum(-1) > 0).all()), (layer, seen)
+        for hd in range(pos.shape[1]):
+            p = pos[0, hd][valid[0, hd]]
+            survivors += int((p < seen - delay).sum())
+            veterans += int((p < seen - 2 * delay).sum())
+            column = hist[layer][0, hd, :seen, p].T  # (K, seen): each kept key's attention since the start
+            mags = feat.streaming_spectrogram(column, column.new_zeros(len(p), cfg.n_fft - cfg.hop), cfg.n_fft,
+                                              cfg.hop)  # (K, frames, bins)
+            want = feat.fold_frames(column.new_zeros(cfg.num_bins, len(p)), mags.permute(1, 2, 0), a).T
+            got = ema[0, hd][valid[0, hd]]
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (
+                layer, seen, hd, (got - want).abs().max(), p[(got - want).abs().amax(-1).argmax()])
+    assert survivors > 100 and veterans > 50  # here 384 and 96
+    assert sum(r.after < r.before for r in cache.log) >= len(cache.log) - 1
