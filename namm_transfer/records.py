@@ -51,6 +51,16 @@ def read_json(path: str | Path, what: str) -> dict:
     return obj
 
 
+def complete_lines(path: Path) -> bytes:
+    """The file's bytes up to its last newline; a torn last line (a run killed mid-write) is cut off the file too,
+    so that later appends start on a line of their own."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return data
+
+
 def read_records(path: Path) -> list[dict]:
     """Records already written; a torn last line (killed mid-write) is cut off so later appends stay valid. A
     corrupt line elsewhere is a UsageError naming the file and line."""
@@ -59,10 +69,7 @@ def read_records(path: Path) -> list[dict]:
         raise UsageError(f"{path} is not a file; move it away or use another --out")
     if not path.is_file():
         return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
+    data = complete_lines(path)
     rows = []
     for i, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
         if not line.strip():

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer.cli import (UsageError, budget, check_device, check_model_path, default_out, int_in,  # noqa: E402
                                load_namm_arg, load_script, name_list, out_help, run_cli)
 from namm_transfer.language import longbench as lb  # noqa: E402
-from namm_transfer.records import append_record, in_repo, read_records, write_json, write_text  # noqa: E402
+from namm_transfer.records import (append_record, complete_lines, in_repo, read_records, write_json,  # noqa: E402
+                                   write_text)
 
 BASELINES = ("h2o", "l2", "recency", "snapkv", "random")
 POLICY_NAMES = ("full", "namm") + BASELINES
@@ -237,10 +238,7 @@ def read_preds(path: Path) -> list[dict]:
     U+0085, which json.dumps(ensure_ascii=False) leaves raw and str.splitlines would split at."""
     if not path.is_file():
         return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
+    data = complete_lines(path)
     rows = []
     for i, raw in enumerate(data.split(b"\n")[:-1], start=1):
         try:

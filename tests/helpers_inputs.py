@@ -37,3 +37,18 @@ def refused(main, argv, capsys, *expected: str) -> str:
     for part in expected:
         assert part in err, f"{part!r} not in: {err[-1500:]}"
     return err
+
+
+def save_tiny_dt(folder: Path) -> Path:
+    """A random 1-layer hopper-medium Decision Transformer saved as scripts/train_dt.py saves one (seed 0)."""
+    import torch
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    torch.manual_seed(0)
+    cfg = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32,
+                                    max_ep_len=1000, n_positions=64, bos_token_id=None, eos_token_id=None,
+                                    state_mean=[0.0] * 11, state_std=[1.0] * 11, return_scale=1000.0,
+                                    context_length=4, env_name="hopper-medium", gym_id="Hopper-v5",
+                                    dataset_id="namm_transfer/hopper/medium-v0", dataset_source="local")
+    DecisionTransformerModel(cfg).save_pretrained(folder)
+    return folder

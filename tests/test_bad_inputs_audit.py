@@ -7,9 +7,8 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
-from helpers_inputs import refused, script
+from helpers_inputs import refused, save_tiny_dt, script
 from namm_transfer import save_namm
 from namm_transfer.checkpoints import load_namm
 from namm_transfer.cli import UsageError, check_model_path, load_namm_arg
@@ -80,14 +79,7 @@ def test_namm_pt_that_does_not_exist_says_what_to_pass(tmp_path):
 
 @pytest.fixture
 def dt_dir(tmp_path):
-    torch.manual_seed(0)
-    cfg = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32,
-                                    max_ep_len=1000, n_positions=64, bos_token_id=None, eos_token_id=None,
-                                    state_mean=[0.0] * 11, state_std=[1.0] * 11, return_scale=1000.0,
-                                    context_length=4, env_name="hopper-medium", gym_id="Hopper-v5",
-                                    dataset_id="namm_transfer/hopper/medium-v0", dataset_source="local")
-    DecisionTransformerModel(cfg).save_pretrained(tmp_path / "ckpt")
-    return tmp_path / "ckpt"
+    return save_tiny_dt(tmp_path / "ckpt")
 
 
 def _dt_args(ckpt, out):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
+from helpers_inputs import save_tiny_dt
 from helpers_inputs import script as _script
 from namm_transfer import save_namm
 
@@ -13,13 +14,7 @@ from namm_transfer import save_namm
 def tiny_checkpoint(tmp_path_factory):
     """A random 1-layer DT saved like scripts/train_dt.py does, plus a random NAMM."""
     root = tmp_path_factory.mktemp("dt")
-    torch.manual_seed(0)
-    cfg = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32,
-                                    max_ep_len=1000, n_positions=64, bos_token_id=None, eos_token_id=None,
-                                    state_mean=[0.0] * 11, state_std=[1.0] * 11, return_scale=1000.0,
-                                    context_length=4, env_name="hopper-medium", gym_id="Hopper-v5",
-                                    dataset_id="namm_transfer/hopper/medium-v0", dataset_source="local")
-    DecisionTransformerModel(cfg).save_pretrained(root / "ckpt")
+    save_tiny_dt(root / "ckpt")
     params = torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.5
     save_namm(root / "namm", params, None, meta={"note": "random test NAMM"})
     return root
