@@ -5,7 +5,7 @@ import json
 import math
 import os
 import pickle
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .features import RunningStats
+from .features import RECENCY_TABLES, RunningStats
 from .namm import NAMMConfig
 from .policies import NAMMPolicy
 
@@ -117,6 +117,8 @@ def _config(d) -> NAMMConfig:
     for k, v in d.items():
         if k == "attention_dtype":
             ok = v in (None, "bfloat16", "float16", "float32")
+        elif k == "recency_table":
+            ok = v in RECENCY_TABLES
         else:
             kind = int if isinstance(defaults[k], int) else (int, float)
             ok = (isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and (k == "threshold" or v > 0)
@@ -176,8 +178,9 @@ def load_torch_file(path: str | os.PathLike, what: str):
 
 
 def import_official(path: str | os.PathLike, config: NAMMConfig | None = None, **policy_kwargs) -> NAMMPolicy:
-    """Import the released evo-memory format: evolution_state['mean'] + frozen normalisation mean/var."""
-    config = config or NAMMConfig()
+    """Import the released evo-memory format: evolution_state['mean'] + frozen normalisation mean/var; the recency
+    embedding from evo-memory's float64 table (whatever `config` says about the rest of the geometry)."""
+    config = replace(config or NAMMConfig(), recency_table="float64")
     ckpt = load_torch_file(path, "an evo-memory checkpoint (a dict with 'evolution_state')")
     state = ckpt.get("evolution_state", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.endswith("mean") for k in state):

@@ -142,9 +142,22 @@ def new_token_frame_mask(n_tokens: int, n_new: int, n_frames: int, hop: int, dev
     return (torch.arange(n_frames, device=device)[None, :] >= block[:, None]).float()
 
 
-def recency_embedding(recency: torch.Tensor, dim: int = 8, max_freq: float = 50000.0) -> torch.Tensor:
-    """Sinusoidal embedding [sin(r w_0..), cos(r w_0..)], w_k = max_freq^(-k / (dim/2)). (...,) -> (..., dim)."""
+RECENCY_TABLES = ("float32", "float64")
+
+
+def recency_embedding(recency: torch.Tensor, dim: int = 8, max_freq: float = 50000.0,
+                      table: str = "float32") -> torch.Tensor:
+    """Sinusoidal embedding [sin(r w_0..), cos(r w_0..)], w_k = max_freq^(-k / (dim/2)). (...,) -> (..., dim).
+    table "float32": computed in float32 (the project's own NAMMs were evolved with it); "float64": frequencies,
+    angles, sin and cos in float64, then rounded to float32, as evo-memory's table (numpy float64, cast to float32;
+    the two differ by up to ~3e-5 for ages below 4,096 and ~3e-4 near 40,000)."""
     half = dim // 2
+    if table == "float64":
+        k = torch.arange(half, dtype=torch.float64, device=recency.device) / half
+        angles = recency.double()[..., None] * (1 / max_freq ** k)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).float()
+    if table != "float32":
+        raise ValueError(f"recency table {table!r}: expected one of {RECENCY_TABLES}")
     freqs = max_freq ** (-torch.arange(half, dtype=torch.float32, device=recency.device) / half)
     angles = recency.float()[..., None] * freqs
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)

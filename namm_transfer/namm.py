@@ -28,6 +28,7 @@ class NAMMConfig:
     threshold: float = 0.0
     delay: int = 512
     attention_dtype: str | None = "bfloat16"  # reference rounds attention probabilities to bf16 first
+    recency_table: str = "float32"  # "float64": evo-memory's recency table (imported official checkpoints)
 
     @property
     def num_bins(self) -> int:
@@ -123,7 +124,7 @@ def namm_inputs(ema: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
     if stats is not None and stats.count > 0:
         spec_feat = feat.normalise(ema, stats.mean.to(ema), stats.var.to(ema))
     last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=-1, keepdim=True).values
-    rec = feat.recency_embedding(last - positions, cfg.recency_dim, cfg.recency_max_freq)
+    rec = feat.recency_embedding(last - positions, cfg.recency_dim, cfg.recency_max_freq, cfg.recency_table)
     return torch.cat([rec, spec_feat], dim=-1)
 
 

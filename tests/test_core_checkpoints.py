@@ -33,6 +33,10 @@ def test_official_ckpt_loads_the_mean_and_frozen_stats(tmp_path):
     assert torch.allclose(policy.stats.mean.float(), mu) and torch.allclose(policy.stats.var.float(), var)
     assert policy.stats.frozen and policy.stats.count == 123
     assert load_namm(tmp_path / "ckpt.pt").params.shape == (1, 4172)
+    # evo-memory's float64 recency table; our own NAMMs keep float32, and a re-saved import keeps float64
+    assert policy.config.recency_table == "float64" and NAMMConfig().recency_table == "float32"
+    save_namm(tmp_path / "resaved", policy.params[0], policy.stats, policy.config)
+    assert load_namm(tmp_path / "resaved").config.recency_table == "float64"
 
 
 def test_official_ckpt_wrong_size_is_a_clear_error(tmp_path):

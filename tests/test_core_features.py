@@ -59,6 +59,22 @@ def test_recency_embedding_matches_formula():
     assert torch.equal(got[0], torch.tensor([0.0] * 4 + [1.0] * 4))
 
 
+
+def test_recency_float64_table_is_evo_memorys_bit_for_bit():
+    """evo-memory's PositionalEmbedding: a numpy float64 table sin/cos(position / max_freq^(k / half)), cast to
+    float32 and indexed by age; table="float64" gives its values exactly for every age the table holds."""
+    ages = np.arange(50001)
+    freq = 1 / (50000.0 ** (np.arange(4, dtype=np.float64) / 4))
+    angles = ages[:, None] * freq
+    official = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype("float32")
+    got = feat.recency_embedding(torch.from_numpy(ages), 8, 50000.0, table="float64")
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy(), official)
+    # the project's float32 table differs (its trained NAMMs use it): this is why the choice is a config field
+    assert not np.array_equal(feat.recency_embedding(torch.from_numpy(ages)).numpy(), official)
+    with pytest.raises(ValueError, match="recency table"):
+        feat.recency_embedding(torch.from_numpy(ages), table="float16")
+
+
 def test_ema_closed_form_and_streaming_equals_offline():
     """Stream 3 steps of 64 queries over tokens that are never evicted; compare with the offline STFT of the
     whole series and the closed-form EMA sum_g (1-a) a^(G-1-g) S_g."""
