@@ -287,6 +287,37 @@ def score_task(task: str, rows: list[dict], e: bool) -> dict:
     return out
 
 
+def sample_scores(task: str, rows: list[dict]) -> list[float]:
+    """100 x each sample's eval.py score (the best over its gold answers; the task's all_classes from its last line)."""
+    classes = rows[-1]["all_classes"]
+    return [100.0 * lb.score_prediction(task, r["pred"], r["answers"], classes) for r in rows]
+
+
+def paired_differences(scores: dict[str, dict[str, list[float]]], method: str) -> list[dict]:
+    """`method` minus each other policy on the same samples: per task and over the mean of the tasks run (each task
+    weighted 1 / its sample count, so the mean is the mean of task scores), with stratified paired bootstrap 95%
+    intervals (each resample keeps every task's sample count)."""
+    from namm_transfer.reporting.bootstrap import paired_difference_ci
+
+    out = []
+    tasks = list(scores[method])
+    for other in (p for p in scores if p != method):
+        for task in tasks:
+            mean, lo, hi = paired_difference_ci(scores[method][task], scores[other][task])
+            out.append({"method": method, "baseline": other, "task": task, "n": len(scores[method][task]),
+                        "diff": mean, "low": lo, "high": hi})
+        a, b, groups = [], [], []
+        for task in tasks:
+            w = sum(len(scores[method][t]) for t in tasks) / (len(scores[method][task]) * len(tasks))
+            a += [w * x for x in scores[method][task]]
+            b += [w * x for x in scores[other][task]]
+            groups += [task] * len(scores[method][task])
+        mean, lo, hi = paired_difference_ci(a, b, groups=groups)
+        out.append({"method": method, "baseline": other, "task": "task mean", "n": len(a), "diff": mean, "low": lo,
+                    "high": hi})
+    return out
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -337,6 +368,19 @@ def markdown(policies: dict[str, dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_markdown(paired: list[dict]) -> str:
+    """The paired differences over the mean of the tasks run (per task: summary.json)."""
+    rows = [r for r in paired if r["task"] == "task mean"]
+    if not rows:
+        return ""
+    lines = ["", "Paired differences on the same samples, mean of the tasks run (score points; stratified bootstrap "
+             "95% interval; an interval that holds 0 is a difference inside the noise; per task: summary.json)", "",
+             "| comparison | samples | difference | 95% interval |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} - {r['baseline']} | {r['n']} | {r['diff']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
@@ -371,15 +415,20 @@ def run(args) -> int:
     with open_run(out, settings, "scripts/run_longbench.py", args.argv, fillable=("namm", "namm_hash"), info=info):
         recs = generate_all(args, out, model, tok, cfg, namm, delay, samples)
         policies = {p: summarise_policy(out, p, samples, args.e, recs) for p in args.policies}
+        scores = {p: {t: sample_scores(t, read_preds(pred_path(out, p, t, args.e))[:len(s)]) for t, s in samples.items()}
+                  for p in args.policies}
+        paired = [row for m in ("namm", "full") if m in scores and len(scores) > 1
+                  for row in paired_differences(scores, m)]
         header = [f"{settings['benchmark']}, {sum(map(len, samples.values()))} samples in {len(samples)} tasks"
                   f"{f' (first {args.limit} each)' if args.limit else ''}; model {args.model}, {args.device}/"
                   f"{args.dtype}; --max-length {cfg.max_length} ({cfg.truncation} truncation"
                   f"{', chat template' if cfg.chat_template else ''}); eviction every {delay} tokens during the "
                   f"{cfg.evict_during}; NAMM "
                   f"{namm_path or '-'}", *notes]
-        table = markdown(policies, header)
+        table = markdown(policies, header) + paired_markdown(paired)
         write_json(out / "summary.json", {"settings": settings, "run": info, "notes": notes,
-                                          "samples": {t: len(s) for t, s in samples.items()}, "policies": policies})
+                                          "samples": {t: len(s) for t, s in samples.items()}, "policies": policies,
+                                          "paired": paired})
         write_text(out / "summary.md", table)
     print(table)
     print(f"wrote {out / ('pred_e' if args.e else 'pred')}/<policy>/<task>.jsonl, {out / 'summary.json'}, "

@@ -101,6 +101,12 @@ def test_pred_files_summary_and_resume(tmp_path, lively, capsys):
         assert {k: summary[k] for k in want} == want and summary["n"] == {t: 3 for t in TASKS}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policies"]["full"]["tasks"]["hotpotqa"] >= 33.33  # sample 0's gold is its prediction
+    (pair,) = [r for r in summary["paired"] if r["task"] == "task mean"]  # full - h2o: the mean task-score gap
+    assert (pair["method"], pair["baseline"]) == ("full", "h2o") and pair["low"] <= pair["diff"] <= pair["high"]
+    gaps = [rl.sample_scores(t, read_lines(out / "pred" / "full" / f"{t}.jsonl")) for t in TASKS]
+    base = [rl.sample_scores(t, read_lines(out / "pred" / "h2o" / f"{t}.jsonl")) for t in TASKS]
+    assert pair["diff"] == pytest.approx(sum(sum(g) / 3 - sum(b) / 3 for g, b in zip(gaps, base)) / len(TASKS))
+    assert "full - h2o" in (out / "summary.md").read_text()
     assert len({p.read_text() for p in texts}) == 6  # the predictions differ: resuming them is a real check
     records = read_lines(out / "records.jsonl")
     assert len(records) == 18
@@ -259,3 +265,18 @@ def test_eviction_steps_stop_with_the_prompt_unless_asked(small_data):
     assert runs["answer"].step_tokens[-1] > n
     with pytest.raises(ValueError, match="evict_during"):
         rl.predict(model, TOK, ids, "hotpotqa", FullCache(), evict_during="question")
+
+
+def test_paired_differences_weight_each_task_as_its_score_does():
+    """The 'task mean' difference is the mean of the per-task score differences (tasks of 2 and 4 samples weigh the
+    same), its interval comes from resamples that keep each task's count, and per-task rows are plain paired means."""
+    scores = {"namm": {"a": [100.0, 0.0], "b": [50.0, 50.0, 50.0, 50.0]},
+              "h2o": {"a": [0.0, 0.0], "b": [50.0, 50.0, 50.0, 10.0]}}
+    rows = {r["task"]: r for r in rl.paired_differences(scores, "namm")}
+    assert rows["a"]["diff"] == pytest.approx(50.0) and rows["b"]["diff"] == pytest.approx(10.0)
+    assert rows["task mean"]["diff"] == pytest.approx((50.0 + 10.0) / 2) and rows["task mean"]["n"] == 6
+    assert rows["task mean"]["low"] <= 30.0 <= rows["task mean"]["high"]
+    # the extreme resamples: task a's two samples both 0 or both 100 (diff 0 / 100), b's 0 or 40 -> [0, 70] at most
+    assert 0.0 <= rows["task mean"]["low"] and rows["task mean"]["high"] <= 70.0
+    same = rl.paired_differences({"x": scores["namm"], "y": scores["namm"]}, "x")
+    assert all(r["diff"] == r["low"] == r["high"] == 0.0 for r in same)
