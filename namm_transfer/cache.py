@@ -40,6 +40,11 @@ class UnsupportedAttention(ValueError):
     """The model asks its attention for a feature the memory attention does not reproduce exactly."""
 
 
+class UnsupportedCacheMethod(UnsupportedAttention, AttributeError):
+    """The model calls a method of its own cache type on a MemoryCache layer (state a MemoryCache does not keep).
+    Also an AttributeError, so `hasattr` and `getattr(layer, name, default)` keep their meaning."""
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather along the token axis (dim 2) with idx (B, H, K); trailing dims follow."""
     index = idx.reshape(*idx.shape, *([1] * (x.dim() - 3))).expand(*idx.shape, *x.shape[3:])
@@ -114,6 +119,16 @@ class MemoryLayer(DynamicLayer):
         self._future = 0  # slots of the forward in progress that no query has reached yet
         self._real: torch.Tensor | None = None  # (B, q) real tokens of the forward in progress
         self._due: dict[int, list[int]] = {}  # piece end -> rows stepping there
+
+    def __getattr__(self, name: str):
+        """Only called for attributes a MemoryLayer does not have: a model family asking its cache layer for its
+        own kind of state (e.g. compressed-attention buffers) is refused by name instead of failing inside it."""
+        if name.startswith("_") or name in ("cache", "layer_idx"):
+            raise AttributeError(name)
+        raise UnsupportedCacheMethod(
+            f"the model asks layer {self.layer_idx} of its cache for `{name}`, a method of its own cache type that a "
+            f"MemoryCache does not have: this model family keeps state in its cache beyond keys and values, which "
+            f"namm_transfer cannot evict exactly (run it without a MemoryCache)")
 
     # ---- transformers layer API -------------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -432,6 +447,32 @@ class MemoryCache(Cache):
             if layer.awaiting_capture and layer.layer_idx != layer_idx:
                 raise self.capture_error(layer.layer_idx)
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def _refuse_state(self, what: str, layer_idx: int | None = None, *args, **kwargs):
+        where = "" if layer_idx is None or not isinstance(layer_idx, int) else f" for layer {layer_idx}"
+        raise UnsupportedCacheMethod(
+            f"the model asks its cache for {what}{where}: this model family keeps more than attention keys and values "
+            f"in its cache (a convolution or recurrent state of linear-attention / state-space layers, or an indexer's "
+            f"keys), which a MemoryCache does not hold and namm_transfer cannot evict exactly (run it without a "
+            f"MemoryCache)")
+
+    def get_conv_state(self, layer_idx: int, *args, **kwargs):
+        self._refuse_state("a convolution state", layer_idx)
+
+    def update_conv_state(self, conv_states, layer_idx: int, *args, **kwargs):
+        self._refuse_state("a convolution state", layer_idx)
+
+    def get_recurrent_state(self, layer_idx: int, *args, **kwargs):
+        self._refuse_state("a recurrent state", layer_idx)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, *args, **kwargs):
+        self._refuse_state("a recurrent state", layer_idx)
+
+    def has_previous_state(self, layer_idx: int | None = None, *args, **kwargs):
+        self._refuse_state("a linear-attention layer's previous state", layer_idx)
+
+    def update_indexer(self, indexer_key_states, layer_idx: int, *args, **kwargs):
+        self._refuse_state("an indexer key cache", layer_idx)
 
     def until(self, row: int) -> int | None:
         """Row `row`'s last own token count at which an eviction step may run (None: no limit)."""

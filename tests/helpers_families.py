@@ -38,6 +38,9 @@ FAMILIES = {
     "opt": (T.OPTConfig, T.OPTForCausalLM, dict(ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=None,
                                                 intermediate_size=None, init_std=0.2)),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, _MOE),
+    "gpt_bigcode-mqa": (T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, dict(  # multi-query: one KV head for four
+        multi_query=True, num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
+        bos_token_id=None, eos_token_id=None)),
 }
 
 
@@ -52,6 +55,8 @@ def family_model(name: str, seed: int = 0):
 
 def kv_heads(model) -> int:
     c = model.config
+    if getattr(c, "multi_query", False):
+        return 1
     return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
 
 

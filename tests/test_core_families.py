@@ -176,3 +176,45 @@ def test_right_padding_is_refused():
     mask[:, -3:] = 0
     with pytest.raises(UnsupportedAttention, match="only left padding"):
         generate(model, ids, FullCache(), max_new_tokens=2, attention_mask=mask)
+
+
+def test_a_family_that_asks_its_cache_for_its_own_state_is_refused_by_name():
+    """DeepSeek-V4's compressed attention calls methods of its own cache layers (compressor buffers): a
+    MemoryCache layer refuses that call by name (it was an AttributeError from inside the model), and stays an
+    AttributeError for hasattr/getattr probes."""
+    cfg = T.DeepseekV4Config(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_rope_head_dim=2,
+                             n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=16,
+                             layer_types=["heavily_compressed_attention"] * 2, mlp_layer_types=["hash_moe"] * 2)
+    torch.manual_seed(0)
+    model = T.DeepseekV4ForCausalLM(cfg).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="asks layer 0 of its cache for `store_compression_weights`"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    cache = MemoryCache(FullCache())
+    cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    assert not hasattr(cache.layers[0], "store_compression_weights")
+    assert getattr(cache.layers[0], "update_compressor_states", None) is None
+
+
+def test_hybrid_families_with_convolution_or_recurrent_state_are_refused():
+    """LFM2's convolution layers keep a state in the cache beside the attention layers' keys and values: the
+    MemoryCache refuses the state request by name (it was an IndexError from inside transformers), before any
+    output; an LFM2 made of attention layers only runs and equals the model."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = T.Lfm2ForCausalLM(T.Lfm2Config(**cfg, layer_types=["conv", "full_attention"])).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="asks its cache for a convolution state for layer 0"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    cache = MemoryCache(FullCache())
+    for call in (lambda: cache.get_recurrent_state(1), lambda: cache.has_previous_state(1),
+                 lambda: cache.update_indexer(torch.zeros(1, 2, 4), 1)):
+        with pytest.raises(UnsupportedAttention, match="keeps more than attention keys and values"):
+            call()
+    torch.manual_seed(0)
+    model = T.Lfm2ForCausalLM(T.Lfm2Config(**cfg, layer_types=["full_attention"] * 2)).eval()
+    ids = prompt(n=64)
+    got, _, _ = run_with_policy(model, ids, NAMMPolicy(delay=16), chunk=20)
+    assert torch.allclose(got, eager_logits(model, ids), atol=1e-4)
