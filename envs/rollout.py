@@ -50,8 +50,14 @@ def load_dt(path: str | Path, state_mean=None, state_std=None, scale: float | No
     """Load a ``save_pretrained`` DT. Stats come from its config (``state_mean``/``state_std``, as
     scripts/train_dt.py writes them) unless given (public edbeeching checkpoints keep them on the model card)."""
     from transformers import DecisionTransformerModel
+    from transformers.utils import logging as hf_logging
 
-    model, info = DecisionTransformerModel.from_pretrained(str(path), output_loading_info=True)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing keys would print above the error raised below
+    try:
+        model, info = DecisionTransformerModel.from_pretrained(str(path), output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
     model.eval()
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers fills them with fresh (random or empty) values: refuse instead of acting on them

@@ -105,6 +105,25 @@ def test_dt_weights_missing_tensors_are_refused(dt_dir, tmp_path, capsys):
     refused(script("run_dt").main, _dt_args(dt_dir, tmp_path / "out"), capsys, "lack", "predict_action")
 
 
+def test_a_refused_dt_checkpoint_prints_only_the_error(dt_dir):
+    """transformers' load report (a table of missing keys) no longer prints above the refusal."""
+    import logging
+
+    from envs.rollout import load_dt
+    tensors = load_file(str(dt_dir / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("predict_action")}, str(dt_dir / "model.safetensors"))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.raises(ValueError, match="lack 2 of the model's tensors"):
+            load_dt(dt_dir)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not any("LOAD REPORT" in m for m in seen), seen
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
