@@ -211,14 +211,37 @@ def scatter_columns(probs: torch.Tensor, columns: torch.Tensor, total: int) -> t
     return probs.new_zeros(b, h, q, total).scatter_add_(-1, idx, probs)
 
 
+def cache_layer_holding(key: torch.Tensor) -> int | None:
+    """The index of the layer of the last-used MemoryCache whose key storage `key` lives in (None: none). Storage,
+    not tensor identity: an eviction step re-views the compacted keys as a new tensor over the same storage."""
+    ref = getattr(_CAPTURE, "cache", None)
+    cache = ref() if ref is not None else None
+    if cache is None or not isinstance(key, torch.Tensor):
+        return None
+    ptr = key.untyped_storage().data_ptr()
+    for layer in cache.layers:
+        stored = layer.storage.get("keys")
+        if stored is not None and stored.untyped_storage().data_ptr() == ptr:
+            return layer.layer_idx
+    return None
+
+
 def memory_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function. query (B, H, q, D); key/value (B, H_kv, N, D) from the cache."""
     pending = getattr(_CAPTURE, "pending", None)
     layer_idx = getattr(module, "layer_idx", None)
     if pending is None or pending[1] != layer_idx:
+        held = cache_layer_holding(key)
+        if held is not None and held != layer_idx:
+            _CAPTURE.pending = None
+            raise UnsupportedAttention(
+                f"{type(module).__name__} (layer_idx {layer_idx}) attends over the keys that cache layer {held} "
+                "stored: the memory attention needs every attention module to attend over the cache layer of its "
+                "own index (layers that share keys and values, e.g. Gemma 3n's and Gemma 4's KV sharing, and "
+                "modules run for several cache layers, e.g. looped models, are not supported)")
         spec = attention_spec(module, query, scaling, dropout, kwargs)
         captured = getattr(_CAPTURE, "captured", None)
-        if captured is not None and captured() is key:
+        if held == layer_idx or (captured is not None and captured() is key):
             raise UnsupportedAttention(f"{type(module).__name__} calls its attention more than once per layer and "
                                        "forward over the keys of a MemoryCache; the memory attention reproduces "
                                        "one call per layer only")
@@ -384,7 +407,8 @@ def enable_memory_attention(model) -> None:
     """Route the model's attention through `memory_attention` (required for MemoryCache).
 
     Raises CaptureError when the model family's attention cannot be routed (it does not call transformers'
-    AttentionInterface, e.g. Falcon)."""
+    AttentionInterface, e.g. Falcon), and UnsupportedAttention when its config lists layers that keep a state
+    besides keys and values (state-space, convolution, recurrent or compressed-attention layers)."""
     AttentionInterface.register(ATTN_NAME, memory_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
     try:
@@ -397,6 +421,42 @@ def enable_memory_attention(model) -> None:
                                                  or not sub._can_set_attn_implementation()):
             raise CaptureError(_unsupported_family(sub, "its attention does not call transformers' "
                                                         "AttentionInterface"))
+        if isinstance(sub, PreTrainedModel):
+            refuse_stateful_layers(sub)
+
+
+# per-layer types (config.layer_types / layers_block_type / block_types) whose layers keep a state besides the
+# attention keys and values: a recurrent or convolution state (state-space, linear-attention, hybrid layers) or a
+# compressed / indexed copy of the keys. Some families keep it in the cache, some in the modules themselves
+# (RecurrentGemma: there a chunked prefill silently restarts the state); a MemoryCache manages neither.
+STATEFUL_LAYER_TYPES = frozenset({"linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding", "recurrent",
+                                  "compressed_sparse_attention", "heavily_compressed_attention",
+                                  "indexed_attention"})
+
+
+def refuse_stateful_layers(model) -> None:
+    """UnsupportedAttention when the model's config lists layers of a type in STATEFUL_LAYER_TYPES, or layers
+    that attend over another layer's keys and values (KV sharing: Gemma 3n, Gemma 4)."""
+    shared = getattr(model.config, "num_kv_shared_layers", None)
+    if isinstance(shared, int) and shared > 0:
+        raise UnsupportedAttention(
+            f"{type(model).__name__}: its last {shared} layers attend over the keys and values of earlier layers "
+            "(config.num_kv_shared_layers, KV sharing); a MemoryCache evicts per layer, so namm_transfer cannot "
+            "run this family exactly (run it without a MemoryCache)")
+    for attr in ("layer_types", "layers_block_type", "block_types"):
+        try:
+            types = getattr(model.config, attr, None)
+        except Exception:  # noqa: BLE001 - a config that refuses a global read of a per-layer attribute
+            continue
+        if not isinstance(types, (list, tuple)):
+            continue
+        stateful = sorted({str(t) for t in types} & STATEFUL_LAYER_TYPES)
+        if stateful:
+            raise UnsupportedAttention(
+                f"{type(model).__name__}: layers of type {', '.join(repr(t) for t in stateful)} (config.{attr}) "
+                "keep a state besides attention keys and values (recurrent, convolution or compressed keys) that a "
+                "MemoryCache does not hold, so namm_transfer cannot run this family exactly (run it without a "
+                "MemoryCache)")
 
 
 def _unsupported_family(model, why: str) -> str:

@@ -19,6 +19,7 @@ new tokens correctly; `row_tokens_seen()` gives each row's own count.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,7 +30,7 @@ from .features import gqa_mean
 from .policies import LayerView, MemoryPolicy
 from .streams import fit_slots, gather_slots
 
-_CAPTURE = threading.local()  # (cache, layer_idx) awaiting its attention call
+_CAPTURE = threading.local()  # pending: (cache, layer_idx) awaiting its attention call; cache: the last one
 
 
 class CaptureError(RuntimeError):
@@ -152,6 +153,7 @@ class MemoryLayer(DynamicLayer):
         self._future = q
         self.awaiting_capture = True
         _CAPTURE.pending = (self.cache, self.layer_idx)
+        _CAPTURE.cache = weakref.ref(self.cache)  # the cache whose key storage attention calls are checked against
         return self.keys, self.values
 
     def get_seq_length(self) -> int:

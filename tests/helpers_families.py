@@ -53,13 +53,6 @@ def family_model(name: str, seed: int = 0):
     return model
 
 
-def kv_heads(model) -> int:
-    c = model.config
-    if getattr(c, "multi_query", False):
-        return 1
-    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-
-
 _HIDDEN: dict[int, torch.Tensor] = {}  # layer -> (B, H_kv, L, L) True where a query may not see an evicted key
 
 
@@ -80,7 +73,7 @@ def eager_logits(model, ids, events=(), attention_mask=None, position_ids=None):
     b, n = ids.shape
     _HIDDEN.clear()
     for layer, t_e, per_row in events:
-        hidden = _HIDDEN.setdefault(layer, torch.zeros(b, kv_heads(model), n, n, dtype=torch.bool))
+        hidden = _HIDDEN.setdefault(layer, torch.zeros(b, len(per_row[0]), n, n, dtype=torch.bool))  # the cache's KV heads
         for r, per_head in enumerate(per_row):
             for h, gone in enumerate(per_head):
                 hidden[r, h, t_e:, gone] = True

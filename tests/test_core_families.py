@@ -179,42 +179,80 @@ def test_right_padding_is_refused():
 
 
 def test_a_family_that_asks_its_cache_for_its_own_state_is_refused_by_name():
-    """DeepSeek-V4's compressed attention calls methods of its own cache layers (compressor buffers): a
-    MemoryCache layer refuses that call by name (it was an AttributeError from inside the model), and stays an
-    AttributeError for hasattr/getattr probes."""
+    """DeepSeek-V4's compressed attention keeps compressor buffers in cache layers of its own type: refused when
+    enabling (its config names the layer type); a MemoryCache layer asked for such a method refuses it by name
+    (it was an AttributeError from inside the model), and stays an AttributeError for hasattr/getattr probes."""
     cfg = T.DeepseekV4Config(vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, qk_rope_head_dim=2,
                              n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=16,
                              layer_types=["heavily_compressed_attention"] * 2, mlp_layer_types=["hash_moe"] * 2)
     torch.manual_seed(0)
     model = T.DeepseekV4ForCausalLM(cfg).eval()
-    enable_memory_attention(model)
-    with pytest.raises(UnsupportedAttention, match="asks layer 0 of its cache for `store_compression_weights`"):
-        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    with pytest.raises(UnsupportedAttention, match="layers of type 'heavily_compressed_attention'"):
+        enable_memory_attention(model)
     cache = MemoryCache(FullCache())
     cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    with pytest.raises(UnsupportedAttention, match="asks layer 0 of its cache for `store_compression_weights`"):
+        cache.layers[0].store_compression_weights("compressor", None, None)
     assert not hasattr(cache.layers[0], "store_compression_weights")
     assert getattr(cache.layers[0], "update_compressor_states", None) is None
 
 
-def test_hybrid_families_with_convolution_or_recurrent_state_are_refused():
-    """LFM2's convolution layers keep a state in the cache beside the attention layers' keys and values: the
-    MemoryCache refuses the state request by name (it was an IndexError from inside transformers), before any
-    output; an LFM2 made of attention layers only runs and equals the model."""
+@pytest.mark.parametrize("name, config, model_cls, extra, layer_type", [
+    ("lfm2", T.Lfm2Config, T.Lfm2ForCausalLM, dict(layer_types=["conv", "full_attention"]), "conv"),
+    ("recurrent_gemma", T.RecurrentGemmaConfig, T.RecurrentGemmaForCausalLM, dict(  # state kept in its modules
+        head_dim=16, lru_width=64, block_types=["recurrent", "attention"]), "linear_attention"),
+])
+def test_hybrid_families_with_convolution_or_recurrent_state_are_refused(name, config, model_cls, extra, layer_type):
+    """LFM2's convolution layers keep their state in the cache, RecurrentGemma's recurrent blocks in the modules
+    (a chunked prefill restarts it: keep-all was 0.07 logits off the model, silently): refused when enabling, by
+    the layer type the config lists. The MemoryCache refuses state requests by name (they were IndexErrors)."""
     cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
-    model = T.Lfm2ForCausalLM(T.Lfm2Config(**cfg, layer_types=["conv", "full_attention"])).eval()
-    enable_memory_attention(model)
-    with pytest.raises(UnsupportedAttention, match="asks its cache for a convolution state for layer 0"):
-        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    model = model_cls(config(**{**cfg, **extra})).eval()
+    with pytest.raises(UnsupportedAttention, match=f"layers of type '{layer_type}'"):
+        enable_memory_attention(model)
     cache = MemoryCache(FullCache())
-    for call in (lambda: cache.get_recurrent_state(1), lambda: cache.has_previous_state(1),
-                 lambda: cache.update_indexer(torch.zeros(1, 2, 4), 1)):
+    for call in (lambda: cache.get_conv_state(0), lambda: cache.get_recurrent_state(1),
+                 lambda: cache.has_previous_state(1), lambda: cache.update_indexer(torch.zeros(1, 2, 4), 1)):
         with pytest.raises(UnsupportedAttention, match="keeps more than attention keys and values"):
             call()
+
+
+def test_an_lfm2_of_attention_layers_only_runs_exactly():
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = T.Lfm2ForCausalLM(T.Lfm2Config(**cfg, layer_types=["full_attention"] * 2)).eval()
     ids = prompt(n=64)
     got, _, _ = run_with_policy(model, ids, NAMMPolicy(delay=16), chunk=20)
     assert torch.allclose(got, eager_logits(model, ids), atol=1e-4)
+
+
+def test_the_family_sweep_classifies_families(monkeypatch):
+    """scripts/check_families.py's per-family check: equal for a supported family, refused (by name) for a hybrid
+    state-space family and a family outside the AttentionInterface, MISMATCH when the memory attention is broken."""
+    from helpers_inputs import script
+    sweep = script("check_families")
+    assert sweep.check_one("gemma2", 1e-4, 40e6)["outcome"] == "equal"
+    assert sweep.check_one("mamba", 1e-4, 40e6)["outcome"] == "refused"
+    assert "not supported" in sweep.check_one("bloom", 1e-4, 40e6)["detail"]
+    spec = memory_attention_module.attention_spec
+    monkeypatch.setattr(memory_attention_module, "attention_spec",
+                        lambda *a: dataclasses.replace(spec(*a), softcap=None))
+    assert sweep.check_one("gemma2", 1e-4, 40e6)["outcome"] == "MISMATCH"
+
+
+def test_a_module_attending_over_another_cache_layer_is_refused():
+    """HRM runs its stack of attention modules several times, each cycle in other cache layers (module 0 stores
+    in cache layer 2 on its second cycle): refused by name (it was a CaptureError telling the user to call
+    enable_memory_attention, which they had)."""
+    cfg = T.HrmTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, num_layers_per_stack=2, num_hidden_layers=16,
+                          H_cycles=2, L_cycles=1, L_bp_cycles=[1])
+    torch.manual_seed(0)
+    model = T.HrmTextForCausalLM(cfg).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match=r"\(layer_idx 0\) attends over the keys that cache layer 2 stored"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
