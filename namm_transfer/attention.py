@@ -417,12 +417,12 @@ def enable_memory_attention(model) -> None:
         raise CaptureError(_unsupported_family(model, str(err))) from err
     from transformers import PreTrainedModel
     for sub in model.modules():
-        if isinstance(sub, PreTrainedModel) and (sub.config._attn_implementation != ATTN_NAME
-                                                 or not sub._can_set_attn_implementation()):
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        if sub.config._attn_implementation != ATTN_NAME or not sub._can_set_attn_implementation():
             raise CaptureError(_unsupported_family(sub, "its attention does not call transformers' "
                                                         "AttentionInterface"))
-        if isinstance(sub, PreTrainedModel):
-            refuse_stateful_layers(sub)
+        refuse_stateful_layers(sub)
 
 
 # per-layer types (config.layer_types / layers_block_type / block_types) whose layers keep a state besides the
