@@ -25,7 +25,6 @@ soft-capping, sinks or attention weights).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -240,8 +239,7 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
                 "own index (layers that share keys and values, e.g. Gemma 3n's and Gemma 4's KV sharing, and "
                 "modules run for several cache layers, e.g. looped models, are not supported)")
         spec = attention_spec(module, query, scaling, dropout, kwargs)
-        captured = getattr(_CAPTURE, "captured", None)
-        if held == layer_idx or (captured is not None and captured() is key):
+        if held == layer_idx:  # this layer's keys, after its one captured call: a second call per layer and forward
             raise UnsupportedAttention(f"{type(module).__name__} calls its attention more than once per layer and "
                                        "forward over the keys of a MemoryCache; the memory attention reproduces "
                                        "one call per layer only")
@@ -254,7 +252,6 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
     except BaseException:
         _CAPTURE.pending = None  # the cache stays unusable (awaiting capture); later plain forwards are unaffected
         raise
-    _CAPTURE.captured = weakref.ref(key)
     return out
 
 
