@@ -488,9 +488,11 @@ class MemoryCache(Cache):
 
     def capture_error(self, layer_idx: int) -> CaptureError:
         return CaptureError(
-            f"the attention of layer {layer_idx} was not routed through namm_transfer's memory attention. "
-            "Call namm_transfer.enable_memory_attention(model) before running it with a MemoryCache; "
-            "models whose attention does not use transformers' AttentionInterface cannot be captured.")
+            f"the attention of layer {layer_idx} was not routed through namm_transfer's memory attention: either "
+            "namm_transfer.enable_memory_attention(model) was not called on this model (call it before running it "
+            "with a MemoryCache), or the model computes this layer's attention in its own code instead of calling "
+            "transformers' AttentionInterface (e.g. GIT's text layers), which a MemoryCache cannot capture: such a "
+            "family is not supported.")
 
     def assert_captured(self) -> None:
         for layer in self.layers:

@@ -256,3 +256,19 @@ def test_a_module_attending_over_another_cache_layer_is_refused():
     enable_memory_attention(model)
     with pytest.raises(UnsupportedAttention, match=r"\(layer_idx 0\) attends over the keys that cache layer 2 stored"):
         model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
+def test_attention_computed_in_the_models_own_code_is_refused_by_name():
+    """GIT enables (its config takes the attention implementation) but its text layers multiply queries and keys
+    in their own code: the first forward over a MemoryCache is refused, saying so (the message used to tell only
+    to call enable_memory_attention, which had been called)."""
+    cfg = T.GitConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=16),
+                      vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = T.GitForCausalLM(cfg).eval()
+    enable_memory_attention(model)
+    with pytest.raises(CaptureError, match="computes this layer's attention in its own code"):
+        with torch.no_grad():
+            model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
