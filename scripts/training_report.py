@@ -80,6 +80,15 @@ def validation_trend(val: list[dict]) -> str:
     return "-"
 
 
+def baseline_gaps(v: dict) -> str:
+    """'NAMM - h2o +0.128 [+0.011, +0.247], ...': NAMM's answer probability minus each baseline's at NAMM's cache
+    on the same validation prompts of one point (paired by prompt, bootstrap 95% interval)."""
+    names = [k.removesuffix("_scores") for k in v if k.endswith("_scores") and k != "namm_scores"]
+    gaps = [f"NAMM - {n} {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            for n in names for m, lo, hi in [paired_difference_ci(v["namm_scores"], v[f"{n}_scores"])]]
+    return ", ".join(gaps) or "-"
+
+
 def mode_label(mode: tuple) -> str:
     """'bfloat16' for the points of the searches' first settings; the protocol and length when they were recorded
     ('bfloat16, context-only, ~1024 tokens')."""
@@ -93,11 +102,14 @@ def report(root: Path = ROOT) -> str:
              "rank agreement (halves) | validation: NAMM / full @ cache | H2O / full | recency / full | "
              "NAMM answer p since previous validation |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    last_points = []
     for run in runs:
         r = summarise_run(run)
         protocol = "" if r["protocol"] == "anywhere" else f", {r['protocol']}"
         agree = f"{r['agreement']:.2f} (mean of {r['n_agree']})" if r["agreement"] is not None else "-"
         v = r["last_val"]
+        if v and isinstance(v.get("namm_scores"), list):
+            last_points.append((run.name, v))
         if v:
             val = (f"{v['namm_ratio']:.3f} @ {100 * v['namm_cache']:.1f}% (gen {v['generation']}, {v['n']} prompts)",
                    f"{v.get('h2o_ratio', float('nan')):.3f}", f"{v.get('recency_ratio', float('nan')):.3f}")
@@ -112,6 +124,8 @@ def report(root: Path = ROOT) -> str:
     else:
         lines += ["", "Selection check (`selection_check` in `scripts/training_report.py`):"]
         lines += [selection_check(run) for run in runs]
+        lines += ["", "Last validation point, paired by prompt (`baseline_gaps`):"]
+        lines += [f"- training/{name} gen {v['generation']}: {baseline_gaps(v)}" for name, v in last_points]
     return "\n".join(lines) + "\n"
 
 

@@ -120,3 +120,22 @@ def test_validation_trend_is_the_paired_change_of_the_last_two_points():
     mean, lo, hi = (float(x.strip("[],")) for x in mod.validation_trend(
         [{"generation": 1, "namm_scores": before}, {"generation": 2, "namm_scores": mixed}]).split()[:3])
     assert lo < 0 < hi
+
+
+def test_baseline_gaps_pair_namm_with_each_baseline_by_prompt():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    namm = [0.2, 0.5, 0.4, 0.9, 0.1, 0.3]
+    h2o = [x - d for x, d in zip(namm, [0.10, 0.05, 0.12, 0.08, 0.11, 0.06])]  # NAMM above on every prompt
+    rec = [x + d for x, d in zip(namm, [0.3, -0.3, 0.2, -0.2, 0.1, -0.1])]  # level on average
+    text = mod.baseline_gaps({"generation": 5, "namm_scores": namm, "h2o_scores": h2o, "recency_scores": rec,
+                              "namm_ratio": 0.9})
+    first, second = text.split("], ")
+    assert first.startswith("NAMM - h2o +0.087 [") and second.startswith("NAMM - recency +0.000 [")
+    lo, hi = (float(x.strip("[],")) for x in first.split()[4:6])
+    assert 0.05 <= lo < 0.087 < hi <= 0.12
+    lo, hi = (float(x.strip("[],")) for x in second.split()[4:6])
+    assert lo < 0 < hi
+    assert mod.baseline_gaps({"namm_scores": namm}) == "-"

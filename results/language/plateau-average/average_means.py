@@ -21,6 +21,7 @@ shutil.rmtree(tmp, ignore_errors=True); shutil.copytree(ROOT / run, tmp)
 (tmp / ".lock").unlink(missing_ok=True)
 info = json.loads((tmp / "state.json").read_text())
 cfg = TrainConfig.from_dict({**info["config"], "out": str(tmp)})
+stats_mean = st_load((ROOT / run / "state.safetensors").read_bytes())["stats_mean"]  # frozen since generation 0
 means, gens = [], []
 for c in commits:
     if c == "WT":
@@ -31,7 +32,7 @@ for c in commits:
         js = subprocess.run(["git", "show", f"{c}:{run}/state.json"], capture_output=True, check=True, cwd=ROOT,
                             text=True).stdout
     t = st_load(blob); means.append(t["es_mean"]); gens.append(json.loads(js)["es"]["generation"])
-    assert torch.equal(t["stats_mean"], st_load((ROOT / run / "state.safetensors").read_bytes())["stats_mean"])
+    assert torch.equal(t["stats_mean"], stats_mean)
 model, tok = load_model(cfg.model, "cpu", MODEL_DTYPES[cfg.dtype])
 tr = Trainer(cfg, model, tok, "cpu", model_hash=model_files_hash(cfg.model))
 assert tr.try_resume()
@@ -45,3 +46,7 @@ row["averaged_generations"] = gens
 out = ROOT / "runs" / f"avg-{Path(run).name}.json"
 out.write_text(json.dumps(row))
 print({k: v for k, v in row.items() if not isinstance(v, list)})
+from namm_transfer.reporting.bootstrap import paired_difference_ci
+last = [v for v in info["validation"] if v["generation"] == gens[-1] and isinstance(v.get("namm_scores"), list)][-1]
+print("average - mean of generation %d: %+.3f [%+.3f, %+.3f] (paired by prompt)"
+      % (gens[-1], *paired_difference_ci(row["namm_scores"], last["namm_scores"])))
