@@ -21,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from namm_transfer.evolution.agreement import split_half_agreement  # noqa: E402
 from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm  # noqa: E402
 from namm_transfer.evolution.trainer import validation_mode  # noqa: E402
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
@@ -63,6 +65,41 @@ def selection_check(folder: Path) -> str:
             f"{drift0:.2f} if the ranking were noise ({drift / drift0:.3f}x); |p_sigma| {path:.2f} against "
             f"{path0:.2f} ({path / path0:.3f}x); a search whose ranking is noise gives 1 +- {1 / math.sqrt(2 * es.dim):.3f} "
             f"(one sd) for both")
+
+
+def matched_cache_check(folder: Path, last: int = 20) -> str:
+    """How repeatable the ranking of members was over the last `last` logged generations whose prompts all have
+    full-cache references: split-half rank agreement of the fitness, of the score ratio, and of the score ratio at
+    matched cache (residual after a line on each member's cache; the log keeps each member's cache averaged over
+    the generation's prompts, so both halves use that average). Mean +- standard error over generations."""
+    info = json.loads((folder / "state.json").read_text())
+    cfg, refs = info["config"], info.get("refs", {})
+    rows = [r for r in info["history"] if r.get("member_scores") and r.get("member_cache") and r.get("samples")
+            and all(k in refs for k in r["samples"])]
+    rows = [r for r in rows if len(r["samples"]) == len(rows[-1]["samples"])][-last:] if rows else []  # one size
+    stats = {"fitness": [], "ratio": [], "matched_cache": []}
+    for r in rows:
+        tasks = [k.split("/")[0] for k in r["samples"]]
+        if any(tasks.count(t) < 2 for t in tasks):
+            continue
+        score = torch.tensor(r["member_scores"], dtype=torch.float64)
+        frac = torch.tensor(r["member_cache"], dtype=torch.float64)[:, None].expand_as(score)
+        a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], cfg["cache_weight"],
+                                 cfg["cache_target"], splits=20)
+        for k in stats:
+            if math.isfinite(a[k]):
+                stats[k].append(a[k])
+    if not stats["ratio"]:
+        return f"- training/{folder.name}: no logged generation with member scores and references"
+
+    def mean_se(v):
+        m = sum(v) / len(v)
+        sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")
+        return f"{m:.2f} +- {sd / math.sqrt(len(v)):.2f}"
+    first, final = rows[0]["generation"], rows[-1]["generation"]
+    return (f"- training/{folder.name}, {len(stats['ratio'])} generations ({first}-{final}), halves of "
+            f"{len(rows[-1]['samples']) // 2} prompts: fitness {mean_se(stats['fitness'])}, score ratio "
+            f"{mean_se(stats['ratio'])}, score ratio at matched cache {mean_se(stats['matched_cache'])}")
 
 
 def validation_trend(val: list[dict]) -> str:
@@ -124,6 +161,8 @@ def report(root: Path = ROOT) -> str:
     else:
         lines += ["", "Selection check (`selection_check` in `scripts/training_report.py`):"]
         lines += [selection_check(run) for run in runs]
+        lines += ["", "Split-half rank agreement of the members, from the logs (`matched_cache_check`):"]
+        lines += [matched_cache_check(run) for run in runs]
         lines += ["", "Last validation point, paired by prompt (`baseline_gaps`):"]
         lines += [f"- training/{name} gen {v['generation']}: {baseline_gaps(v)}" for name, v in last_points]
     return "\n".join(lines) + "\n"

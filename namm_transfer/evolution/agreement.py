@@ -1,0 +1,68 @@
+"""Is a search's ranking of members repeatable, and is it about quality or about cache? (pure functions)
+
+The split-half check scores the same members on two disjoint halves of a generation's prompts and correlates the
+rankings. A NAMM search with a cache target ranks members largely by how much cache they keep; the residual of the
+score ratio after a line on the realised cache fraction (across members) is the quality at matched cache, the
+part a better eviction rule has to show.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from .trainer import fitness_from_scores, spearman
+
+
+def residual_on_cache(ratio: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Residual of a least-squares line ratio ~ a + b * cache across members (the ratio at matched cache, up to a
+    constant); the centred ratio when all members keep the same cache."""
+    r = ratio.double() - ratio.double().mean()
+    c = cache.double() - cache.double().mean()
+    den = float((c * c).sum())
+    return r - (float((c * r).sum()) / den) * c if den > 0 else r
+
+
+def split_half_agreement(score: torch.Tensor, frac: torch.Tensor, tasks: list[str], refs: list[float],
+                         cache_weight: float, cache_target: float, splits: int = 200, seed: int = 0) -> dict:
+    """Mean Spearman correlation of the members' ranking between two disjoint halves of the prompts (each half
+    holds half of every task's prompts, `splits` random splits): of the fitness, the score ratio and the score
+    ratio at matched cache (each half regressed on that half's cache). Also the between-member spread of the
+    matched-cache ratio that repeats across halves (sqrt of the cross-half covariance) and the part that does not
+    (per-half noise sd), both at the scale of half the prompts."""
+    rng = random.Random(seed)
+    by_task = {t: [j for j, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
+    if any(len(v) < 2 for v in by_task.values()):
+        raise ValueError("split-half agreement needs at least 2 prompts per task")
+    acc = {"fitness": [], "ratio": [], "matched_cache": [], "cov": [], "noise_var": []}
+    for _ in range(splits):
+        halves = [[], []]
+        for idx in by_task.values():
+            idx = idx[:]
+            rng.shuffle(idx)
+            halves[0] += idx[: len(idx) // 2]
+            halves[1] += idx[len(idx) // 2:]
+        parts = []
+        for h in halves:
+            fit, ratio = fitness_from_scores(score[:, h], frac[:, h], [tasks[j] for j in h], [refs[j] for j in h],
+                                             cache_weight, cache_target)
+            parts.append((fit, ratio, residual_on_cache(ratio, frac[:, h].mean(1))))
+        (fa, ra, ea), (fb, rb, eb) = parts
+        acc["fitness"].append(spearman(fa, fb))
+        acc["ratio"].append(spearman(ra, rb))
+        acc["matched_cache"].append(spearman(ea, eb))
+        n = len(ea)
+        acc["cov"].append(float((ea * eb).sum()) / (n - 2))  # residuals have mean 0 and 2 fitted parameters
+        acc["noise_var"].append(float(((ea - eb) ** 2).sum()) / (2 * (n - 2)))
+    def mean(v):  # splits whose ranking is all ties (no correlation defined) left out
+        v = [x for x in v if math.isfinite(x)]
+        return sum(v) / len(v) if v else float("nan")
+    return {"fitness": mean(acc["fitness"]), "ratio": mean(acc["ratio"]), "matched_cache": mean(acc["matched_cache"]),
+            "true_sd": max(mean(acc["cov"]), 0.0) ** 0.5, "noise_sd": mean(acc["noise_var"]) ** 0.5,
+            "prompts_per_half": sum(len(v) // 2 for v in by_task.values()), "splits": splits}
+
+
+def spearman_brown(rho: float, factor: float) -> float:
+    """Reliability of a mean over `factor` times as many prompts, from the reliability `rho` of one half."""
+    return factor * rho / (1 + (factor - 1) * rho) if rho > -1 / max(factor - 1, 1e-9) else float("nan")

@@ -1,0 +1,91 @@
+"""Split-half ranking agreement (raw and at matched cache) and the member-spread measurement script."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from namm_transfer.evolution.agreement import residual_on_cache, spearman_brown, split_half_agreement
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["a"] * 8 + ["b"] * 8 + ["c"] * 8
+
+
+def synthetic(seed: int, quality_sd: float, noise_sd: float = 0.05, members: int = 16):
+    """(scores (members, prompts) = 0.4 + 0.5 * cache + member quality + per-prompt noise, cache, tasks, refs 1)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = 0.5 + 0.4 * torch.rand(members, 1, generator=g, dtype=torch.float64)
+    quality = quality_sd * torch.randn(members, 1, generator=g, dtype=torch.float64)
+    score = 0.4 + 0.5 * cache + quality + noise_sd * torch.randn(members, len(TASKS), generator=g,
+                                                                  dtype=torch.float64)
+    return score, cache.expand(-1, len(TASKS)), TASKS, [1.0] * len(TASKS)
+
+
+def test_residual_removes_the_line_on_cache():
+    cache = torch.tensor([0.5, 0.6, 0.7, 0.9], dtype=torch.float64)
+    assert residual_on_cache(0.2 + 0.8 * cache, cache).abs().max() < 1e-12
+    other = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    r = residual_on_cache(0.8 * cache + other, cache)
+    assert abs(float((r * (cache - cache.mean())).sum())) < 1e-12 and abs(float(r.sum())) < 1e-12
+    flat = torch.full((4,), 0.7, dtype=torch.float64)
+    assert torch.allclose(residual_on_cache(other, flat), other - other.mean())
+
+
+def test_members_that_differ_only_by_cache_rank_by_cache_not_quality():
+    runs = [split_half_agreement(*synthetic(s, quality_sd=0.0), 0.0, 1.0, splits=30) for s in range(8)]
+    ratio = sum(r["ratio"] for r in runs) / len(runs)
+    matched = sum(r["matched_cache"] for r in runs) / len(runs)
+    assert ratio > 0.8  # the cache spread repeats in both halves
+    assert abs(matched) < 0.2  # nothing at matched cache does
+    assert all(r["true_sd"] < 0.02 for r in runs)
+
+
+def test_real_quality_differences_repeat_at_matched_cache_and_their_spread_is_recovered():
+    runs = [split_half_agreement(*synthetic(s, quality_sd=0.06), 0.0, 1.0, splits=30) for s in range(8)]
+    assert sum(r["matched_cache"] for r in runs) / len(runs) > 0.7
+    # noise per half: 0.05 / sqrt(12 prompts); true spread 0.06 (sample sd of 16 members, after the fit)
+    assert sum(r["noise_sd"] for r in runs) / len(runs) == pytest.approx(0.05 / 12 ** 0.5, rel=0.25)
+    assert sum(r["true_sd"] for r in runs) / len(runs) == pytest.approx(0.06, rel=0.3)
+
+
+def test_spearman_brown_and_refusals():
+    assert spearman_brown(0.5, 2) == pytest.approx(2 / 3)
+    assert spearman_brown(0.2, 1) == pytest.approx(0.2)
+    score, cache, _, refs = synthetic(0, 0.0)
+    with pytest.raises(ValueError, match="at least 2 prompts per task"):
+        split_half_agreement(score[:, :9], cache[:, :9], TASKS[:9], refs[:9], 0.0, 1.0)
+
+
+def _run(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_member_spread_measures_resumes_and_refuses_other_settings(tmp_path):
+    run = tmp_path / "run"
+    res = _run(ROOT / "scripts/train_namm.py", "--model", "tiny-llama", "--stages", "passkey+kv_retrieval:1",
+               "--tokens", "300", "--popsize", "4", "--delay", "128", "--chunk", "64", "--pool-per-task", "6",
+               "--samples-per-task", "2", "--stats-samples-per-task", "1", "--cache-weight", "1",
+               "--cache-target", "0.5", "--out", run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    spread = [ROOT / "scripts/member_spread.py", "--run", run, "--out", tmp_path / "spread",
+              "--prompts-per-task", "2", "--scales", "1,3"]
+    res = _run(*spread)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "spread/scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["score"]) == len(r["cache"]) == 1 + 2 * 4 for r in rows)
+    summary = json.loads((tmp_path / "spread/summary.json").read_text())
+    assert set(summary["scales"]) == {"1.0", "3.0"} and summary["prompts"] == 4
+    assert summary["scales"]["3.0"]["cache_sd"] > 0
+    # the mean's own row is the run's NAMM: its score ratio on these prompts is what the summary says
+    assert 0 < summary["mean"]["ratio"] < 2 and "split-half" in (tmp_path / "spread/summary.md").read_text()
+    again = _run(*spread)
+    assert again.returncode == 0 and "4 already scored" in again.stdout
+    assert len((tmp_path / "spread/scores.jsonl").read_text().splitlines()) == 4
+    other = _run(*spread[:-1], "1,2")
+    assert other.returncode != 0 and "other settings" in other.stderr
+    missing = _run(ROOT / "scripts/member_spread.py", "--run", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert missing.returncode != 0 and "no training state" in missing.stderr
