@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--stages", help='curriculum, e.g. "passkey:10,passkey+kv_retrieval:20" (default passkey:10)')
     ap.add_argument("--tokens", type=int, help=f"prompt length (default {d.tokens})")
     ap.add_argument("--popsize", type=int, help=f"default {d.popsize}")
-    ap.add_argument("--sigma0", type=float, help=f"default {d.sigma0}")
+    ap.add_argument("--sigma0", type=float, help=f"initial CMA-ES step size (default {d.sigma0}); on a resumed run, "
+                    "with --change-settings, restarts the step size at this value (recorded)")
     ap.add_argument("--elite-ratio", type=float, help=f"default {d.elite_ratio}")
     ap.add_argument("--samples-per-task", type=int, help=f"prompts per task per generation (default {d.samples_per_task})")
     ap.add_argument("--pool-per-task", type=int, help=f"default {d.pool_per_task}")

@@ -159,6 +159,19 @@ def test_other_settings_are_refused_and_a_deliberate_change_recorded(full_run, t
     assert state["settings_changes"] == [{"generation": 3, "changes": ["seed: 0 (saved) != 5 (now)"]}]
 
 
+def test_a_new_sigma0_restarts_the_step_size_of_a_resumed_search(full_run, tmp_path):
+    """The CMA-ES step size lives in the state: a recorded sigma0 change must reach it, not only the config."""
+    out = copy_run(full_run[0], tmp_path / "run")
+    old_sigma = json.loads((out / "state.json").read_text())["es"]["sigma"]
+    train(out, "--stages", "passkey:2,passkey+kv_retrieval:2", "--sigma0", "0.2", "--change-settings", flags=[])
+    state = json.loads((out / "state.json").read_text())
+    (change,) = state["settings_changes"]
+    assert change["generation"] == 3 and change["changes"][0].startswith("sigma0: 0.065 (saved) != 0.2 (now)")
+    assert f"step size restarted at 0.2 (it was {old_sigma:.6g})" in change["changes"][0]
+    # one generation of step-size adaptation after the restart: within a few percent of 0.2, far from 0.065
+    assert state["history"][-1]["sigma"] == pytest.approx(0.2, rel=0.05)
+
+
 def test_torn_state_is_detected(full_run, tmp_path):
     out = copy_run(full_run[0], tmp_path / "run")
     # tensors from the previous generation beside the newer JSON: a pair from two different saves

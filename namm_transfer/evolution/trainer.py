@@ -361,6 +361,10 @@ class Trainer:
         self.model_hash = self.model_hash or info.get("model_hash")
         if saved.dtype != self.cfg.dtype:  # full-cache references were scored in the old dtype: score them again
             self.refs = {}
+        if saved.sigma0 != self.cfg.sigma0:  # a deliberate restart of the step size (else the change would be
+            diffs = [d + f"; step size restarted at {self.cfg.sigma0} (it was {self.es.sigma:.6g})"  # a no-op)
+                     if d.startswith("sigma0:") else d for d in diffs]
+            self.es.sigma = float(self.cfg.sigma0)
         if diffs:
             self.settings_changes.append({"generation": self.es.generation, "changes": diffs})
         return True
