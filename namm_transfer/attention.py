@@ -420,6 +420,7 @@ def enable_memory_attention(model) -> None:
             raise CaptureError(_unsupported_family(sub, "its attention does not call transformers' "
                                                         "AttentionInterface"))
         refuse_stateful_layers(sub)
+        refuse_own_position_numbering(sub)
 
 
 # per-layer types (config.layer_types / layers_block_type / block_types) whose layers keep a state besides the
@@ -454,6 +455,21 @@ def refuse_stateful_layers(model) -> None:
                 "keep a state besides attention keys and values (recurrent, convolution or compressed keys) that a "
                 "MemoryCache does not hold, so namm_transfer cannot run this family exactly (run it without a "
                 "MemoryCache)")
+
+
+def refuse_own_position_numbering(model) -> None:
+    """UnsupportedAttention when the model's embeddings number positions themselves from the padding index
+    (RoBERTa-style `create_position_ids_from_input_ids`: the first real token is at padding_idx + 1, and that is what
+    the unmodified model and its `generate` use). namm_transfer passes explicit positions 0, 1, ... (each row's own
+    count), which such embeddings take as given: every position would shift and the output change silently."""
+    for sub in model.modules():
+        if callable(getattr(type(sub), "create_position_ids_from_input_ids", None)) and \
+                isinstance(getattr(sub, "padding_idx", None), int):
+            raise UnsupportedAttention(
+                f"{type(model).__name__}: its {type(sub).__name__} numbers positions from the padding index "
+                f"(the first token at position {sub.padding_idx + 1}, RoBERTa-style), while namm_transfer passes "
+                "positions from 0; the cached run would not reproduce the model, so namm_transfer refuses this "
+                "family (run it without a MemoryCache)")
 
 
 def _unsupported_family(model, why: str) -> str:

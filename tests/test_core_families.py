@@ -272,3 +272,38 @@ def test_attention_computed_in_the_models_own_code_is_refused_by_name():
     with pytest.raises(CaptureError, match="computes this layer's attention in its own code"):
         with torch.no_grad():
             model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
+ROBERTA_STYLE = [(T.RobertaConfig, T.RobertaForCausalLM), (T.XLMRobertaConfig, T.XLMRobertaForCausalLM),
+                 (T.CamembertConfig, T.CamembertForCausalLM), (T.Data2VecTextConfig, T.Data2VecTextForCausalLM),
+                 (T.RobertaPreLayerNormConfig, T.RobertaPreLayerNormForCausalLM),
+                 (T.XLMRobertaXLConfig, T.XLMRobertaXLForCausalLM)]
+ENCODER_CFG = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=256, is_decoder=True, pad_token_id=1)
+
+
+@pytest.mark.parametrize("config, model_cls", ROBERTA_STYLE, ids=lambda c: getattr(c, "__name__", ""))
+def test_decoders_that_number_positions_from_the_padding_index_are_refused(config, model_cls):
+    torch.manual_seed(0)
+    model = model_cls(config(**ENCODER_CFG)).eval()
+    ids = prompt(n=12)
+    with torch.no_grad():  # why: the model's own numbering is not the 0, 1, ... that a cached run passes
+        own = model(input_ids=ids).logits
+        from_zero = model(input_ids=ids, position_ids=torch.arange(12)[None]).logits
+    assert (own - from_zero).abs().max() > 1e-3
+    with pytest.raises(UnsupportedAttention, match=r"numbers positions from the padding index \(the first token "
+                                                   r"at position 2"):
+        enable_memory_attention(model)
+
+
+def test_a_bert_decoder_numbers_positions_from_zero_and_runs_exactly():
+    torch.manual_seed(0)
+    model = T.BertLMHeadModel(T.BertConfig(**ENCODER_CFG)).eval()
+    ids = prompt(n=20)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 20:].tolist()
+        plain = model(input_ids=ids).logits
+    res = generate(model, ids, FullCache(), max_new_tokens=6, chunk_size=8)
+    assert res.tokens[0] == reference
+    logits, _, _ = run_with_policy(model, ids, FullCache(), chunk=8, decode_from=16)
+    assert (logits - plain).abs().max() < 1e-5
