@@ -7,7 +7,8 @@ For each `*ForCausalLM` that transformers' auto classes list, a forked process (
 family that hangs or needs gigabytes cannot stop the sweep) builds the family's default config shrunk to 2 layers
 of width 64 (families whose config rejects that keep their default layer count; > --max-params parameters are
 skipped), then:
-  1. runs it plainly (no cache, position ids 0..L-1 as `generate` passes them); a family whose tiny config does not run plainly is `not runnable here`;
+  1. runs it plainly (no cache, no position ids: the model numbers positions itself, as under its own `generate`);
+     a family whose tiny config does not run plainly is `not runnable here`;
   2. `enable_memory_attention` and a keep-everything NAMM over 200 tokens in 40-token chunks then single tokens
      (eviction steps every 64 tokens run and keep all): logits against the plain forward and against the
      family's own eager attention (`tests/helpers_families.eager_logits`);
@@ -21,7 +22,6 @@ OUT/summary.md and OUT/summary.json.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import multiprocessing
 import resource
@@ -76,12 +76,11 @@ def tiny_model(family: str, max_params: float, keep_layers: bool = False):
 
 
 def _plain_logits(model, ids):
-    """The unmodified model (its default attention), at the positions generate() passes (0..L-1)."""
+    """The unmodified model (its default attention), numbering positions itself (no position ids passed, as its
+    own `generate` runs it for families such as RoBERTa, whose first token sits at padding_idx + 1)."""
     import torch
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     with torch.no_grad():
-        return model(input_ids=ids, **({"position_ids": torch.arange(ids.shape[1])[None]} if takes_positions else {})
-                     ).logits
+        return model(input_ids=ids).logits
 
 
 def _compare(model, ids, plain) -> dict:
