@@ -405,7 +405,8 @@ def enable_memory_attention(model) -> None:
 
     Raises CaptureError when the model family's attention cannot be routed (it does not call transformers'
     AttentionInterface, e.g. Falcon), and UnsupportedAttention when its config lists layers that keep a state
-    besides keys and values (state-space, convolution, recurrent or compressed-attention layers)."""
+    besides keys and values (state-space, convolution, recurrent or compressed-attention layers) or whose embeddings
+    number positions from the padding index (RoBERTa-style)."""
     AttentionInterface.register(ATTN_NAME, memory_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
     try:
@@ -420,7 +421,7 @@ def enable_memory_attention(model) -> None:
             raise CaptureError(_unsupported_family(sub, "its attention does not call transformers' "
                                                         "AttentionInterface"))
         refuse_stateful_layers(sub)
-        refuse_own_position_numbering(sub)
+    refuse_own_position_numbering(model)
 
 
 # per-layer types (config.layer_types / layers_block_type / block_types) whose layers keep a state besides the
