@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from .trainer import fitness_from_scores, spearman
+from .trainer import fitness_from_scores, spearman, task_halves
 
 
 def residual_on_cache(ratio: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -32,17 +32,11 @@ def split_half_agreement(score: torch.Tensor, frac: torch.Tensor, tasks: list[st
     matched-cache ratio that repeats across halves (sqrt of the cross-half covariance) and the part that does not
     (per-half noise sd), both at the scale of half the prompts."""
     rng = random.Random(seed)
-    by_task = {t: [j for j, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
-    if any(len(v) < 2 for v in by_task.values()):
+    if any(tasks.count(t) < 2 for t in tasks):
         raise ValueError("split-half agreement needs at least 2 prompts per task")
     acc = {"fitness": [], "ratio": [], "matched_cache": [], "cov": [], "noise_var": []}
     for _ in range(splits):
-        halves = [[], []]
-        for idx in by_task.values():
-            idx = idx[:]
-            rng.shuffle(idx)
-            halves[0] += idx[: len(idx) // 2]
-            halves[1] += idx[len(idx) // 2:]
+        halves = task_halves(tasks, rng)
         parts = []
         for h in halves:
             fit, ratio = fitness_from_scores(score[:, h], frac[:, h], [tasks[j] for j in h], [refs[j] for j in h],
@@ -60,7 +54,7 @@ def split_half_agreement(score: torch.Tensor, frac: torch.Tensor, tasks: list[st
         return sum(v) / len(v) if v else float("nan")
     return {"fitness": mean(acc["fitness"]), "ratio": mean(acc["ratio"]), "matched_cache": mean(acc["matched_cache"]),
             "true_sd": max(mean(acc["cov"]), 0.0) ** 0.5, "noise_sd": mean(acc["noise_var"]) ** 0.5,
-            "prompts_per_half": sum(len(v) // 2 for v in by_task.values()), "splits": splits}
+            "prompts_per_half": len(task_halves(tasks)[0]), "splits": splits}
 
 
 def spearman_brown(rho: float, factor: float) -> float:

@@ -250,6 +250,19 @@ def fitness_from_scores(score: torch.Tensor, frac: torch.Tensor, tasks: list[str
     return ratio - cache_weight * (frac.mean(1) - cache_target).clamp_min(0), ratio
 
 
+def task_halves(tasks: list[str], rng: random.Random | None = None) -> list[list[int]]:
+    """Two disjoint halves of the sample indices, each holding half of every task's samples (tasks in sorted order;
+    the first half of each task's indices, or of a shuffled copy when `rng` is given)."""
+    halves: list[list[int]] = [[], []]
+    for t in sorted(set(tasks)):
+        idx = [j for j, name in enumerate(tasks) if name == t]
+        if rng is not None:
+            rng.shuffle(idx)
+        halves[0] += idx[: len(idx) // 2]
+        halves[1] += idx[len(idx) // 2:]
+    return halves
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Rank correlation (average ranks for ties)."""
     def ranks(x):
@@ -441,11 +454,7 @@ class Trainer:
     def ranking_agreement(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]) -> float:
         """Spearman correlation of the members' fitness on two disjoint halves of the generation's prompts
         (each half holds half of every task's samples): how repeatable the ranking is at half the prompts."""
-        halves = [[], []]
-        for t in sorted({s.task for s in samples}):
-            idx = [j for j, s in enumerate(samples) if s.task == t]
-            halves[0] += idx[: len(idx) // 2]
-            halves[1] += idx[len(idx) // 2:]
+        halves = task_halves([s.task for s in samples])
         if not halves[0] or not halves[1]:
             return float("nan")
         fit = [self.fitness(score[:, h], frac[:, h], [samples[j] for j in h])[0] for h in halves]
