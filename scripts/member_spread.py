@@ -11,7 +11,7 @@ cache target does not already explain. The run folder is only read.
         --out results/language/member-spread/namm-c75
 
 Scores are appended to <out>/scores.jsonl one prompt at a time (a rerun resumes; other settings are refused);
-<out>/summary.json and summary.md are rewritten after every prompt.
+<out>/summary.json and summary.md are rewritten after every prompt and at the end of every run.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.evolution.agreement import split_half_agreement  # noqa: E402
+from namm_transfer.evolution.agreement import prompts_for_reliability, split_half_agreement  # noqa: E402
 from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
 
@@ -49,8 +49,19 @@ def summarise(rows: list[dict], meta: dict) -> dict:
         entry = {"sigma": s * meta["sigma"], "ratio_mean": float(ratio.mean()), "ratio_sd": float(ratio.std()),
                  "cache_mean": float(cache.mean()), "cache_sd": float(cache.std()),
                  "corr_ratio_cache": float(torch.corrcoef(torch.stack([ratio, cache]))[0, 1])}
+        # members at matched cache against the mean: their line (ratio on cache) at the mean's cache, and how many
+        # members lie above the mean once moved along that line to its cache
+        c = cache - cache.mean()
+        slope = float((c * (ratio - ratio.mean())).sum() / (c * c).sum()) if float((c * c).sum()) > 0 else 0.0
+        line_at_mean = float(ratio.mean()) + slope * (out["mean"]["cache"] - float(cache.mean()))
+        at_mean_cache = ratio + slope * (out["mean"]["cache"] - cache)
+        entry["matched_cache_vs_mean"] = {"line_at_mean_cache": line_at_mean,
+                                          "below_mean": out["mean"]["ratio"] - line_at_mean,
+                                          "members_above_mean": int((at_mean_cache > out["mean"]["ratio"]).sum())}
         if all(tasks.count(t) >= 2 for t in set(tasks)):
-            entry["agreement"] = split_half_agreement(sc, fr, tasks, refs, w, target)
+            a = split_half_agreement(sc, fr, tasks, refs, w, target)
+            a["prompts_for_reliability_0.5"] = prompts_for_reliability(a["matched_cache"], a["prompts_per_half"])
+            entry["agreement"] = a
         out["scales"][str(s)] = entry
     return out
 
@@ -60,17 +71,32 @@ def markdown(summary: dict, meta: dict) -> str:
              f"population {meta['popsize']}), {summary['prompts']} training-pool prompts; the mean itself: "
              f"score ratio {summary['mean']['ratio']:.3f} at {100 * summary['mean']['cache']:.1f}% cache.", "",
              "| step | members' score ratio (sd) | cache (sd) | corr(ratio, cache) | split-half rank agreement: "
-             "fitness / ratio / ratio at matched cache | matched-cache spread: repeatable sd / noise sd (per half) |",
-             "|---|---|---|---|---|---|"]
+             "fitness / ratio / ratio at matched cache | matched-cache spread: repeatable sd / noise sd (per half) | "
+             "members' line at the mean's cache (below the mean; members above it) | prompts per member for a "
+             "matched-cache reliability of 0.5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for s, e in summary["scales"].items():
         a = e.get("agreement")
         agr = (f"{a['fitness']:.2f} / {a['ratio']:.2f} / {a['matched_cache']:.2f} ({a['prompts_per_half']} prompts "
                f"per half)" if a else "-")
         spread = f"{a['true_sd']:.3f} / {a['noise_sd']:.3f}" if a else "-"
+        vs = e["matched_cache_vs_mean"]
+        line = (f"{vs['line_at_mean_cache']:.3f} ({vs['below_mean']:+.3f}; {vs['members_above_mean']} of "
+                f"{meta['popsize']})")
+        need = f"{a['prompts_for_reliability_0.5']:.0f}" if a else "-"
         lines.append(f"| {s} x sigma = {e['sigma']:.4f} | {e['ratio_mean']:.3f} ({e['ratio_sd']:.3f}) | "
                      f"{100 * e['cache_mean']:.1f}% ({100 * e['cache_sd']:.1f}) | {e['corr_ratio_cache']:+.2f} | "
-                     f"{agr} | {spread} |")
+                     f"{agr} | {spread} | {line} | {need} |")
     return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, rows: list[dict], meta: dict) -> str:
+    """<out>/summary.json and summary.md from the rows so far; returns the markdown."""
+    summary = summarise(rows, meta)
+    text = markdown(summary, meta)
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text(out / "summary.md", text)
+    return text
 
 
 def main(argv=None) -> None:
@@ -158,11 +184,9 @@ def main(argv=None) -> None:
         with open(scores_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        summary = summarise(rows, meta)
-        write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-        write_text(out / "summary.md", markdown(summary, meta))
+        write_summary(out, rows, meta)
         print(f"[{j + 1}/{len(samples)}] {sample.key}: {row['seconds']:.0f}s", flush=True)
-    print(markdown(summarise(rows, meta), meta))
+    print(write_summary(out, rows, meta))  # again on a finished measurement: summaries of this code
 
 
 if __name__ == "__main__":

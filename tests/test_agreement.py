@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from namm_transfer.evolution.agreement import residual_on_cache, spearman_brown, split_half_agreement
+from namm_transfer.evolution.agreement import (prompts_for_reliability, residual_on_cache, spearman_brown,
+                                               split_half_agreement)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["a"] * 8 + ["b"] * 8 + ["c"] * 8
@@ -54,6 +55,9 @@ def test_real_quality_differences_repeat_at_matched_cache_and_their_spread_is_re
 def test_spearman_brown_and_refusals():
     assert spearman_brown(0.5, 2) == pytest.approx(2 / 3)
     assert spearman_brown(0.2, 1) == pytest.approx(0.2)
+    k = prompts_for_reliability(0.17, 6, 0.5)  # the inverse: at k prompts, reliability 0.5
+    assert k == pytest.approx(29.29, abs=0.01) and spearman_brown(0.17, k / 6) == pytest.approx(0.5)
+    assert prompts_for_reliability(0.0, 6) == float("inf")
     score, cache, _, refs = synthetic(0, 0.0)
     with pytest.raises(ValueError, match="at least 2 prompts per task"):
         split_half_agreement(score[:, :9], cache[:, :9], TASKS[:9], refs[:9], 0.0, 1.0)
@@ -80,6 +84,9 @@ def test_member_spread_measures_resumes_and_refuses_other_settings(tmp_path):
     summary = json.loads((tmp_path / "spread/summary.json").read_text())
     assert set(summary["scales"]) == {"1.0", "3.0"} and summary["prompts"] == 4
     assert summary["scales"]["3.0"]["cache_sd"] > 0
+    vs = summary["scales"]["1.0"]["matched_cache_vs_mean"]
+    assert vs["below_mean"] == pytest.approx(summary["mean"]["ratio"] - vs["line_at_mean_cache"])
+    assert 0 <= vs["members_above_mean"] <= 4
     # the mean's own row is the run's NAMM: its score ratio on these prompts is what the summary says
     assert 0 < summary["mean"]["ratio"] < 2 and "split-half" in (tmp_path / "spread/summary.md").read_text()
     again = _run(*spread)

@@ -60,3 +60,9 @@ def split_half_agreement(score: torch.Tensor, frac: torch.Tensor, tasks: list[st
 def spearman_brown(rho: float, factor: float) -> float:
     """Reliability of a mean over `factor` times as many prompts, from the reliability `rho` of one half."""
     return factor * rho / (1 + (factor - 1) * rho) if rho > -1 / max(factor - 1, 1e-9) else float("nan")
+
+
+def prompts_for_reliability(rho_half: float, prompts_per_half: int, target: float = 0.5) -> float:
+    """Prompts per member at which the ranking reaches reliability `target` (the inverse of spearman_brown from the
+    split-half agreement `rho_half` at `prompts_per_half` prompts); inf when rho_half <= 0."""
+    return prompts_per_half * target * (1 - rho_half) / (rho_half * (1 - target)) if rho_half > 0 else float("inf")
