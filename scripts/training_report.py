@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from namm_transfer.evolution.agreement import split_half_agreement  # noqa: E402
+from namm_transfer.evolution.agreement import cache_slope, hinge_settle_point, split_half_agreement  # noqa: E402
 from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm  # noqa: E402
-from namm_transfer.evolution.trainer import validation_mode  # noqa: E402
+from namm_transfer.evolution.trainer import fitness_from_scores, validation_mode  # noqa: E402
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
 
@@ -102,6 +102,71 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
             f"{mean_se(stats['ratio'])}, score ratio at matched cache {mean_se(stats['matched_cache'])}")
 
 
+def settings_segments(info: dict) -> list[tuple[int, int, float, float]]:
+    """(first generation, last generation, cache target, cache weight) of each stretch of a search between recorded
+    settings changes (any change starts a stretch: the trade-off moves with the protocol, length or prompt count)."""
+    cfg, changes = info["config"], info.get("settings_changes", [])
+    target, weight = cfg["cache_target"], cfg["cache_weight"]
+    for c in reversed(changes):  # walk back from the current settings to the first ones
+        for line in c["changes"]:
+            name, _, rest = line.partition(": ")
+            if name in ("cache_target", "cache_weight"):
+                saved = float(rest.split(" (saved)")[0])
+                target, weight = (saved, weight) if name == "cache_target" else (target, saved)
+    starts = [0] + [c["generation"] for c in changes]
+    ends = [g - 1 for g in starts[1:]] + [info["es"]["generation"] - 1]
+    segments = []
+    for c, first, last in zip([None] + changes, starts, ends):
+        for line in (c["changes"] if c else []):
+            name, _, rest = line.partition(": ")
+            if name in ("cache_target", "cache_weight"):
+                now = float(rest.split("!= ")[1].split(" (now)")[0])
+                target, weight = (now, weight) if name == "cache_target" else (target, now)
+        segments.append((first, last, target, weight))
+    return segments
+
+
+def operating_point_check(folder: Path, last: int = 30, stretches: int = 2, min_generations: int = 10) -> list[str]:
+    """Where the members' cache settles against the cache target, in the last `stretches` stretches of unchanged
+    settings with at least `min_generations` logged generations (their last `last`): the members' mean cache, its
+    spread within a generation, the share above the target, the score ratio gained per unit of cache across members
+    (least-squares slope per generation, mean +- standard error), and the cache where the hinge balances that slope
+    (agreement.hinge_settle_point)."""
+    info = json.loads((folder / "state.json").read_text())
+    refs = info.get("refs", {})
+    by_gen = {r["generation"]: r for r in info["history"]
+              if r.get("member_scores") and r.get("member_cache") and r.get("samples")
+              and all(k in refs for k in r["samples"])}
+    out = []
+    for first, final, target, weight in settings_segments(info):
+        rows = [by_gen[g] for g in range(first, final + 1) if g in by_gen][-last:]
+        if len(rows) < min_generations:
+            continue
+        caches, spreads, above, slopes = [], [], [], []
+        for r in rows:
+            score = torch.tensor(r["member_scores"], dtype=torch.float64)
+            cache = torch.tensor(r["member_cache"], dtype=torch.float64)
+            tasks = [k.split("/")[0] for k in r["samples"]]
+            _, ratio = fitness_from_scores(score, cache[:, None].expand_as(score), tasks,
+                                           [refs[k] for k in r["samples"]], weight, target)
+            caches.append(float(cache.mean()))
+            spreads.append(float(cache.std()))
+            above.append(float((cache > target).double().mean()))
+            slopes.append(cache_slope(ratio, cache))
+        n = len(rows)
+        slope = sum(slopes) / n
+        se = (sum((x - slope) ** 2 for x in slopes) / (n - 1)) ** 0.5 / math.sqrt(n)
+        spread = sum(spreads) / n
+        settle = hinge_settle_point(target, weight, slope, spread)
+        where = (f"the hinge balances it at {settle:.3f}" if math.isfinite(settle) else
+                 "the slope reaches the weight: the target does not bind" if settle > 0 else "no balance point")
+        out.append(f"- training/{folder.name}, generations {rows[0]['generation']}-{rows[-1]['generation']} (target "
+                   f"{target}, weight {weight}): members keep {sum(caches) / n:.3f} of the cache (sd {spread:.3f} within "
+                   f"a generation, {100 * sum(above) / n:.0f}% above the target); score ratio per unit of cache "
+                   f"{slope:.2f} +- {se:.2f}; {where}")
+    return out[-stretches:] or [f"- training/{folder.name}: no stretch of {min_generations} logged generations yet"]
+
+
 def validation_trend(val: list[dict]) -> str:
     """'+0.054 [+0.004, +0.112] (gen 10 -> 20, float32)': the mean change of NAMM's answer probability over the
     validation prompts between the last two validation points scored in the same mode (model dtype, eviction
@@ -163,6 +228,8 @@ def report(root: Path = ROOT) -> str:
         lines += [selection_check(run) for run in runs]
         lines += ["", "Split-half rank agreement of the members, from the logs (`matched_cache_check`):"]
         lines += [matched_cache_check(run) for run in runs]
+        lines += ["", "Where the cache settles against the target, from the logs (`operating_point_check`):"]
+        lines += [line for run in runs for line in operating_point_check(run)]
         lines += ["", "Last validation point, paired by prompt (`baseline_gaps`):"]
         lines += [f"- training/{name} gen {v['generation']}: {baseline_gaps(v)}" for name, v in last_points]
     return "\n".join(lines) + "\n"

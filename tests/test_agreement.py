@@ -1,15 +1,17 @@
 """Split-half ranking agreement (raw and at matched cache) and the member-spread measurement script."""
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import NormalDist
 
 import pytest
 import torch
 
-from namm_transfer.evolution.agreement import (prompts_for_reliability, residual_on_cache, spearman_brown,
-                                               split_half_agreement)
+from namm_transfer.evolution.agreement import (cache_slope, hinge_settle_point, prompts_for_reliability,
+                                               residual_on_cache, spearman_brown, split_half_agreement)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["a"] * 8 + ["b"] * 8 + ["c"] * 8
@@ -61,6 +63,50 @@ def test_spearman_brown_and_refusals():
     score, cache, _, refs = synthetic(0, 0.0)
     with pytest.raises(ValueError, match="at least 2 prompts per task"):
         split_half_agreement(score[:, :9], cache[:, :9], TASKS[:9], refs[:9], 0.0, 1.0)
+
+
+def test_cache_slope_and_hinge_settle_point_hand_values():
+    cache = torch.tensor([0.5, 0.6, 0.7, 0.9], dtype=torch.float64)
+    assert cache_slope(0.2 + 0.8 * cache, cache) == pytest.approx(0.8)
+    assert math.isnan(cache_slope(cache, torch.full((4,), 0.7)))
+    # namm-c75's logs: slope 0.72, weight 3, spread 0.058 -> P(above) = 0.24, z(0.76) = 0.7063
+    assert hinge_settle_point(0.74, 3.0, 0.72, 0.058) == pytest.approx(0.74 - 0.058 * 0.70630, abs=1e-5)
+    assert hinge_settle_point(0.5, 2.0, 1.0, 0.07) == pytest.approx(0.5)  # slope = weight / 2: at the target
+    assert hinge_settle_point(0.5, 2.0, 1.5, 0.07) > 0.5  # steeper trade-off: above the target
+    assert hinge_settle_point(0.5, 1.0, 1.0, 0.07) == float("inf")  # the target does not bind
+    assert hinge_settle_point(0.5, 3.0, 0.7, 0.0) == 0.5
+    for slope, weight, spread in [(0.72, 3.0, 0.058), (0.89, 1.0, 0.073), (1.2, 2.0, 0.05)]:
+        m = hinge_settle_point(0.6, weight, slope, spread)  # the expected fitness slope vanishes there
+        above = 1 - NormalDist(m, spread).cdf(0.6)
+        assert slope - weight * above == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_noisy_rank_based_search_settles_where_the_hinge_balances_the_slope():
+    """1-D model of the cache direction: members at mean + spread * eps, fitness slope * cache - weight * hinge plus
+    evaluation noise that dominates the ranking (as the split-half checks find in the searches), log-weighted
+    recombination of the best half of 16. Averaged over chains and generations the mean settles within
+    hinge_settle_point (0.006); without noise it settles nearer the target (the point is a noise-dominated limit)."""
+    def settle(target, weight, slope, spread, noise, chains=64, generations=1500):
+        g = torch.Generator().manual_seed(0)
+        lam, mu = 16, 8
+        w = torch.log(torch.tensor(mu + 0.5)) - torch.log(torch.arange(1, mu + 1, dtype=torch.float64))
+        w = w / w.sum()
+        mean, seen = torch.full((chains, 1), target, dtype=torch.float64), []
+        for gen in range(generations):
+            eps = torch.randn(chains, lam, generator=g, dtype=torch.float64)
+            cache = mean + spread * eps
+            fit = slope * cache - weight * (cache - target).clamp_min(0)
+            fit = fit + noise * torch.randn(chains, lam, generator=g, dtype=torch.float64)
+            best = fit.argsort(dim=1, descending=True)[:, :mu]
+            mean = mean + 0.45 * spread * (eps.gather(1, best) * w).sum(1, keepdim=True)
+            if gen >= 300:
+                seen.append(mean)
+        return float(torch.cat(seen).mean())
+    for target, weight, slope, spread in [(0.74, 3.0, 0.72, 0.058), (0.5, 2.0, 1.3, 0.07)]:
+        predicted = hinge_settle_point(target, weight, slope, spread)
+        assert settle(target, weight, slope, spread, noise=0.2) == pytest.approx(predicted, abs=0.006)
+    quiet = settle(0.74, 3.0, 0.72, 0.058, noise=0.0)
+    assert abs(quiet - 0.74) < abs(hinge_settle_point(0.74, 3.0, 0.72, 0.058) - 0.74) - 0.01
 
 
 def _run(*args):

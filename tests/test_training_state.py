@@ -139,3 +139,20 @@ def test_baseline_gaps_pair_namm_with_each_baseline_by_prompt():
     lo, hi = (float(x.strip("[],")) for x in second.split()[4:6])
     assert lo < 0 < hi
     assert mod.baseline_gaps({"namm_scores": namm}) == "-"
+
+
+def test_settings_segments_follow_the_recorded_cache_changes():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    info = {"config": {"cache_target": 0.74, "cache_weight": 3.0}, "es": {"generation": 145},
+            "settings_changes": [
+                {"generation": 30, "changes": ["dtype: 'float32' (saved) != 'bfloat16' (now)",
+                                               "cache_weight: 1.0 (saved) != 3.0 (now)"]},
+                {"generation": 74, "changes": ["tokens: 768 (saved) != 1024 (now)"]},
+                {"generation": 80, "changes": ["cache_target: 0.75 (saved) != 0.72 (now)"]},
+                {"generation": 111, "changes": ["cache_target: 0.72 (saved) != 0.74 (now)"]}]}
+    assert mod.settings_segments(info) == [(0, 29, 0.75, 1.0), (30, 73, 0.75, 3.0), (74, 79, 0.75, 3.0),
+                                           (80, 110, 0.72, 3.0), (111, 144, 0.74, 3.0)]
+    assert mod.settings_segments({**info, "settings_changes": []}) == [(0, 144, 0.74, 3.0)]

@@ -9,19 +9,42 @@ from __future__ import annotations
 
 import math
 import random
+from statistics import NormalDist
 
 import torch
 
 from .trainer import fitness_from_scores, spearman, task_halves
 
 
+def cache_slope(ratio: torch.Tensor, cache: torch.Tensor) -> float:
+    """Slope b of the least-squares line ratio ~ a + b * cache across members (score ratio gained per unit of cache
+    fraction kept); nan when all members keep the same cache."""
+    r = ratio.double() - ratio.double().mean()
+    c = cache.double() - cache.double().mean()
+    den = float((c * c).sum())
+    return float((c * r).sum()) / den if den > 0 else float("nan")
+
+
 def residual_on_cache(ratio: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """Residual of a least-squares line ratio ~ a + b * cache across members (the ratio at matched cache, up to a
     constant); the centred ratio when all members keep the same cache."""
     r = ratio.double() - ratio.double().mean()
-    c = cache.double() - cache.double().mean()
-    den = float((c * c).sum())
-    return r - (float((c * r).sum()) / den) * c if den > 0 else r
+    b = cache_slope(ratio, cache)
+    return r if math.isnan(b) else r - b * (cache.double() - cache.double().mean())
+
+
+def hinge_settle_point(target: float, weight: float, slope: float, spread: float) -> float:
+    """Mean cache fraction at which the trainer's hinge (fitness = ratio - weight * max(0, cache - target)) stops
+    pulling: where the members' expected fitness slope, slope - weight * P(member cache > target), is zero for member
+    caches spread normally with sd `spread` around the mean. That is where a search settles when evaluation noise
+    dominates the ranking (a rank-based search with little noise settles nearer the target); below the target when
+    slope < weight / 2, above it when slope > weight / 2. inf when slope >= weight: the target does not bind, the cache
+    grows until the trade-off flattens below the weight; the target itself when the members do not spread."""
+    if slope >= weight:
+        return float("inf")
+    if spread <= 0 or slope <= 0:
+        return target if spread <= 0 else float("-inf")
+    return target - spread * NormalDist().inv_cdf(1 - slope / weight)
 
 
 def split_half_agreement(score: torch.Tensor, frac: torch.Tensor, tasks: list[str], refs: list[float],
