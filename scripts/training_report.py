@@ -102,27 +102,31 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
             f"{mean_se(stats['ratio'])}, score ratio at matched cache {mean_se(stats['matched_cache'])}")
 
 
+def cache_setting_change(line: str) -> tuple[str, float, float] | None:
+    """('cache_target' | 'cache_weight', saved, now) of a recorded settings change line, else None."""
+    name, _, rest = line.partition(": ")
+    if name not in ("cache_target", "cache_weight"):
+        return None
+    saved, now = rest.split(" (saved) != ")
+    return name, float(saved), float(now.removesuffix(" (now)"))
+
+
 def settings_segments(info: dict) -> list[tuple[int, int, float, float]]:
     """(first generation, last generation, cache target, cache weight) of each stretch of a search between recorded
     settings changes (any change starts a stretch: the trade-off moves with the protocol, length or prompt count)."""
-    cfg, changes = info["config"], info.get("settings_changes", [])
-    target, weight = cfg["cache_target"], cfg["cache_weight"]
-    for c in reversed(changes):  # walk back from the current settings to the first ones
-        for line in c["changes"]:
-            name, _, rest = line.partition(": ")
-            if name in ("cache_target", "cache_weight"):
-                saved = float(rest.split(" (saved)")[0])
-                target, weight = (saved, weight) if name == "cache_target" else (target, saved)
+    changes = info.get("settings_changes", [])
+    parsed = [[c for c in map(cache_setting_change, ch["changes"]) if c] for ch in changes]
+    value = {"cache_target": info["config"]["cache_target"], "cache_weight": info["config"]["cache_weight"]}
+    for found in reversed(parsed):  # walk back from the current settings to the first ones
+        for name, saved, _ in found:
+            value[name] = saved
     starts = [0] + [c["generation"] for c in changes]
     ends = [g - 1 for g in starts[1:]] + [info["es"]["generation"] - 1]
     segments = []
-    for c, first, last in zip([None] + changes, starts, ends):
-        for line in (c["changes"] if c else []):
-            name, _, rest = line.partition(": ")
-            if name in ("cache_target", "cache_weight"):
-                now = float(rest.split("!= ")[1].split(" (now)")[0])
-                target, weight = (now, weight) if name == "cache_target" else (target, now)
-        segments.append((first, last, target, weight))
+    for found, first, last in zip([[]] + parsed, starts, ends):
+        for name, _, now in found:
+            value[name] = now
+        segments.append((first, last, value["cache_target"], value["cache_weight"]))
     return segments
 
 
@@ -154,8 +158,9 @@ def operating_point_check(folder: Path, last: int = 30, stretches: int = 2, min_
             above.append(float((cache > target).double().mean()))
             slopes.append(cache_slope(ratio, cache))
         n = len(rows)
-        slope = sum(slopes) / n
-        se = (sum((x - slope) ** 2 for x in slopes) / (n - 1)) ** 0.5 / math.sqrt(n)
+        slopes = [x for x in slopes if math.isfinite(x)]  # a generation whose members all kept the same cache
+        slope = sum(slopes) / len(slopes)
+        se = (sum((x - slope) ** 2 for x in slopes) / (len(slopes) - 1)) ** 0.5 / math.sqrt(len(slopes))
         spread = sum(spreads) / n
         settle = hinge_settle_point(target, weight, slope, spread)
         where = (f"the hinge balances it at {settle:.3f}" if math.isfinite(settle) else
