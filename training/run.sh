@@ -9,7 +9,9 @@
 # 30; from generations 85 / 74 eviction steps only while the context is read, on ~1024-token prompts:
 # --protocol context-only --tokens 1024, the protocol and length eval_language.py tests with; namm-c75 only: --cache-target
 # 0.72 from generation 80, to settle below the goal's 75% cache, and 0.74 from generation 111 (at 0.72 it settled at
-# 66-69%); both: float32 from generations 121 / 106 on a machine without native bfloat16, as DTYPE below picks).
+# 66-69%), and 0.75 from generation 145 (at 0.74 its members settled at 0.70: README, "Where each search's cache
+# settles"); namm-c50 only: --cache-weight 2.0 from generation 151 (at 1.0 its 0.5 target did not bind); both:
+# float32 from generations 121 / 106 on a machine without native bfloat16, as DTYPE below picks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
