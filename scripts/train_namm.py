@@ -128,7 +128,7 @@ def build_config(args) -> TrainConfig:
     return TrainConfig.from_dict({**base, **given, "out": args.out})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig()
     ap.add_argument("--out", default=d.out, help=f"run folder (default {d.out}); resumed if it holds a run")
@@ -174,7 +174,7 @@ def main() -> None:
                          "changes them, so the switch has a validation point in both settings")
     ap.add_argument("--measure-speedup", action="store_true")
     ap.add_argument("--ship", action="store_true", help=f"copy <out>/namm to {DEFAULT_NAMM}")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for flag in ("max_generations", "more_generations"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             ap.error(f"--{flag.replace('_', '-')} must be >= 0")

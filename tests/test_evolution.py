@@ -180,16 +180,27 @@ def test_torn_state_is_detected(full_run, tmp_path):
     assert res.returncode == 2 and "different saves" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_pickle_state_and_bad_settings_are_refused(tmp_path):
+def test_pickle_state_is_refused(tmp_path):
     out = tmp_path / "old"
     out.mkdir()
     torch.save({"es": {}}, out / "state.pt")
     res = run_train([*TINY, "--out", out])
     assert res.returncode == 2 and "pickle" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
+    """Refused while the flags are read, before the model loads (in-process: train_namm.main(argv))."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_namm", ROOT / "scripts" / "train_namm.py")
+    train_namm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_namm)
     for bad, msg in [(["--popsize", "1"], "at least 2 members"), (["--delay", "100"], "multiple of"),
-                     (["--stages", "passkey"], "TASK[+TASK...]:GENERATIONS"), (["--tokens", "0"], "tokens 0")]:
-        res = run_train([*TINY, *bad, "--out", tmp_path / "x"])
-        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr[-800:]
+                     (["--stages", "passkey"], "TASK[+TASK...]:GENERATIONS"), (["--tokens", "0"], "tokens 0"),
+                     (["--more-generations", "-1"], "--more-generations must be >= 0")]:
+        with pytest.raises(SystemExit) as exit_:
+            train_namm.main([str(a) for a in [*TINY, *bad, "--out", tmp_path / "x"]])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and msg in err and "Traceback" not in err, err[-800:]
         assert not (tmp_path / "x").exists()
 
 
