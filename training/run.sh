@@ -21,6 +21,10 @@ STEP=${STEP:-2}           # generations per run per turn
 DTYPE=${DTYPE:-$(.venv/bin/python -c "from namm_transfer.evolution.trainer import bfloat16_is_native
 print('bfloat16' if bfloat16_is_native() else 'float32')")}
 NICE=${NICE:-19}
+# nice orders processes only inside one scheduler autogroup, and every session (setsid, a new terminal) is its own
+# group, so a niced search would still take an equal share from an evaluation started elsewhere: lower the whole
+# group too (Linux with autogroups; elsewhere nothing to do).
+[ -w /proc/self/autogroup ] && { echo "$NICE" > /proc/self/autogroup; } 2>/dev/null || true
 COMMON="--stages passkey+kv_retrieval+passage_retrieval:1000 --tokens 768 --delay 256 --chunk 128 \
   --popsize 16 --samples-per-task 2 --pool-per-task 64 --stats-samples-per-task 4 --cache-weight 1.0 \
   --val-every 10 --val-per-task 8 --threads 1"
