@@ -3,7 +3,8 @@
 The split-half check scores the same members on two disjoint halves of a generation's prompts and correlates the
 rankings. A NAMM search with a cache target ranks members largely by how much cache they keep; the residual of the
 score ratio after a line on the realised cache fraction (across members) is the quality at matched cache, the
-part a better eviction rule has to show.
+part a better eviction rule has to show. The slope of that line against the hinge weight also says where the
+search's cache settles relative to its target (hinge_settle_point).
 """
 from __future__ import annotations
 
