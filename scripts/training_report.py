@@ -71,9 +71,10 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
     """How repeatable the ranking of members was over the last `last` logged generations whose prompts all have
     full-cache references: split-half rank agreement of the fitness, of the score ratio, and of the score ratio at
     matched cache (residual after a line on each member's cache; the log keeps each member's cache averaged over
-    the generation's prompts, so both halves use that average). Mean +- standard error over generations."""
+    the generation's prompts, so both halves use that average); the fitness with the cache target and weight each
+    generation ran with (settings_at). Mean +- standard error over generations."""
     info = json.loads((folder / "state.json").read_text())
-    cfg, refs = info["config"], info.get("refs", {})
+    refs = info.get("refs", {})
     rows = [r for r in info["history"] if r.get("member_scores") and r.get("member_cache") and r.get("samples")
             and all(k in refs for k in r["samples"])]
     rows = [r for r in rows if len(r["samples"]) == len(rows[-1]["samples"])][-last:] if rows else []  # one size
@@ -84,8 +85,8 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
             continue
         score = torch.tensor(r["member_scores"], dtype=torch.float64)
         frac = torch.tensor(r["member_cache"], dtype=torch.float64)[:, None].expand_as(score)
-        a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], cfg["cache_weight"],
-                                 cfg["cache_target"], splits=20)
+        target, weight = settings_at(info, r["generation"])
+        a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], weight, target, splits=20)
         for k in stats:
             if math.isfinite(a[k]):
                 stats[k].append(a[k])
@@ -128,6 +129,14 @@ def settings_segments(info: dict) -> list[tuple[int, int, float, float]]:
             value[name] = now
         segments.append((first, last, value["cache_target"], value["cache_weight"]))
     return segments
+
+
+def settings_at(info: dict, generation: int) -> tuple[float, float]:
+    """(cache target, cache weight) the search ran `generation` with."""
+    for first, last, target, weight in settings_segments(info):
+        if first <= generation <= last:
+            return target, weight
+    raise ValueError(f"generation {generation} is not in the search's history")
 
 
 def operating_point_check(folder: Path, last: int = 30, stretches: int = 2, min_generations: int = 10) -> list[str]:
