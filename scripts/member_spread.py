@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.evolution.agreement import prompts_for_reliability, split_half_agreement  # noqa: E402
+from namm_transfer.evolution.agreement import cache_slope, prompts_for_reliability, split_half_agreement  # noqa: E402
 from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
 
@@ -51,8 +52,8 @@ def summarise(rows: list[dict], meta: dict) -> dict:
                  "corr_ratio_cache": float(torch.corrcoef(torch.stack([ratio, cache]))[0, 1])}
         # members at matched cache against the mean: their line (ratio on cache) at the mean's cache, and how many
         # members lie above the mean once moved along that line to its cache
-        c = cache - cache.mean()
-        slope = float((c * (ratio - ratio.mean())).sum() / (c * c).sum()) if float((c * c).sum()) > 0 else 0.0
+        slope = cache_slope(ratio, cache)
+        slope = 0.0 if math.isnan(slope) else slope  # all members at one cache: no line to move along
         line_at_mean = float(ratio.mean()) + slope * (out["mean"]["cache"] - float(cache.mean()))
         at_mean_cache = ratio + slope * (out["mean"]["cache"] - cache)
         entry["matched_cache_vs_mean"] = {"line_at_mean_cache": line_at_mean,

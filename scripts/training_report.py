@@ -67,6 +67,14 @@ def selection_check(folder: Path) -> str:
             f"(one sd) for both")
 
 
+def rescorable_generations(info: dict) -> list[dict]:
+    """The logged generations whose member scores, caches and prompts are recorded and whose prompts all have
+    full-cache references (so their fitness can be computed again from the log)."""
+    refs = info.get("refs", {})
+    return [r for r in info["history"] if r.get("member_scores") and r.get("member_cache") and r.get("samples")
+            and all(k in refs for k in r["samples"])]
+
+
 def matched_cache_check(folder: Path, last: int = 20) -> str:
     """How repeatable the ranking of members was over the last `last` logged generations whose prompts all have
     full-cache references: split-half rank agreement of the fitness, of the score ratio, and of the score ratio at
@@ -74,9 +82,8 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
     the generation's prompts, so both halves use that average); the fitness with the cache target and weight each
     generation ran with (settings_at). Mean +- standard error over generations."""
     info = json.loads((folder / "state.json").read_text())
-    refs = info.get("refs", {})
-    rows = [r for r in info["history"] if r.get("member_scores") and r.get("member_cache") and r.get("samples")
-            and all(k in refs for k in r["samples"])]
+    refs, segments = info.get("refs", {}), settings_segments(info)
+    rows = rescorable_generations(info)
     rows = [r for r in rows if len(r["samples"]) == len(rows[-1]["samples"])][-last:] if rows else []  # one size
     stats = {"fitness": [], "ratio": [], "matched_cache": []}
     for r in rows:
@@ -85,7 +92,7 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
             continue
         score = torch.tensor(r["member_scores"], dtype=torch.float64)
         frac = torch.tensor(r["member_cache"], dtype=torch.float64)[:, None].expand_as(score)
-        target, weight = settings_at(info, r["generation"])
+        target, weight = settings_at(segments, r["generation"])
         a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], weight, target, splits=20)
         for k in stats:
             if math.isfinite(a[k]):
@@ -131,9 +138,9 @@ def settings_segments(info: dict) -> list[tuple[int, int, float, float]]:
     return segments
 
 
-def settings_at(info: dict, generation: int) -> tuple[float, float]:
-    """(cache target, cache weight) the search ran `generation` with."""
-    for first, last, target, weight in settings_segments(info):
+def settings_at(segments: list[tuple[int, int, float, float]], generation: int) -> tuple[float, float]:
+    """(cache target, cache weight) the search ran `generation` with, from its settings_segments."""
+    for first, last, target, weight in segments:
         if first <= generation <= last:
             return target, weight
     raise ValueError(f"generation {generation} is not in the search's history")
@@ -147,9 +154,7 @@ def operating_point_check(folder: Path, last: int = 30, stretches: int = 2, min_
     (agreement.hinge_settle_point)."""
     info = json.loads((folder / "state.json").read_text())
     refs = info.get("refs", {})
-    by_gen = {r["generation"]: r for r in info["history"]
-              if r.get("member_scores") and r.get("member_cache") and r.get("samples")
-              and all(k in refs for k in r["samples"])}
+    by_gen = {r["generation"]: r for r in rescorable_generations(info)}
     out = []
     for first, final, target, weight in settings_segments(info):
         rows = [by_gen[g] for g in range(first, final + 1) if g in by_gen][-last:]

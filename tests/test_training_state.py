@@ -161,6 +161,7 @@ def test_settings_segments_follow_the_recorded_cache_changes():
     assert mod.settings_segments(info) == [(0, 29, 0.75, 1.0), (30, 73, 0.75, 3.0), (74, 79, 0.75, 3.0),
                                            (80, 110, 0.72, 3.0), (111, 144, 0.74, 3.0)]
     assert mod.settings_segments({**info, "settings_changes": []}) == [(0, 144, 0.74, 3.0)]
-    assert mod.settings_at(info, 29) == (0.75, 1.0) and mod.settings_at(info, 111) == (0.74, 3.0)
+    segments = mod.settings_segments(info)
+    assert mod.settings_at(segments, 29) == (0.75, 1.0) and mod.settings_at(segments, 111) == (0.74, 3.0)
     with pytest.raises(ValueError):
-        mod.settings_at(info, 145)
+        mod.settings_at(segments, 145)
