@@ -163,7 +163,10 @@ def main(argv=None) -> None:
     mean, diag = tensors["es_mean"].double(), tensors["es_diag_c"].double()
     z = torch.randn(cfg.popsize, mean.numel(), generator=torch.Generator().manual_seed(args.seed),
                     dtype=torch.float64)
-    pop = torch.cat([mean[None]] + [mean + s * meta["sigma"] * z * diag.sqrt() for s in scales]).float()
+    pop = torch.cat([mean[None]] + [mean + s * meta["sigma"] * z * diag.sqrt() for s in scales])
+    if "base_params" in tensors:  # a search of some parameter groups around a start (--init-from --evolve)
+        trainer.base = tensors["base_params"].double()
+    pop = trainer.member_params(pop).float()
     policy = NAMMPolicy(pop, trainer.namm_cfg, trainer.stats)
     rng = random.Random(args.seed)
     samples = [s for t in trainer.tasks for s in rng.sample(trainer.pool[t], args.prompts_per_task)]

@@ -7,6 +7,8 @@
 is refused unless --change-settings; <out>/.lock stops a second run into DIR). State: <out>/state.safetensors +
 state.json (data only), saved every generation. Outputs: <out>/namm (safetensors + JSON, the CMA-ES mean),
 <out>/log.jsonl, <out>/val.jsonl (validation curve), <out>/curve.png. `--ship` copies the result into namm_transfer/checkpoints/namm-smollm2.
+`--init-from SRC --evolve w_score,b_score,b_out` starts a new search at another search's mean (SRC: its folder or a
+NAMM checkpoint) that evolves only the named parameter groups (here the scorer's 76-number output head).
 `--measure-speedup` prints the throughput ratio of batched + shared-prefix evaluation vs member-by-member.
 """
 from __future__ import annotations
@@ -23,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
 from namm_transfer.evolution.trainer import (MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
-                                             bfloat16_is_native, compute_platform, setup_distributed, world)
+                                             bfloat16_is_native, compute_platform, load_start, setup_distributed,
+                                             world)
+from namm_transfer.namm import NAMMConfig  # noqa: E402
 
 
 def smollm2_tokenizer_and_config():
@@ -80,7 +84,7 @@ def measure_speedup(trainer: Trainer, n_samples: int = 2) -> None:
     cfg = trainer.cfg
     stage = cfg.stages[0]
     samples = trainer.generation_samples(0, stage.tasks)[:n_samples]
-    pop = trainer.es.ask().float()
+    pop = trainer.member_params(trainer.es.ask()).float()
     policy = NAMMPolicy(pop, trainer.namm_cfg, trainer.stats)
     t0 = time.perf_counter()
     batched = [score_rows(trainer.model, s, policy, cfg.popsize, cfg.chunk, share_prefix=True) for s in samples]
@@ -102,7 +106,7 @@ SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's 
     "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
     "seed": "seed", "threads": "threads", "dtype": "dtype", "protocol": "protocol", "val_every": "val_every",
     "val_per_task": "val_per_task",
-    "val_baselines": "val_baselines",
+    "val_baselines": "val_baselines", "evolve": "evolve", "init_from": "init_from",
 }
 
 
@@ -121,6 +125,8 @@ def build_config(args) -> TrainConfig:
     if "stages" in given:
         given["stages"] = [{"tasks": s.tasks, "generations": s.generations}
                            for s in TrainConfig.parse_stages(given["stages"])]
+    if "evolve" in given:
+        given["evolve"] = [] if given["evolve"] in ("", "all") else given["evolve"].split(",")
     if "val_baselines" in given:
         given["val_baselines"] = [b for b in given["val_baselines"].split(",") if b]
     if args.no_share_prefix:
@@ -162,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-every", type=int, help=f"validation every N generations (default {d.val_every}; 0 = off)")
     ap.add_argument("--val-per-task", type=int, help=f"validation prompts per task (default {d.val_per_task})")
     ap.add_argument("--val-baselines", help="baselines scored at the NAMM's cache in validation (default h2o,recency)")
+    ap.add_argument("--evolve", help="parameter groups the search evolves, comma-separated, from w_qkv, b_qkv, "
+                    "w_out, b_out, w_score, b_score (default all; e.g. w_score,b_score,b_out: the scorer's 76-number "
+                    "output head); the rest stay at the start (--init-from). Fixed when the search is created")
+    ap.add_argument("--init-from", help="start a new search from another search's folder (its CMA-ES mean and "
+                    "normalisation, copied in) or a NAMM checkpoint folder (default: zeros = keep-all, statistics "
+                    "from a generation-0 pass). Fixed when the search is created")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-generations", type=int, default=None, help="stop at this generation (resumable)")
     ap.add_argument("--more-generations", type=int, default=None,
@@ -180,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{flag.replace('_', '-')} must be >= 0")
     try:
         cfg = build_config(args)
+        if cfg.init_from and not (Path(cfg.out) / "state.json").exists():  # a new search: check its start now
+            load_start(Path(cfg.init_from), NAMMConfig(delay=cfg.delay))
     except ValueError as err:
         ap.error(str(err))
     torch.set_num_threads(cfg.threads)
@@ -206,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args, trainer: Trainer, cfg: TrainConfig) -> None:
     """Train (or measure the population speed-up), then report and optionally ship the CMA-ES mean."""
     if args.measure_speedup:
-        trainer.try_resume(args.change_settings) or trainer.measure_stats()
+        if not trainer.try_resume(args.change_settings):
+            trainer.start_from(cfg.init_from) if cfg.init_from else trainer.measure_stats()
         measure_speedup(trainer)
         return
     t0 = time.time()

@@ -172,6 +172,72 @@ def test_a_new_sigma0_restarts_the_step_size_of_a_resumed_search(full_run, tmp_p
     assert state["history"][-1]["sigma"] == pytest.approx(0.2, rel=0.05)
 
 
+HEAD = ["w_score", "b_score", "b_out"]
+
+
+def test_parameter_groups_and_embedding():
+    from namm_transfer.evolution.subspace import embed, parameter_indices
+    from namm_transfer.namm import NAMMConfig, unflatten
+    cfg = NAMMConfig()
+    head = parameter_indices(cfg, HEAD)
+    assert torch.equal(head, torch.arange(4096, 4172))  # b_out (50), w_score (25), b_score (1): the layout's tail
+    assert torch.equal(parameter_indices(cfg, []), torch.arange(4172))
+    for bad in (["w_scores"], ["b_out", "b_out"]):
+        with pytest.raises(ValueError, match="each once, from w_qkv"):
+            parameter_indices(cfg, bad)
+    base = torch.randn(4172, dtype=torch.float64)
+    coords = torch.randn(3, 76, dtype=torch.float64)
+    full = unflatten(embed(coords, base, head), cfg)
+    frozen = unflatten(base, cfg)
+    for name in ("w_qkv", "b_qkv", "w_out"):
+        assert torch.equal(full[name], frozen[name].expand_as(full[name]))
+    assert torch.equal(full["b_score"][:, 0], coords[:, -1]) and torch.equal(full["b_out"], coords[:, :50])
+    with pytest.raises(ValueError, match="75 coordinates for a subspace of 76"):
+        embed(coords[:, :75], base, head)
+
+
+def test_a_start_must_match_the_search(tmp_path):
+    from namm_transfer.checkpoints import save_namm
+    from namm_transfer.evolution.trainer import load_start
+    from namm_transfer.features import RunningStats
+    from namm_transfer.namm import NAMMConfig
+    stats = RunningStats(17)
+    stats.set(torch.rand(17), torch.rand(17) + 0.5, count=10)
+    params = torch.randn(4172)
+    save_namm(tmp_path / "d256", params, stats, NAMMConfig(delay=256))
+    got, got_stats, prov = load_start(tmp_path / "d256", NAMMConfig(delay=256))
+    assert torch.equal(got, params.double()) and got_stats.frozen and prov["kind"] == "NAMM checkpoint"
+    assert torch.allclose(got_stats.var, stats.var.float().double())
+    with pytest.raises(ValueError, match="differs from this search's"):
+        load_start(tmp_path / "d256", NAMMConfig(delay=128))
+    save_namm(tmp_path / "nostats", params, None, NAMMConfig(delay=256))
+    with pytest.raises(ValueError, match="never measured"):
+        load_start(tmp_path / "nostats", NAMMConfig(delay=256))
+
+
+def test_a_head_search_from_another_search_keeps_the_rest_fixed(full_run, tmp_path):
+    """--init-from a search's folder + --evolve: the start is that search's mean (float64) and statistics, only
+    the named groups move, and the search's space and start cannot change on resume."""
+    src, src_params = full_run
+    src_state = json.loads((src / "state.json").read_text())
+    out = tmp_path / "head"
+    params = train(out, "--init-from", src, "--evolve", ",".join(HEAD), "--max-generations", "2")
+    state = json.loads((out / "state.json").read_text())
+    assert state["es"]["dim"] == 76 and state["es"]["generation"] == 2
+    assert state["init"]["kind"] == "search state" and state["init"]["generation"] == src_state["es"]["generation"]
+    assert state["stats"] == src_state["stats"]
+    t, t_src = load_file(str(out / "state.safetensors")), load_file(str(src / "state.safetensors"))
+    assert torch.equal(t["base_params"], t_src["es_mean"]) and torch.equal(t["stats_mean"], t_src["stats_mean"])
+    assert torch.equal(params[:4096], src_params[:4096]) and not torch.equal(params[4096:], src_params[4096:])
+    assert torch.equal(params, t["base_params"].index_put((torch.arange(4096, 4172),), t["es_mean"]).float())
+    resumed = train(out, "--max-generations", "3", flags=[])  # --out alone resumes the head search
+    assert not torch.equal(resumed, params) and torch.equal(resumed[:4096], src_params[:4096])
+    for change in (["--evolve", "all"], ["--init-from", str(tmp_path)]):
+        res = run_train(["--out", out, *change, "--change-settings"])
+        assert res.returncode == 2 and "fixed when a search is created" in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+
+
 def test_torn_state_is_detected(full_run, tmp_path):
     out = copy_run(full_run[0], tmp_path / "run")
     # tensors from the previous generation beside the newer JSON: a pair from two different saves
@@ -196,7 +262,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
     spec.loader.exec_module(train_namm)
     for bad, msg in [(["--popsize", "1"], "at least 2 members"), (["--delay", "100"], "multiple of"),
                      (["--stages", "passkey"], "TASK[+TASK...]:GENERATIONS"), (["--tokens", "0"], "tokens 0"),
-                     (["--more-generations", "-1"], "--more-generations must be >= 0")]:
+                     (["--more-generations", "-1"], "--more-generations must be >= 0"),
+                     (["--evolve", "w_score,scores"], "each once, from w_qkv"),
+                     (["--init-from", str(tmp_path / "missing")], "neither a search folder")]:
         with pytest.raises(SystemExit) as exit_:
             train_namm.main([str(a) for a in [*TINY, *bad, "--out", tmp_path / "x"]])
         err = capsys.readouterr().err

@@ -33,6 +33,7 @@ from ..policies import FullCache, NAMMPolicy, make_policy
 from ..records import write_text
 from .cmaes import SepCMAES
 from .fitness import EncodedSample, encode_sample, score_rows
+from .subspace import embed, parameter_indices
 
 
 @dataclass
@@ -86,6 +87,13 @@ class TrainConfig:
     val_every: int = 10
     val_per_task: int = 8
     val_baselines: list[str] = field(default_factory=lambda: ["h2o", "recency"])
+    # Which parameters evolve: named groups of the NAMM layout (e.g. ["w_score", "b_score", "b_out"], the scorer's
+    # output head); [] = all 4,172. The others stay at the start vector.
+    evolve: list[str] = field(default_factory=list)
+    # Start vector and normalisation statistics: "" = zeros (keep-all) with statistics from a generation-0
+    # keep-all pass; else another search's folder (its CMA-ES mean, float64) or a NAMM checkpoint folder, copied
+    # into this search's state when it is created (the source may go on changing).
+    init_from: str = ""
 
     # settings that do not change what the search computes (may differ on resume)
     RUNTIME_FIELDS = ("out", "threads", "member_batch", "val_every", "val_per_task", "val_baselines")
@@ -114,6 +122,10 @@ class TrainConfig:
             problems.append("member batch and val every must be >= 0, val per task >= 1")
         if not (self.cache_weight >= 0 and math.isfinite(self.cache_weight)) or not math.isfinite(self.cache_target):
             problems.append(f"cache weight {self.cache_weight} / target {self.cache_target}: finite, weight >= 0")
+        try:
+            parameter_indices(NAMMConfig(), self.evolve)
+        except ValueError as err:
+            problems.append(f"evolve: {err}")
         if not self.stages or any(s.generations < 1 or not s.tasks for s in self.stages):
             problems.append("stages: each needs tasks and >= 1 generation, e.g. passkey:10,passkey+kv_retrieval:20")
         if problems:
@@ -145,15 +157,22 @@ class TrainConfig:
         return cls(**d)
 
 
+FIXED_AT_CREATION = ("evolve", "init_from")  # what --change-settings cannot change: the search's space and start
+
+
 def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """Search settings that differ between a saved run and a new command. Extending the last stage is allowed."""
     diffs = []
     a, b = saved.to_dict(), new.to_dict()
     for key in a:
-        if key in TrainConfig.RUNTIME_FIELDS or key == "stages":
+        if key in TrainConfig.RUNTIME_FIELDS or key == "stages" or key in FIXED_AT_CREATION:
             continue
         if a[key] != b[key]:
             diffs.append(f"{key}: {a[key]!r} (saved) != {b[key]!r} (now)")
+    for key in FIXED_AT_CREATION:
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} (saved) != {b.get(key)!r} (now); fixed when a search is created: "
+                         "start a new --out folder")
     sa, sb = a["stages"], b["stages"]
     same_head = len(sa) == len(sb) and sa[:-1] == sb[:-1] and sa[-1]["tasks"] == sb[-1]["tasks"]
     if not same_head:
@@ -236,6 +255,53 @@ def restore_es(es: SepCMAES, tensors: dict[str, torch.Tensor], info: dict) -> Se
     return es
 
 
+def new_es(cfg: TrainConfig) -> SepCMAES:
+    """The CMA-ES a search with these settings starts with (its dimension: the evolved parameters)."""
+    dim = len(parameter_indices(NAMMConfig(delay=cfg.delay), cfg.evolve))
+    return SepCMAES(dim, cfg.popsize, cfg.sigma0, cfg.elite_ratio, seed=cfg.seed)
+
+
+def load_start(source: Path, namm_cfg: NAMMConfig) -> tuple[torch.Tensor, RunningStats, dict]:
+    """(parameters (P,) float64, frozen normalisation statistics, provenance) of another search's folder (its
+    CMA-ES mean, at full precision) or of a NAMM checkpoint folder. Refused unless its NAMM configuration equals
+    `namm_cfg` (the delay included) and its statistics were measured."""
+    if (source / "state.json").exists():
+        tensors, info = load_state(source)
+        cfg = TrainConfig.from_dict(info["config"])
+        src_cfg = NAMMConfig(delay=cfg.delay)
+        mean = tensors["es_mean"].double()
+        base = tensors.get("base_params", torch.zeros(src_cfg.num_params, dtype=torch.float64)).double()
+        if mean.numel() != len(parameter_indices(src_cfg, cfg.evolve)):
+            raise ValueError(f"{source}: CMA-ES mean of {mean.numel()} numbers does not match its settings")
+        params = embed(mean, base, parameter_indices(src_cfg, cfg.evolve))
+        stats = RunningStats(src_cfg.num_bins)
+        stats.mean, stats.m2 = tensors["stats_mean"].double(), tensors["stats_m2"].double()
+        stats.count, stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
+        digest = hashlib.sha256((source / "state.safetensors").read_bytes()).hexdigest()
+        prov = {"from": str(source), "kind": "search state", "generation": info["es"]["generation"],
+                "state_sha256": digest}
+    elif (source / "namm.safetensors").exists():
+        from ..checkpoints import load_namm
+        policy = load_namm(source)
+        src_cfg, params, stats = policy.config, policy.params[0].double(), policy.stats
+        stats.frozen = True
+        digest = hashlib.sha256((source / "namm.safetensors").read_bytes()).hexdigest()
+        prov = {"from": str(source), "kind": "NAMM checkpoint", "namm_sha256": digest}
+        meta = json.loads((source / "config.json").read_text()).get("meta", {})
+        if "generation" in meta:
+            prov["generation"] = meta["generation"]
+    else:
+        raise ValueError(f"--init-from {source}: neither a search folder (state.json) nor a NAMM checkpoint folder "
+                         "(namm.safetensors + config.json); pass e.g. training/namm-c75 or training/namm-c75/namm")
+    if src_cfg != namm_cfg:
+        raise ValueError(f"{source}: its NAMM configuration {src_cfg.to_dict()} differs from this search's "
+                         f"{namm_cfg.to_dict()}; start from a NAMM with the same configuration (e.g. --delay)")
+    if not stats.frozen or stats.count < 1:
+        raise ValueError(f"{source}: its normalisation statistics were never measured; start from a search that "
+                         "ran its generation-0 pass, or from a saved NAMM")
+    return params, stats, prov
+
+
 def fitness_from_scores(score: torch.Tensor, frac: torch.Tensor, tasks: list[str], refs: list[float],
                         cache_weight: float = 0.0, cache_target: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(fitness, score ratio) of members from their scores (members, samples) and cache fractions on samples of
@@ -289,7 +355,10 @@ class Trainer:
         self.rank, self.world = world()
         self.out = Path(cfg.out)
         self.namm_cfg = NAMMConfig(delay=cfg.delay)
-        self.es = SepCMAES(self.namm_cfg.num_params, cfg.popsize, cfg.sigma0, cfg.elite_ratio, seed=cfg.seed)
+        self.index = parameter_indices(self.namm_cfg, cfg.evolve)  # the evolved parameters' flat positions
+        self.base = torch.zeros(self.namm_cfg.num_params, dtype=torch.float64)  # every other parameter's value
+        self.init_info: dict = {}  # where base came from (init_from)
+        self.es = new_es(cfg)
         self.stats = RunningStats(self.namm_cfg.num_bins)
         self.refs: dict[str, float] = {}
         self.history: list[dict] = []
@@ -314,19 +383,38 @@ class Trainer:
                    "stats_m2": self.stats.m2}
         if es["y"] is not None:
             tensors["es_y"] = es["y"]
+        if self.cfg.evolve or self.cfg.init_from:
+            tensors["base_params"] = self.base
         info = {"format": "namm_transfer.train_state/1", "config": self.cfg.to_dict(), "model_hash": self.model_hash,
                 "es": {"sigma": es["sigma"], "generation": es["generation"], "popsize": es["popsize"],
                        "dim": es["dim"]},
                 "stats": {"count": self.stats.count, "frozen": self.stats.frozen}, "refs": self.refs,
                 "history": self.history, "validation": self.validation, "settings_changes": self.settings_changes}
+        if self.init_info:
+            info["init"] = self.init_info
         save_state(self.out, tensors, info)
         write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         write_text(self.out / "val.jsonl", "".join(json.dumps(r) + "\n" for r in self.validation))
         if self.history:
             plot_curve(self.out / "log.jsonl", self.out / "curve.png", self.out / "val.jsonl")
-        save_namm(self.out / "namm", self.es.mean.float(), self.stats, self.namm_cfg,
+        save_namm(self.out / "namm", self.member_params(self.es.mean).float(), self.stats, self.namm_cfg,
                   meta={"generation": self.es.generation, "model": self.cfg.model, "sigma": self.es.sigma,
-                        "variant": self.variant, "cache_target": self.cfg.cache_target})
+                        "variant": self.variant, "cache_target": self.cfg.cache_target,
+                        **({"evolve": self.cfg.evolve} if self.cfg.evolve else {}),
+                        **({"init_from": self.init_info} if self.init_info else {})})
+
+    def member_params(self, coords: torch.Tensor) -> torch.Tensor:
+        """Full NAMM parameters (float64) of CMA-ES points (R, k) or (k,): see subspace.embed."""
+        return embed(coords.double(), self.base, self.index)
+
+    def start_from(self, source: str) -> None:
+        """A new search's start (init_from): the source's parameters become the base and the CMA-ES mean's
+        start, its frozen normalisation statistics this search's."""
+        params, stats, info = load_start(Path(source), self.namm_cfg)
+        self.base = params
+        self.es.mean = params[self.index].clone()
+        self.stats = stats
+        self.init_info = info
 
     @property
     def variant(self) -> str:
@@ -359,11 +447,17 @@ class Trainer:
         if info.get("model_hash") and self.model_hash and info["model_hash"] != self.model_hash:
             diffs.append(f"model files: {info['model_hash']} (saved) != {self.model_hash} (now): the same name "
                          "now loads other weights")
+        fixed = [d for d in diffs if d.split(":")[0] in FIXED_AT_CREATION]
+        if fixed:
+            raise ValueError(f"{self.out}: " + "; ".join(fixed))
         if diffs and not accept_changes:
             raise ValueError(f"{self.out} holds a run with other search settings:\n  " + "\n  ".join(diffs) +
                              "\nresume with the saved settings (pass only --out), use another --out, or pass "
                              "--change-settings to continue this search under the new settings (recorded)")
         restore_es(self.es, tensors, info)
+        if "base_params" in tensors:
+            self.base = tensors["base_params"].double()
+        self.init_info = info.get("init", {})
         self.stats.count, self.stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
         self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
         self.refs, self.history = info["refs"], info["history"]
@@ -438,7 +532,7 @@ class Trainer:
         for gi, group in enumerate(self.member_groups()):
             if gi % self.world != self.rank:
                 continue
-            policy = NAMMPolicy(population[group].float(), self.namm_cfg, self.stats)
+            policy = NAMMPolicy(self.member_params(population[group]).float(), self.namm_cfg, self.stats)
             for j, sample in enumerate(samples):
                 res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix)
                 score[group, j], frac[group, j] = res.score.double(), res.cache_fraction.double()
@@ -477,7 +571,7 @@ class Trainer:
         n = len(samples)
         score = torch.zeros(len(names), n, dtype=torch.float64)
         frac = torch.zeros(len(names), n, dtype=torch.float64)
-        namm = NAMMPolicy(self.es.mean.float(), self.namm_cfg, self.stats)
+        namm = NAMMPolicy(self.member_params(self.es.mean).float(), self.namm_cfg, self.stats)
         for j, sample in enumerate(samples):
             if j % self.world != self.rank:
                 continue
@@ -527,6 +621,12 @@ class Trainer:
     def train(self, max_generations: int | None = None, progress: bool = True, accept_changes: bool = False,
               more_generations: int | None = None, validate_now: bool = False) -> None:
         resumed = self.try_resume(accept_changes)
+        if not resumed and self.cfg.init_from:
+            self.start_from(self.cfg.init_from)
+            self.save()
+            self.log(f"new search from {self.cfg.init_from} (generation {self.init_info.get('generation')}); "
+                     f"evolving {len(self.index)} of {self.namm_cfg.num_params} parameters"
+                     + (f" ({', '.join(self.cfg.evolve)})" if self.cfg.evolve else ""))
         if not self.stats.frozen:
             t0 = time.time()
             self.measure_stats()
