@@ -12,6 +12,9 @@
 # 66-69%), and 0.75 from generation 145 (at 0.74 its members settled at 0.70: README, "Where each search's cache
 # settles"); namm-c50 only: --cache-weight 2.0 from generation 151 (at 1.0 its 0.5 target did not bind); both:
 # float32 from generations 121 / 106 on a machine without native bfloat16, as DTYPE below picks).
+# namm-c75-head (from 2026-12-03): a third search that starts at namm-c75's CMA-ES mean (generation 149) and evolves
+# only the scorer's output head (w_score, b_score, b_out: 76 of 4,172 parameters; the rest stay at that mean), under
+# namm-c75's settings of that time; README, "A head-only search".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
@@ -31,8 +34,10 @@ COMMON="--stages passkey+kv_retrieval+passage_retrieval:1000 --tokens 768 --dela
 declare -A CREATE=(
   [training/namm-c50]="$COMMON --cache-target 0.5 --seed 0"
   [training/namm-c75]="$COMMON --cache-target 0.75 --seed 1"
+  [training/namm-c75-head]="$COMMON --tokens 1024 --protocol context-only --cache-target 0.75 --cache-weight 3.0 \
+    --seed 2 --init-from training/namm-c75 --evolve w_score,b_score,b_out --val-every 5"
 )
-RUNS=${RUNS:-"training/namm-c50 training/namm-c75"}
+RUNS=${RUNS:-"training/namm-c50 training/namm-c75 training/namm-c75-head"}
 # Run from a snapshot of the committed code, so edits in the work tree never reach a running search.
 # (SNAP: another folder for a second loop, e.g. one loop per folder when both cores are free:
 #     RUNS=training/namm-c50 SNAP=runs/train-code-c50 nohup training/run.sh > runs/training-c50.log 2>&1 &
