@@ -216,6 +216,41 @@ def baseline_gaps(v: dict) -> str:
     return ", ".join(gaps) or "-"
 
 
+def fork_comparison(folder: Path, root: Path = ROOT) -> list[str]:
+    """For a search started from another search's mean (--init-from a training folder): its last validation point
+    against the source's first point at or after the fork and the source's latest point, each scored in the same
+    mode on the same prompts (paired by prompt; mean difference of NAMM's answer probability with its bootstrap
+    95% interval, and both caches). [] for a search that started from zeros or from a checkpoint file."""
+    info = json.loads((folder / "state.json").read_text())
+    init = info.get("init", {})
+    src = root / init.get("from", "")
+    if init.get("kind") != "search state" or not (src / "state.json").exists():
+        return []
+    pts = [v for v in info.get("validation", []) if isinstance(v.get("namm_scores"), list)]
+    if not pts:
+        return [f"- training/{folder.name} (from {init['from']} at generation {init['generation']}): no validation "
+                "point yet"]
+    own = pts[-1]
+    same = [v for v in json.loads((src / "state.json").read_text()).get("validation", [])
+            if isinstance(v.get("namm_scores"), list) and validation_mode(v) == validation_mode(own)
+            and v.get("tasks") == own.get("tasks") and len(v["namm_scores"]) == len(own["namm_scores"])]
+    after = [v for v in same if v["generation"] >= init["generation"]]
+    picks = [("first point after the fork", after[0])] if after else []
+    if after and after[-1] is not after[0]:
+        picks.append(("latest point", after[-1]))
+    if not picks:
+        return [f"- training/{folder.name} gen {own['generation']}: {init['from']} has no validation point in the "
+                f"same mode ({mode_label(validation_mode(own))}) at or after generation {init['generation']} yet"]
+    lines = []
+    for label, v in picks:
+        mean, lo, hi = paired_difference_ci(own["namm_scores"], v["namm_scores"])
+        lines.append(f"- training/{folder.name} gen {own['generation']} ({own['namm_ratio']:.3f} of full @ "
+                     f"{100 * own['namm_cache']:.1f}%) - {init['from']} gen {v['generation']} ({label}; "
+                     f"{v['namm_ratio']:.3f} @ {100 * v['namm_cache']:.1f}%): answer p {mean:+.3f} [{lo:+.3f}, "
+                     f"{hi:+.3f}] ({len(own['namm_scores'])} prompts, {mode_label(validation_mode(own))})")
+    return lines
+
+
 def mode_label(mode: tuple) -> str:
     """'bfloat16' for the points of the searches' first settings; the protocol and length when they were recorded
     ('bfloat16, context-only, ~1024 tokens')."""
@@ -257,6 +292,10 @@ def report(root: Path = ROOT) -> str:
         lines += [line for run in runs for line in operating_point_check(run)]
         lines += ["", "Last validation point, paired by prompt (`baseline_gaps`):"]
         lines += [f"- training/{name} gen {v['generation']}: {baseline_gaps(v)}" for name, v in last_points]
+        forks = [line for run in runs for line in fork_comparison(run, root)]
+        if forks:
+            lines += ["", "Searches started from another search's mean, against it (`fork_comparison`):"]
+            lines += forks
     return "\n".join(lines) + "\n"
 
 

@@ -166,3 +166,36 @@ def test_settings_segments_follow_the_recorded_cache_changes():
     assert mod.settings_at(segments, 29) == (0.75, 1.0) and mod.settings_at(segments, 111) == (0.74, 3.0)
     with pytest.raises(ValueError):
         mod.settings_at(segments, 145)
+
+
+def test_fork_comparison_pairs_a_forked_search_with_its_source_in_the_same_mode(tmp_path):
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = [0.2, 0.5, 0.4, 0.9, 0.1, 0.3]
+    mode = {"dtype": "bfloat16", "protocol": "context-only", "tokens": 1024, "tasks": ["a", "b"]}
+
+    def point(gen, scores, **extra):
+        return {"generation": gen, "namm_scores": scores, "namm_ratio": 0.9, "namm_cache": 0.7, **mode, **extra}
+    src, fork = tmp_path / "training" / "namm-src", tmp_path / "training" / "namm-fork"
+    src.mkdir(parents=True), fork.mkdir()
+    (src / "state.json").write_text(json.dumps({"validation": [
+        point(140, [0.0] * 6), point(150, base, dtype="float32"), point(150, base), point(160, base)]}))
+    up = [x + d for x, d in zip(base, [0.10, 0.05, 0.12, 0.08, 0.11, 0.06])]
+    (fork / "state.json").write_text(json.dumps({"init": {"kind": "search state", "from": "training/namm-src",
+                                                          "generation": 149}, "validation": [point(10, up)]}))
+    first, latest = mod.fork_comparison(fork, tmp_path)
+    assert "- training/namm-src gen 150 (first point after the fork" in first
+    assert "- training/namm-src gen 160 (latest point" in latest
+    for line in (first, latest):
+        mean, lo, hi = (float(x.strip("[],")) for x in line.split("answer p ")[1].split()[:3])
+        assert mean == pytest.approx(0.0867, abs=5e-4) and 0.05 <= lo < mean < hi <= 0.12
+    (fork / "state.json").write_text(json.dumps({"init": {"kind": "search state", "from": "training/namm-src",
+                                                          "generation": 149},
+                                                 "validation": [point(10, up, dtype="float16")]}))
+    (only,) = mod.fork_comparison(fork, tmp_path)
+    assert "no validation point in the same mode" in only
+    (fork / "state.json").write_text(json.dumps({"init": {"kind": "NAMM checkpoint", "from": "x"}}))
+    assert mod.fork_comparison(fork, tmp_path) == []
