@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.evolution.agreement import cache_slope, prompts_for_reliability, split_half_agreement  # noqa: E402
-from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores  # noqa: E402
+from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, search_space  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
 
 
@@ -164,8 +164,7 @@ def main(argv=None) -> None:
     z = torch.randn(cfg.popsize, mean.numel(), generator=torch.Generator().manual_seed(args.seed),
                     dtype=torch.float64)
     pop = torch.cat([mean[None]] + [mean + s * meta["sigma"] * z * diag.sqrt() for s in scales])
-    if "base_params" in tensors:  # a search of some parameter groups around a start (--init-from --evolve)
-        trainer.base = tensors["base_params"].double()
+    trainer.base = search_space(cfg, tensors)[0]  # a search of some parameter groups around a start (--evolve)
     pop = trainer.member_params(pop).float()
     policy = NAMMPolicy(pop, trainer.namm_cfg, trainer.stats)
     rng = random.Random(args.seed)

@@ -26,9 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from namm_transfer.evolution.agreement import cache_slope, hinge_settle_point, split_half_agreement  # noqa: E402
 from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm  # noqa: E402
-from namm_transfer.evolution.trainer import fitness_from_scores, validation_mode  # noqa: E402
-from namm_transfer.evolution.subspace import parameter_indices  # noqa: E402
-from namm_transfer.namm import NAMMConfig  # noqa: E402
+from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, search_space, validation_mode  # noqa: E402
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
 
@@ -51,18 +49,18 @@ def summarise_run(folder: Path) -> dict:
 
 
 def selection_check(folder: Path) -> str:
-    """How far the CMA-ES mean (from its start: zeros, or the --init-from mean of the evolved groups) and the step-size path p_sigma have moved, each against what
-    the same generations would give if the ranking of members carried no information (ratio 1 = indistinguishable
-    from selection at random at the level of the whole parameter vector; > 1 = consistent direction)."""
+    """How far the CMA-ES mean (from its start: zeros, or the --init-from mean of the evolved groups) and the
+    step-size path p_sigma have moved, each against what the same generations would give if the ranking of members
+    carried no information (ratio 1 = indistinguishable from selection at random at the level of the whole
+    parameter vector; > 1 = consistent direction)."""
     info = json.loads((folder / "state.json").read_text())
     cfg, es_info, hist = info["config"], info["es"], info["history"]
     tensors = load_file(str(folder / "state.safetensors"))
     gens = es_info["generation"]
     es = SepCMAES(es_info["dim"], es_info["popsize"], cfg["sigma0"], cfg["elite_ratio"])
     sigmas = [cfg["sigma0"]] + [r["sigma"] for r in hist[:gens - 1]]
-    start = torch.zeros_like(tensors["es_mean"])
-    if "base_params" in tensors:  # a search that started from another's mean (--init-from), maybe of some groups
-        start = tensors["base_params"][parameter_indices(NAMMConfig(delay=cfg["delay"]), cfg.get("evolve", []))]
+    base, index = search_space(TrainConfig.from_dict(cfg), tensors)  # zeros, or the --init-from start
+    start = base[index]
     drift = float((tensors["es_mean"] - start).norm())
     drift0 = random_selection_mean_drift(sigmas, float(tensors["es_diag_c"].sum()), es.mu_eff)
     path, path0 = float(tensors["es_p_sigma"].norm()), random_selection_path_norm(es.dim, es.c_sigma, gens)

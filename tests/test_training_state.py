@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from namm_transfer.evolution.subspace import embed, parameter_indices
-from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, load_state, new_es, restore_es
+from namm_transfer.evolution.subspace import embed
+from namm_transfer.evolution.trainer import (TrainConfig, fitness_from_scores, load_state, new_es, restore_es,
+                                             search_space)
 from namm_transfer.namm import NAMMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,7 @@ def replay(run: Path):
     es = restore_es(new_es(cfg), prev_t, prev)
     row = cur["history"][-1]
     assert row["generation"] == es.generation == cur["es"]["generation"] - 1
-    population = es.ask()
-    if "base_params" in cur_t:  # a search of some parameter groups (--evolve) around a start (--init-from)
-        population = embed(population, cur_t["base_params"], parameter_indices(NAMMConfig(delay=cfg.delay), cfg.evolve))
+    population = embed(es.ask(), *search_space(cfg, cur_t))  # full parameters (searches of some groups: --evolve)
     score = torch.tensor(row["member_scores"], dtype=torch.float64)
     frac = torch.tensor(row["member_cache"], dtype=torch.float64)[:, None]
     tasks = [k.split("/")[0] for k in row["samples"]]

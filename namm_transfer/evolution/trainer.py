@@ -255,10 +255,18 @@ def restore_es(es: SepCMAES, tensors: dict[str, torch.Tensor], info: dict) -> Se
     return es
 
 
+def search_space(cfg: TrainConfig, tensors: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base (P,) float64, index) of a search: the flat positions its CMA-ES evolves (cfg.evolve) and every
+    parameter's value outside them — the saved `base_params` of a state's tensors, else zeros (a search from
+    keep-all). Full parameters of CMA-ES points: subspace.embed(coords, base, index)."""
+    namm_cfg = NAMMConfig(delay=cfg.delay)
+    base = (tensors or {}).get("base_params", torch.zeros(namm_cfg.num_params, dtype=torch.float64)).double()
+    return base, parameter_indices(namm_cfg, cfg.evolve)
+
+
 def new_es(cfg: TrainConfig) -> SepCMAES:
     """The CMA-ES a search with these settings starts with (its dimension: the evolved parameters)."""
-    dim = len(parameter_indices(NAMMConfig(delay=cfg.delay), cfg.evolve))
-    return SepCMAES(dim, cfg.popsize, cfg.sigma0, cfg.elite_ratio, seed=cfg.seed)
+    return SepCMAES(len(search_space(cfg)[1]), cfg.popsize, cfg.sigma0, cfg.elite_ratio, seed=cfg.seed)
 
 
 def load_start(source: Path, namm_cfg: NAMMConfig) -> tuple[torch.Tensor, RunningStats, dict]:
@@ -270,10 +278,10 @@ def load_start(source: Path, namm_cfg: NAMMConfig) -> tuple[torch.Tensor, Runnin
         cfg = TrainConfig.from_dict(info["config"])
         src_cfg = NAMMConfig(delay=cfg.delay)
         mean = tensors["es_mean"].double()
-        base = tensors.get("base_params", torch.zeros(src_cfg.num_params, dtype=torch.float64)).double()
-        if mean.numel() != len(parameter_indices(src_cfg, cfg.evolve)):
+        base, index = search_space(cfg, tensors)
+        if mean.numel() != len(index):
             raise ValueError(f"{source}: CMA-ES mean of {mean.numel()} numbers does not match its settings")
-        params = embed(mean, base, parameter_indices(src_cfg, cfg.evolve))
+        params = embed(mean, base, index)
         stats = RunningStats(src_cfg.num_bins)
         stats.mean, stats.m2 = tensors["stats_mean"].double(), tensors["stats_m2"].double()
         stats.count, stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
@@ -355,8 +363,8 @@ class Trainer:
         self.rank, self.world = world()
         self.out = Path(cfg.out)
         self.namm_cfg = NAMMConfig(delay=cfg.delay)
-        self.index = parameter_indices(self.namm_cfg, cfg.evolve)  # the evolved parameters' flat positions
-        self.base = torch.zeros(self.namm_cfg.num_params, dtype=torch.float64)  # every other parameter's value
+        # the evolved parameters' flat positions, and every other parameter's value (search_space)
+        self.base, self.index = search_space(cfg)
         self.init_info: dict = {}  # where base came from (init_from)
         self.es = new_es(cfg)
         self.stats = RunningStats(self.namm_cfg.num_bins)
@@ -455,8 +463,7 @@ class Trainer:
                              "\nresume with the saved settings (pass only --out), use another --out, or pass "
                              "--change-settings to continue this search under the new settings (recorded)")
         restore_es(self.es, tensors, info)
-        if "base_params" in tensors:
-            self.base = tensors["base_params"].double()
+        self.base = search_space(self.cfg, tensors)[0]
         self.init_info = info.get("init", {})
         self.stats.count, self.stats.frozen = info["stats"]["count"], info["stats"]["frozen"]
         self.stats.mean, self.stats.m2 = tensors["stats_mean"], tensors["stats_m2"]
