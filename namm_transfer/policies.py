@@ -219,6 +219,33 @@ class RandomEviction(BudgetPolicy):
         return keep_top(score, view.valid, self.k(view)), {}
 
 
+class FutureAttention(BudgetPolicy):
+    """Oracle reference, not a deployable policy: keeps, per KV head, the slots that the queries read after the
+    last eviction step (the question and the gold answer) attend to most in the unmodified model. `scores[r][l]`:
+    row r's (H_kv, L) attention mass per absolute position at layer l (`language.benchmark.future_attention_scores`)."""
+
+    name = "oracle"
+
+    def __init__(self, budget: int | float | list = 0.5, scores: list[list[torch.Tensor]] | None = None,
+                 delay: int = 512):
+        super().__init__(budget, delay)
+        if not scores:
+            raise ValueError("the oracle policy needs its scores: one list of per-layer (H_kv, L) tensors per batch "
+                             "row, from namm_transfer.language.benchmark.future_attention_scores")
+        self.scores = scores
+
+    def step(self, view: LayerView) -> Decision:
+        b, h, n = view.valid.shape
+        rows = view.rows.tolist() if view.rows is not None else range(b)
+        tables = [self.scores[r][view.layer_idx] for r in rows]
+        width = max(t.shape[-1] for t in tables)
+        table = torch.stack([F.pad(t.float(), (0, width - t.shape[-1])) for t in tables]).to(view.keys.device)
+        if table.shape[1] != h:
+            raise ValueError(f"oracle scores have {table.shape[1]} KV heads at layer {view.layer_idx}, the cache {h}")
+        pos = view.positions.clamp(0, width - 1)
+        return keep_top(table.gather(-1, pos), view.valid, self.k(view)), {}
+
+
 class NAMMPolicy(MemoryPolicy):
     """The evolved memory. `params`: (P, num_params) population or (num_params,) single member.
 
@@ -310,11 +337,11 @@ class HoldPolicy(MemoryPolicy):
 
 
 POLICIES = {"full": FullCache, "recency": Recency, "h2o": H2O, "l2": L2Norm, "snapkv": SnapKV,
-            "random": RandomEviction, "namm": NAMMPolicy}
+            "random": RandomEviction, "namm": NAMMPolicy, "oracle": FutureAttention}
 
 
 def make_policy(name: str, **kwargs) -> MemoryPolicy:
-    """Build a policy by name ('full', 'recency', 'h2o', 'l2', 'snapkv', 'random', 'namm')."""
+    """Build a policy by name ('full', 'recency', 'h2o', 'l2', 'snapkv', 'random', 'namm', 'oracle')."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
     return POLICIES[name](**kwargs)

@@ -9,7 +9,9 @@ search validates on (to pick a NAMM under this protocol without touching the tes
 sample, at the realised cache fraction NAMM reached on that sample (or at --budget when NAMM is not in the list).
 Where eviction happens (--protocol): "context-only" (default) runs eviction steps only while the context is read,
 then reads the question and the answer into the pruned cache; "query-aware" compresses the question too.
-Eviction never runs inside the answer. Rerunning the same command resumes from <out>/records.jsonl. Writes
+Eviction never runs inside the answer. `oracle` (not in the default list) is an upper reference, not a policy: it
+keeps the tokens that the question and the gold answer attend to most in the unmodified model (it knows what will
+be asked and answered). Rerunning the same command resumes from <out>/records.jsonl. Writes
 summary.json / summary.md (means with bootstrap 95% intervals) and paired.json (NAMM - each baseline on the same
 samples, paired 95% intervals).
 """
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from namm_transfer import distributed, make_policy  # noqa: E402
 from namm_transfer.cli import (UsageError, budget, check_device, check_model_path, default_out, int_in,  # noqa: E402
                                load_namm_arg, name_list, out_help, run_cli)
-from namm_transfer.language.benchmark import evaluate_batch, paired_differences, summarise  # noqa: E402
+from namm_transfer.language.benchmark import (evaluate_batch, future_attention_scores, paired_differences,  # noqa: E402
+                                              summarise)
 from namm_transfer.language.tasks import PROTOCOLS, SPLIT_SIZE, STYLES, TASKS, eviction_limit, make_split  # noqa: E402
 from namm_transfer.policies import POLICIES  # noqa: E402
 from namm_transfer.records import in_repo, write_json, write_text  # noqa: E402
@@ -167,15 +170,17 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: di
             if not todo:
                 continue
             budgets = [None] * len(todo)
+            until = [eviction_limit(s, tok, args.protocol, args.style) for _, s in todo]
             if name == "full" or name == "namm":
                 policy = make_policy("full") if name == "full" else namm
             else:
                 refs = [done.get(("namm", key)) for key, _ in todo]
                 budgets = [min(max(ref["kept_fraction"], 1e-3), 1.0) if ref else args.budget for ref in refs]
-                policy = make_policy(name, budget=budgets, delay=namm.delay if namm else args.delay)
+                extra = {} if name != "oracle" else {"scores": [
+                    future_attention_scores(model, tok, s, u, args.style, args.chunk) for (_, s), u in zip(todo, until)]}
+                policy = make_policy(name, budget=budgets, delay=namm.delay if namm else args.delay, **extra)
             recs = evaluate_batch(model, tok, [s for _, s in todo], policy, name, [k for k, _ in todo], args.style,
-                                  args.chunk, args.max_new_tokens, budgets,
-                                  [eviction_limit(s, tok, args.protocol, args.style) for _, s in todo])
+                                  args.chunk, args.max_new_tokens, budgets, until)
             for rec in recs:
                 journal.add(asdict(rec))
             bar.update(len(todo))
@@ -192,8 +197,10 @@ def evaluate(args, out: Path, model, tok, namm, namm_path: str | None, world: di
     baselines = ("baselines at the cache fraction NAMM kept after its last eviction step on each sample"
                  if "namm" in policies else f"baselines at --budget {args.budget:g} (kept after each eviction "
                  f"step, every {args.delay} tokens; the realised cache also counts what is read after the last one)")
+    oracle = ("; oracle: an upper reference that knows the question and the gold answer (keeps the tokens they "
+              "attend to most in the unmodified model), not a policy" if "oracle" in policies else "")
     note = (f"\nModel {args.model}; NAMM {namm_path or '-'}; {args.split} split, {args.n} samples per "
-            f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; {baselines}; 95% intervals: "
+            f"task of ~{args.tokens} prompt tokens; protocol {args.protocol}; {baselines}{oracle}; 95% intervals: "
             f"bootstrap over samples (10,000 resamples, stratified by task for 'all').\n")
     write_json(out / "summary.json", table)
     write_text(out / "summary.md", md + note)

@@ -37,7 +37,7 @@ from namm_transfer.runs import open_run  # noqa: E402
 
 HARNESS = {"language": "eval_language.py", "video": "run_video.py", "dt": "run_dt.py"}
 OWNED_FLAGS = ("--policies", "--budget", "--out")
-METHODS = ("h2o", "l2", "recency", "snapkv", "random")
+METHODS = ("h2o", "l2", "recency", "snapkv", "random", "oracle")  # oracle: language only
 
 
 def budget_tag(b: float) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..adapters.causal_lm import prefill
 from ..attention import enable_memory_attention
 from ..cache import MemoryCache
-from ..policies import MemoryPolicy
+from ..policies import LayerView, MemoryPolicy
 from .. import records
 from .tasks import TaskSample, score_generation
 
@@ -111,6 +111,45 @@ def evaluate_batch(model, tok, samples: list[TaskSample], policy: MemoryPolicy, 
                           None if budgets is None else budgets[r], prefill_speed, decode_speed,
                           None if evict_until is None else evict_until[r]))
     return out
+
+
+class _AttentionRecorder(MemoryPolicy):
+    """Keeps everything; at its one step (after `length` tokens) stores, per layer, the attention mass each slot
+    received from the queries at positions >= `first_query`, summed over those queries (GQA-mean per KV head)."""
+
+    name = "attention-recorder"
+    needs_attention = True  # evicts stays True: the cache runs the step (which keeps every slot)
+
+    def __init__(self, length: int, first_query: int):
+        super().__init__(delay=length)
+        self.first_query, self.scores = first_query, {}
+
+    def step(self, view: LayerView):
+        t0 = view.tokens_seen - view.n_new  # position of the first buffered query
+        self.scores[view.layer_idx] = view.attention[0, :, max(0, self.first_query - t0):, :].float().sum(1).cpu()
+        return view.valid.clone(), {}
+
+
+@torch.no_grad()
+def future_attention_scores(model, tok, sample: TaskSample, first_query: int, style: str = "raw",
+                            chunk: int = 128) -> list[torch.Tensor]:
+    """The oracle's scores for one sample: read the prompt and the gold answer (teacher-forced, as the answer
+    probability is scored) with the full cache and return, per layer, the (H_kv, L) attention mass each position
+    receives from the queries at positions >= `first_query` (the tokens read after the last eviction step: the
+    question and the answer under context-only). Uses the gold answer: an upper reference, not a policy."""
+    enable_memory_attention(model)
+    device = next(model.parameters()).device
+    prompt = tok(sample.prompt(tok, style), return_tensors="pt").input_ids[0]
+    answer = tok(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = torch.cat([prompt, answer[:-1]])[None].to(device)
+    if not 0 <= first_query < ids.shape[1]:
+        raise ValueError(f"first_query {first_query} is outside the {ids.shape[1]} tokens read")
+    recorder = _AttentionRecorder(ids.shape[1], first_query)
+    prefill(model, ids, MemoryCache(recorder), chunk)
+    layers = sorted(recorder.scores)
+    if layers != list(range(len(layers))):
+        raise RuntimeError(f"attention was captured for layers {layers}, not for every layer from 0")
+    return [recorder.scores[i] for i in layers]
 
 
 def append_record(path: Path, rec: Record) -> None:
