@@ -161,7 +161,8 @@ FIXED_AT_CREATION = ("evolve", "init_from")  # what --change-settings cannot cha
 
 
 def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """Search settings that differ between a saved run and a new command. Extending the last stage is allowed."""
+    """Search settings that differ between a saved run and a new command, those --change-settings may change (the
+    fixed ones: `fixed_differences`). Extending the last stage is allowed."""
     diffs = []
     a, b = saved.to_dict(), new.to_dict()
     for key in a:
@@ -169,15 +170,18 @@ def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
             continue
         if a[key] != b[key]:
             diffs.append(f"{key}: {a[key]!r} (saved) != {b[key]!r} (now)")
-    for key in FIXED_AT_CREATION:
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} (saved) != {b.get(key)!r} (now); fixed when a search is created: "
-                         "start a new --out folder")
     sa, sb = a["stages"], b["stages"]
     same_head = len(sa) == len(sb) and sa[:-1] == sb[:-1] and sa[-1]["tasks"] == sb[-1]["tasks"]
     if not same_head:
         diffs.append(f"stages: {sa} (saved) != {sb} (now); only the last stage's generations may change")
     return diffs
+
+
+def fixed_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Differences in what no --change-settings may change (FIXED_AT_CREATION: the search's space and start)."""
+    a, b = saved.to_dict(), new.to_dict()
+    return [f"{key}: {a.get(key)!r} (saved) != {b.get(key)!r} (now); fixed when a search is created: start a new "
+            "--out folder" for key in FIXED_AT_CREATION if a.get(key) != b.get(key)]
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -455,7 +459,7 @@ class Trainer:
         if info.get("model_hash") and self.model_hash and info["model_hash"] != self.model_hash:
             diffs.append(f"model files: {info['model_hash']} (saved) != {self.model_hash} (now): the same name "
                          "now loads other weights")
-        fixed = [d for d in diffs if d.split(":")[0] in FIXED_AT_CREATION]
+        fixed = fixed_differences(saved, self.cfg)
         if fixed:
             raise ValueError(f"{self.out}: " + "; ".join(fixed))
         if diffs and not accept_changes:
