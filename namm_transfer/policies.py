@@ -292,7 +292,8 @@ class NAMMPolicy(MemoryPolicy):
         cfg = self.config
         return SpectrogramEMA(cfg.n_fft, cfg.hop, cfg.ema_coeff) if cfg.n_fft == 2 * cfg.hop else None
 
-    def step(self, view: LayerView) -> Decision:
+    def inputs(self, view: LayerView) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scorer's inputs x (B * H_kv, N, d_in) for this step, and the per-token state to carry."""
         cfg = self.config
         b, h, n = view.valid.shape
         r = b * h
@@ -310,9 +311,14 @@ class NAMMPolicy(MemoryPolicy):
                 view.attention.reshape(r, view.n_new, n), positions, valid, ema_prev.reshape(r, n_old, cfg.num_bins),
                 ovl_prev.reshape(r, n_old, pad), view.n_new, self.stats, cfg, collect_stats=self.collect_stats)
             state = {"ema": ema.reshape(b, h, n, cfg.num_bins), "overlap": overlap.reshape(b, h, n, pad)}
+        return x, state
+
+    def step(self, view: LayerView) -> Decision:
+        b, h, n = view.valid.shape
+        x, state = self.inputs(view)
         rows = view.rows if view.rows is not None else torch.arange(b)
-        scores = bam_scores(x, valid, self.row_params(rows, h, x.device), cfg).reshape(b, h, n)
-        return select_tokens(scores, view.valid, cfg.threshold), state
+        scores = bam_scores(x, view.valid.reshape(b * h, n), self.row_params(rows, h, x.device), self.config)
+        return select_tokens(scores.reshape(b, h, n), view.valid, self.config.threshold), state
 
     def describe(self) -> dict:
         return {**super().describe(), "members": len(self.params), "config": self.config.to_dict()}
