@@ -65,3 +65,27 @@ def test_readme_validation_protocol_table_matches_the_runs():
         lo, hi = row["relative_to_full_ci95"]
         cell = f"{row['relative_to_full']:.3f} [{lo:.3f}, {hi:.3f}] @ {row['realised_cache_pct']:.1f}%"
         assert cell in readme, (run.name, cell)
+
+
+def test_readme_oracle_table_is_read_from_its_committed_results():
+    """The README's oracle table (NAMM and oracle over full, NAMM - oracle, EM) equals results/language/
+    oracle-n50-c50-g60/summary.md, row by row."""
+    readme = (ROOT / "README.md").read_text()
+    text = (ROOT / "results/language/oracle-n50-c50-g60/summary.md").read_text()
+    means, paired = (part.splitlines() for part in text.split("Paired differences", 1))
+    cells = {}
+    for line in means:
+        c = [x.strip() for x in line.split("|")[1:-1]]
+        if len(c) == 9 and c[1] in ("full", "namm", "oracle"):
+            cells[(c[0], c[1])] = c
+    diffs = {c[0]: c[3] for c in ([x.strip() for x in l.split("|")[1:-1]] for l in paired)
+             if len(c) == 6 and c[1] == "oracle"}
+    header = "| task | realised cache % | NAMM / full [95% CI] | oracle / full [95% CI] |"
+    start = readme.index(header, readme.index("**How far is the ceiling? An oracle reference"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), readme[start:].splitlines()[2:]))
+    assert [r.split("|")[1].strip() for r in rows] == ["passkey", "kv_retrieval", "passage_retrieval", "all"]
+    for row in rows:
+        task, cache, namm, oracle, diff, em = [x.strip() for x in row.split("|")[1:-1]]
+        assert cache == cells[(task, "namm")][7] and namm == cells[(task, "namm")][6]
+        assert oracle == cells[(task, "oracle")][6] and diff == diffs[task]
+        assert em == " / ".join(f"{float(cells[(task, p)][3].split()[0]):.2f}" for p in ("namm", "oracle", "full"))
