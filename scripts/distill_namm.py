@@ -14,6 +14,7 @@ Score the result with `eval_language.py --split validation --namm <out>/namm`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -43,26 +44,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int_in(64), default=1024)
     ap.add_argument("--delay", type=int_in(1), default=256, help="eviction period (must equal --init-from's)")
     ap.add_argument("--keep", type=float, default=0.7, help="share of the tokens present labelled 'keep' per step")
+    ap.add_argument("--mass-weight", type=float, default=0.0,
+                    help="0..1: weigh each slot's loss by (1 - m) + m * its oracle score / the mean (0: all alike)")
     ap.add_argument("--steps", type=int_in(1), default=300, help="Adam steps")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int_in(1), default=64, help="layer-steps per minibatch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int_in(1), default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--features", default=None,
+                    help="folder of the per-prompt features (default <out>/features; another run's to refit on them)")
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
         ap.error("--keep must be in (0, 1]")
+    if not 0 <= args.mass_weight <= 1:
+        ap.error("--mass-weight must be in [0, 1]")
     if args.lr <= 0:
         ap.error("--lr must be > 0")
     return args
 
 
-def collect(model, tok, sample, cfg: NAMMConfig, stats, folder: Path, chunk: int = 128) -> Path:
-    """Features and oracle tables of one prompt -> folder/<task>-<seed>.safetensors (reused when present)."""
+def collect(model, tok, sample, cfg: NAMMConfig, stats, folder: Path, recipe: dict[str, str], chunk: int = 128) -> Path:
+    """Features and oracle tables of one prompt -> folder/<task>-<seed>.safetensors, reused when present and made
+    under the same `recipe` (model, prompt length, delay, normalisation; stored in the file's metadata)."""
+    from safetensors import safe_open
     from namm_transfer.adapters.causal_lm import prefill
     from namm_transfer.cache import MemoryCache
     path = folder / f"{sample.task}-{sample.seed}.safetensors"
     if path.exists():
+        with safe_open(str(path), "pt") as f:
+            saved = f.metadata() or {}
+        if saved != recipe:
+            diff = [k for k in sorted(set(saved) | set(recipe)) if saved.get(k) != recipe.get(k)]
+            raise UsageError(f"{path}: features made under other settings ({', '.join(diff)}); use another "
+                             "--features folder")
         return path
     until = eviction_limit(sample, tok, "context-only")
     tables = future_attention_scores(model, tok, sample, until, chunk=chunk)
@@ -76,17 +91,17 @@ def collect(model, tok, sample, cfg: NAMMConfig, stats, folder: Path, chunk: int
                         f"step.{j}.valid": valid.contiguous(), f"step.{j}.layer": torch.tensor(layer)})
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=recipe)
     tmp.rename(path)
     return path
 
 
-def load_steps(path: Path, keep: float):
+def load_steps(path: Path, keep: float, mass_weight: float = 0.0):
     t = load_file(str(path))
     tables = [t[f"table.{i}"] for i in range(sum(k.startswith("table.") for k in t))]
     records = [(int(t[f"step.{j}.layer"]), t[f"step.{j}.x"], t[f"step.{j}.pos"], t[f"step.{j}.valid"])
                for j in range(sum(k.endswith(".layer") for k in t))]
-    return label_steps(records, tables, keep)
+    return label_steps(records, tables, keep, mass_weight)
 
 
 def main(argv=None) -> int:
@@ -109,16 +124,20 @@ def run(args) -> int:
     model, tok, model_sha = load_model(args.model, "cpu")
     out = Path(args.out)
     samples = [s for task in args.tasks for s in make_split(task, "train", args.samples_per_task, args.tokens, tok)]
+    stats_bytes = stats.mean.double().numpy().tobytes() + stats.var.double().numpy().tobytes()
+    recipe = {"model_hash": str(model_sha), "tokens": str(args.tokens), "delay": str(args.delay),
+              "normalisation_sha256": hashlib.sha256(stats_bytes).hexdigest()}
     t0 = time.time()
     paths = []
     for i, s in enumerate(samples):
-        paths.append(collect(model, tok, s, cfg, stats, out / "features"))
+        paths.append(collect(model, tok, s, cfg, stats, Path(args.features) if args.features else out / "features",
+                             recipe))
         print(f"features {i + 1}/{len(samples)} ({s.task} seed {s.seed}) {time.time() - t0:.0f} s", flush=True)
     # a quarter of each task's prompts held out (the last ones), to see the fit generalise across prompts
     held = {str(p) for task in args.tasks for p in [q for q, s in zip(paths, samples) if s.task == task]
             [-max(1, args.samples_per_task // 4):]}
-    train = [st for p in paths if str(p) not in held for st in load_steps(p, args.keep)]
-    held_out = [st for p in paths if str(p) in held for st in load_steps(p, args.keep)]
+    train = [st for p in paths if str(p) not in held for st in load_steps(p, args.keep, args.mass_weight)]
+    held_out = [st for p in paths if str(p) in held for st in load_steps(p, args.keep, args.mass_weight)]
     before = {"train": agreement(start, train, cfg), "held_out": agreement(start, held_out, cfg)}
     with torch.no_grad():
         before["held_out"]["loss"] = float(distill_loss(start.float(), held_out, cfg))
@@ -128,7 +147,8 @@ def run(args) -> int:
     after = {"train": agreement(params, train, cfg), "held_out": agreement(params, held_out, cfg)}
     with torch.no_grad():
         after["held_out"]["loss"] = float(distill_loss(params.float(), held_out, cfg))
-    meta = {"variant": f"distill-k{round(100 * args.keep)}", "distilled_from": prov, "keep": args.keep,
+    meta = {"variant": f"distill-k{round(100 * args.keep)}" + (f"-m{args.mass_weight:g}" if args.mass_weight else ""),
+            "distilled_from": prov, "keep": args.keep, "mass_weight": args.mass_weight,
             "bias_shift": float(params[-1] - fitted[-1]),
             "prompts": {"split": "train", "tasks": args.tasks, "per_task": args.samples_per_task,
                         "tokens": args.tokens, "protocol": "context-only"},

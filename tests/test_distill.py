@@ -91,7 +91,25 @@ def test_distill_script_writes_a_loadable_namm_and_reuses_features(tmp_path, cap
     assert mod.main(args) == 0  # features are reused, not recomputed
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "d" / "features").iterdir()}
     capsys.readouterr()
+    longer = [a if a != "600" else "650" for a in args]  # other prompts under the same seeds: not reused
+    assert mod.main([*longer[:-1], str(tmp_path / "d2"), "--features", str(tmp_path / "d" / "features")]) == 2
+    assert "features made under other settings (tokens)" in capsys.readouterr().err
     assert mod.main([*args[:1], str(tmp_path / "missing"), *args[2:]]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert mod.main(["--init-from", str(ROOT / "namm_transfer/checkpoints/namm-smollm2"), *args[2:]]) == 2
     assert "differs from" in capsys.readouterr().err  # the default NAMM evicts every 512 tokens, not 256
+
+
+def test_mass_weights_weigh_slots_by_the_oracle_score():
+    from namm_transfer.evolution.distill import mass_weights
+    table = torch.tensor([[1.0, 3.0, 0.0, 8.0]])
+    pos = torch.tensor([[0, 1, 2, 3]])
+    valid = torch.tensor([[True, True, True, False]])
+    assert mass_weights(table, pos, valid, 1.0).tolist() == [[0.75, 2.25, 0.0, 0.0]]  # mean of 1, 3, 0 is 4/3
+    assert mass_weights(table, pos, valid, 0.5).tolist() == [[0.875, 1.625, 0.5, 0.0]]
+    st = synthetic_steps(2)
+    flat = distill_loss(torch.zeros(CFG.num_params), st, CFG)
+    ones = [StepFeatures(s.layer, s.x, s.valid, s.labels, torch.ones_like(s.labels)) for s in st]
+    assert float(distill_loss(torch.zeros(CFG.num_params), ones, CFG)) == pytest.approx(float(flat))
+    with pytest.raises(ValueError, match="mass_weight"):
+        mass_weights(table, pos, valid, 1.5)

@@ -28,6 +28,7 @@ class StepFeatures:
     x: torch.Tensor  # (H_kv, N, d_in)
     valid: torch.Tensor  # (H_kv, N) bool
     labels: torch.Tensor  # (H_kv, N) float, 1 = among the oracle's top share
+    weights: torch.Tensor | None = None  # (H_kv, N) per-slot loss weights (None: all 1)
 
 
 class FeatureRecorder(NAMMPolicy):
@@ -59,22 +60,35 @@ def top_share_labels(table: torch.Tensor, positions: torch.Tensor, valid: torch.
     return labels * valid
 
 
-def label_steps(records, tables: list[torch.Tensor], keep: float) -> list[StepFeatures]:
+def mass_weights(table: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, mass_weight: float) -> torch.Tensor:
+    """(H, N) loss weights (1 - m) + m * (oracle score / its mean over the head's valid slots): m = 0 weighs every
+    slot alike; m > 0 weighs the slots the question and answer read most more, where a wrong decision costs most."""
+    if not 0 <= mass_weight <= 1:
+        raise ValueError(f"mass_weight must be in [0, 1], got {mass_weight}")
+    s = table.float().gather(-1, positions.clamp(0, table.shape[-1] - 1)) * valid
+    mean = s.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return ((1 - mass_weight) + mass_weight * s / mean.clamp(min=1e-12)) * valid
+
+
+def label_steps(records, tables: list[torch.Tensor], keep: float, mass_weight: float = 0.0) -> list[StepFeatures]:
     """Pair the recorder's steps with the oracle's per-layer tables (one prompt)."""
-    return [StepFeatures(layer, x, valid, top_share_labels(tables[layer], pos, valid, keep))
+    return [StepFeatures(layer, x, valid, top_share_labels(tables[layer], pos, valid, keep),
+                         mass_weights(tables[layer], pos, valid, mass_weight) if mass_weight else None)
             for layer, x, pos, valid in records]
 
 
 def distill_loss(params: torch.Tensor, steps: list[StepFeatures], cfg: NAMMConfig) -> torch.Tensor:
-    """Mean logistic loss of the scorer's logits (one parameter vector (P,)) against the labels, over valid slots."""
-    total, count = params.new_zeros(()), 0
+    """Mean logistic loss of the scorer's logits (one parameter vector (P,)) against the labels over valid slots,
+    weighted by each step's `weights` where it has them."""
+    total, count = params.new_zeros(()), params.new_zeros(())
     for st in steps:
         h = st.x.shape[0]
         logits = bam_scores(st.x, st.valid, params[None].expand(h, -1), cfg)
         loss = F.binary_cross_entropy_with_logits(logits, st.labels, reduction="none")
-        total = total + loss[st.valid].sum()
-        count += int(st.valid.sum())
-    return total / max(count, 1)
+        w = st.valid.to(loss.dtype) if st.weights is None else st.weights.to(loss.dtype) * st.valid
+        total = total + (loss * w).sum()
+        count = count + w.sum()
+    return total / count.clamp(min=1e-12)
 
 
 def agreement(params: torch.Tensor, steps: list[StepFeatures], cfg: NAMMConfig) -> dict[str, float]:
