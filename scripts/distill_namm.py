@@ -138,15 +138,16 @@ def run(args) -> int:
             [-max(1, args.samples_per_task // 4):]}
     train = [st for p in paths if str(p) not in held for st in load_steps(p, args.keep, args.mass_weight)]
     held_out = [st for p in paths if str(p) in held for st in load_steps(p, args.keep, args.mass_weight)]
-    before = {"train": agreement(start, train, cfg), "held_out": agreement(start, held_out, cfg)}
-    with torch.no_grad():
-        before["held_out"]["loss"] = float(distill_loss(start.float(), held_out, cfg))
+    def measure(params: torch.Tensor) -> dict:
+        with torch.no_grad():
+            loss = float(distill_loss(params.float(), held_out, cfg))
+        return {"train": agreement(params, train, cfg), "held_out": {**agreement(params, held_out, cfg), "loss": loss}}
+
+    before = measure(start)
     fitted, log = fit(start, train, cfg, args.steps, args.lr, args.batch, args.seed, held_out,
                       progress=lambda r: print(json.dumps(r), flush=True) if r["step"] % 20 == 0 else None)
     params = calibrate(fitted, train, cfg, args.keep)  # score >= 0 on the --keep share of the training slots
-    after = {"train": agreement(params, train, cfg), "held_out": agreement(params, held_out, cfg)}
-    with torch.no_grad():
-        after["held_out"]["loss"] = float(distill_loss(params.float(), held_out, cfg))
+    after = measure(params)
     meta = {"variant": f"distill-k{round(100 * args.keep)}" + (f"-m{args.mass_weight:g}" if args.mass_weight else ""),
             "distilled_from": prov, "keep": args.keep, "mass_weight": args.mass_weight,
             "bias_shift": float(params[-1] - fitted[-1]),

@@ -48,12 +48,22 @@ class FeatureRecorder(NAMMPolicy):
         return view.valid.clone(), state
 
 
+def scores_at(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The oracle's (H, L) per-position table read at each slot's position (H, N)."""
+    return table.float().gather(-1, positions.clamp(0, table.shape[-1] - 1))
+
+
+def step_logits(params: torch.Tensor, st: StepFeatures, cfg: NAMMConfig) -> torch.Tensor:
+    """The scorer's logits (H_kv, N) for one recorded step under one parameter vector (P,)."""
+    return bam_scores(st.x, st.valid, params[None].expand(st.x.shape[0], -1).float(), cfg)
+
+
 def top_share_labels(table: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, keep: float) -> torch.Tensor:
     """(H, N) labels: 1 for the ceil(keep * valid) slots of each head with the highest oracle score at their
     positions (table (H, L) per absolute position), 0 elsewhere (and on invalid slots)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    s = table.float().gather(-1, positions.clamp(0, table.shape[-1] - 1)).masked_fill(~valid, float("-inf"))
+    s = scores_at(table, positions).masked_fill(~valid, float("-inf"))
     k = math.ceil(keep * int(valid[0].sum()))
     labels = torch.zeros_like(s)
     labels.scatter_(-1, s.topk(k, dim=-1).indices, 1.0)
@@ -65,7 +75,7 @@ def mass_weights(table: torch.Tensor, positions: torch.Tensor, valid: torch.Tens
     slot alike; m > 0 weighs the slots the question and answer read most more, where a wrong decision costs most."""
     if not 0 <= mass_weight <= 1:
         raise ValueError(f"mass_weight must be in [0, 1], got {mass_weight}")
-    s = table.float().gather(-1, positions.clamp(0, table.shape[-1] - 1)) * valid
+    s = scores_at(table, positions) * valid
     mean = s.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
     return ((1 - mass_weight) + mass_weight * s / mean.clamp(min=1e-12)) * valid
 
@@ -82,8 +92,7 @@ def distill_loss(params: torch.Tensor, steps: list[StepFeatures], cfg: NAMMConfi
     weighted by each step's `weights` where it has them."""
     total, count = params.new_zeros(()), params.new_zeros(())
     for st in steps:
-        h = st.x.shape[0]
-        logits = bam_scores(st.x, st.valid, params[None].expand(h, -1), cfg)
+        logits = step_logits(params, st, cfg)
         loss = F.binary_cross_entropy_with_logits(logits, st.labels, reduction="none")
         w = st.valid.to(loss.dtype) if st.weights is None else st.weights.to(loss.dtype) * st.valid
         total = total + (loss * w).sum()
@@ -96,8 +105,7 @@ def agreement(params: torch.Tensor, steps: list[StepFeatures], cfg: NAMMConfig) 
     kept = hit = pos = n = 0
     with torch.no_grad():
         for st in steps:
-            logits = bam_scores(st.x, st.valid, params[None].expand(st.x.shape[0], -1).float(), cfg)
-            keep = (logits >= cfg.threshold) & st.valid
+            keep = (step_logits(params, st, cfg) >= cfg.threshold) & st.valid
             kept += int(keep.sum())
             hit += int((keep & (st.labels > 0)).sum())
             pos += int(st.labels.sum())
@@ -109,8 +117,7 @@ def calibrate(params: torch.Tensor, steps: list[StepFeatures], cfg: NAMMConfig, 
     """Shift the score's bias (`b_score`, the last parameter) so that a share `keep` of the valid slots of `steps`
     score >= the keep threshold: a classifier's 0.5 point is not the share a cache target asks for."""
     with torch.no_grad():
-        logits = torch.cat([bam_scores(st.x, st.valid, params[None].expand(st.x.shape[0], -1).float(), cfg)[st.valid]
-                            for st in steps])
+        logits = torch.cat([step_logits(params, st, cfg)[st.valid] for st in steps])
         drop = round((1 - keep) * logits.numel())
         cut = logits.kthvalue(drop).values if drop else logits.min()  # the highest logit of the dropped share
     out = params.detach().double().clone()
