@@ -117,6 +117,14 @@ def test_trainer_resume_is_identical_and_writes_outputs(full_run, tmp_path):
     assert [r["generation"] for r in log] == [0, 1, 2]
     assert log[2]["stage_tasks"] == ["passkey", "kv_retrieval"]
     assert all(len(r["member_scores"]) == 4 and len(r["member_cache"]) == 4 for r in log)
+    from namm_transfer.evolution.trainer import TrainConfig, load_state, new_es, restore_es
+    prev_t, prev = load_state(tmp_path / "b", "prev.")  # the last generation, replayed from its recorded fitness
+    cur_t, cur = load_state(tmp_path / "b")
+    es = restore_es(new_es(TrainConfig.from_dict(cur["config"])), prev_t, prev)
+    es.ask()
+    es.tell(torch.tensor(log[-1]["member_fitness"], dtype=torch.float64))
+    assert torch.equal(es.mean, cur_t["es_mean"]) and es.sigma == cur["es"]["sigma"]
+    assert max(log[-1]["member_fitness"]) == log[-1]["fitness_max"]
     from namm_transfer.evolution.trainer import compute_platform
     assert all(r["platform"] == compute_platform("cpu") for r in log)  # what replaying these scores needs
     assert (tmp_path / "b" / "curve.png").stat().st_size > 1000

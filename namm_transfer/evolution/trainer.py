@@ -680,6 +680,9 @@ class Trainer:
                    "samples": [s.key for s in samples],
                    "member_scores": [[round(float(x), 6) for x in r] for r in res["score"]],
                    "member_cache": [round(float(x), 5) for x in cache],
+                   # full precision (JSON keeps a float64 exactly): the ranking CMA-ES used, which the rounded
+                   # scores above cannot always recover (two members 1e-5 apart swap; tests/test_training_state.py)
+                   "member_fitness": [float(x) for x in fit],
                    "seconds": time.time() - t0, "platform": self.platform}
             self.history.append(row)
             self.keep_previous()
