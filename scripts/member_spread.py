@@ -10,6 +10,12 @@ cache target does not already explain. The run folder is only read.
     python scripts/member_spread.py --run training/namm-c75 --scales 1,2 --prompts-per-task 4 \\
         --out results/language/member-spread/namm-c75
 
+With --oracle-mass, each member is also scored by a dense candidate fitness: the share of the oracle's attention
+mass (what the question and gold answer attend to in the unmodified model, language.benchmark) that its cache still
+holds when the question is read (evolution.fitness.retained_mass). The summary then reports that signal's split-half
+agreement beside the answer probability's, and how the two rank the members at matched cache (correlation of their
+residuals on the cache, over all prompts). Context-only or query-aware searches only (an eviction limit).
+
 Scores are appended to <out>/scores.jsonl one prompt at a time (a rerun resumes; other settings are refused);
 <out>/summary.json and summary.md are rewritten after every prompt and at the end of every run.
 """
@@ -28,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from namm_transfer.evolution.agreement import cache_slope, prompts_for_reliability, split_half_agreement  # noqa: E402
+from namm_transfer.evolution.agreement import (cache_slope, prompts_for_reliability, residual_on_cache,  # noqa: E402
+                                               split_half_agreement)
 from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, search_space  # noqa: E402
 from namm_transfer.records import write_text  # noqa: E402
 
@@ -63,6 +70,17 @@ def summarise(rows: list[dict], meta: dict) -> dict:
             a = split_half_agreement(sc, fr, tasks, refs, w, target)
             a["prompts_for_reliability_0.5"] = prompts_for_reliability(a["matched_cache"], a["prompts_per_half"])
             entry["agreement"] = a
+        if all("mass" in r for r in rows):  # the dense candidate signal (--oracle-mass), per task like the ratio
+            mass = torch.tensor([r["mass"] for r in rows], dtype=torch.float64).T[rows_s]
+            _, mass_task = fitness_from_scores(mass, fr, tasks, [1.0] * len(tasks))
+            entry["mass_mean"], entry["mass_sd"] = float(mass_task.mean()), float(mass_task.std())
+            entry["corr_mass_ratio"] = float(torch.corrcoef(torch.stack([mass_task, ratio]))[0, 1])
+            entry["corr_mass_ratio_matched_cache"] = float(torch.corrcoef(torch.stack(
+                [residual_on_cache(mass_task, cache), residual_on_cache(ratio, cache)]))[0, 1])
+            if all(tasks.count(t) >= 2 for t in set(tasks)):
+                m = split_half_agreement(mass, fr, tasks, [1.0] * len(tasks), w, target)
+                m["prompts_for_reliability_0.5"] = prompts_for_reliability(m["matched_cache"], m["prompts_per_half"])
+                entry["mass_agreement"] = m
         out["scales"][str(s)] = entry
     return out
 
@@ -88,6 +106,17 @@ def markdown(summary: dict, meta: dict) -> str:
         lines.append(f"| {s} x sigma = {e['sigma']:.4f} | {e['ratio_mean']:.3f} ({e['ratio_sd']:.3f}) | "
                      f"{100 * e['cache_mean']:.1f}% ({100 * e['cache_sd']:.1f}) | {e['corr_ratio_cache']:+.2f} | "
                      f"{agr} | {spread} | {line} | {need} |")
+    if any("mass_mean" in e for e in summary["scales"].values()):
+        lines += ["", "Retained oracle attention mass (--oracle-mass) as a fitness signal, same members and prompts:", "",
+                  "| step | members' retained mass (sd) | corr(mass, score ratio): raw / at matched cache | split-half "
+                  "rank agreement of the mass: fitness / mass / mass at matched cache | prompts per member for a "
+                  "matched-cache reliability of 0.5 |", "|---|---|---|---|---|"]
+        for s, e in summary["scales"].items():
+            m = e.get("mass_agreement")
+            agr = f"{m['fitness']:.2f} / {m['ratio']:.2f} / {m['matched_cache']:.2f}" if m else "-"
+            need = f"{m['prompts_for_reliability_0.5']:.0f}" if m else "-"
+            lines.append(f"| {s} x sigma | {e['mass_mean']:.3f} ({e['mass_sd']:.3f}) | {e['corr_mass_ratio']:+.2f} / "
+                         f"{e['corr_mass_ratio_matched_cache']:+.2f} | {agr} | {need} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts-per-task", type=int, default=4)
     ap.add_argument("--seed", type=int, default=12345, help="members' z and the prompts drawn (default 12345)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--oracle-mass", action="store_true",
+                    help="also score each member's retained share of the oracle's attention mass (see above)")
     args = ap.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
     if not (run / "state.json").exists() or not (run / "state.safetensors").exists():
@@ -121,7 +152,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from safetensors.torch import load as load_safetensors_bytes
-    from namm_transfer.evolution.fitness import score_rows
+    from namm_transfer.evolution.fitness import retained_mass, score_rows
+    from namm_transfer.language.benchmark import future_attention_from_ids
     from namm_transfer.evolution.trainer import MODEL_DTYPES, Trainer
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_namm import load_model  # SmolLM2 by name, or the tiny test models
@@ -129,9 +161,11 @@ def main(argv=None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     meta_path, snapshot = out / "meta.json", out / "state-snapshot.safetensors"
-    settings = {"run": str(run), "scales": scales, "prompts_per_task": args.prompts_per_task, "seed": args.seed}
+    settings = {"run": str(run), "scales": scales, "prompts_per_task": args.prompts_per_task, "seed": args.seed,
+                "oracle_mass": args.oracle_mass}
     if meta_path.exists():  # resume against the snapshot taken when the measurement started
         meta = json.loads(meta_path.read_text())
+        meta.setdefault("oracle_mass", False)  # measurements from before the flag
         if {k: meta.get(k) for k in settings} != settings:
             sys.exit(f"{out} holds a measurement with other settings ({meta_path}: "
                      f"{ {k: meta.get(k) for k in settings} }); use another --out")
@@ -153,6 +187,9 @@ def main(argv=None) -> None:
                                                            indent=1) + "\n")
         write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     cfg = TrainConfig.from_dict({**info["config"], "out": str(out / "unused")})
+    if args.oracle_mass and cfg.protocol == "anywhere":
+        sys.exit(f"--oracle-mass: {run} evicts anywhere (into the question and answer), so no token count separates "
+                 "what the oracle's queries read from what the policy compresses; use a context-only search")
     tensors = load_safetensors_bytes(state_bytes)
 
     model, tok = load_model(cfg.model, "cpu", MODEL_DTYPES[cfg.dtype])
@@ -180,9 +217,15 @@ def main(argv=None) -> None:
             continue
         t0 = time.time()
         trainer.full_cache_refs([sample])
-        res = score_rows(model, sample, policy, pop.shape[0], cfg.chunk, cfg.share_prefix)
+        kept = []
+        if args.oracle_mass:
+            oracle = future_attention_from_ids(model, sample.stream, sample.evict_until, cfg.chunk)
+            finish = lambda cache: kept.append(retained_mass(cache, oracle, sample.evict_until))  # noqa: E731
+        res = score_rows(model, sample, policy, pop.shape[0], cfg.chunk, cfg.share_prefix,
+                         on_finish=finish if args.oracle_mass else None)
         row = {"prompt": sample.key, "task": sample.task, "ref": trainer.refs[sample.key],
                "score": [round(float(x), 6) for x in res.score], "cache": [round(float(x), 5) for x in res.cache_fraction],
+               **({"mass": [round(float(x), 6) for x in kept[0]]} if kept else {}),
                "seconds": round(time.time() - t0, 1)}
         with open(scores_path, "a") as f:
             f.write(json.dumps(row) + "\n")

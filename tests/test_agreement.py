@@ -140,5 +140,14 @@ def test_member_spread_measures_resumes_and_refuses_other_settings(tmp_path):
     assert len((tmp_path / "spread/scores.jsonl").read_text().splitlines()) == 4
     other = _run(*spread[:-1], "1,2")
     assert other.returncode != 0 and "other settings" in other.stderr
+    mass = _run(*spread[:-1], "1", "--oracle-mass", "--out", tmp_path / "mass")  # the dense candidate signal
+    assert mass.returncode == 0, mass.stderr[-2000:]
+    rows = [json.loads(l) for l in (tmp_path / "mass/scores.jsonl").read_text().splitlines()]
+    assert all(len(r["mass"]) == 1 + 4 and all(0 < m <= 1 for m in r["mass"]) for r in rows)
+    entry = json.loads((tmp_path / "mass/summary.json").read_text())["scales"]["1.0"]
+    assert -1 <= entry["corr_mass_ratio_matched_cache"] <= 1 and "mass_agreement" in entry
+    assert "Retained oracle attention mass" in (tmp_path / "mass/summary.md").read_text()
+    other = _run(*spread[:-1], "1", "--out", tmp_path / "mass")  # without the flag: other settings
+    assert other.returncode != 0 and "other settings" in other.stderr
     missing = _run(ROOT / "scripts/member_spread.py", "--run", tmp_path / "nothing", "--out", tmp_path / "x")
     assert missing.returncode != 0 and "no training state" in missing.stderr

@@ -113,3 +113,39 @@ def test_eval_language_runs_the_oracle_at_namms_cache(tmp_path):
     assert "| all | oracle |" in (out / "summary.md").read_text()
     assert "knows the question and the gold answer" in (out / "summary.md").read_text()
     assert {p["baseline"] for p in json.loads((out / "paired.json").read_text())} == {"oracle"}
+
+
+def test_retained_mass_is_the_share_of_oracle_mass_each_row_still_holds():
+    """retained_mass on a hand-made cache: per layer and KV head, the kept slots' oracle mass over the mass of every
+    position before `first_query` (slots at or after it, invalid slots and duplicate-free gathers by position)."""
+    from types import SimpleNamespace
+    from namm_transfer.evolution.fitness import retained_mass
+    oracle = [torch.tensor([[1., 2., 3., 4., 10.], [4., 0., 0., 4., 10.]])]  # (H=2, L=5); position 4 is a query
+    pos = torch.tensor([[[3, 0, 4, 1], [1, 2, 4, 0]],  # row 0: head 0 keeps 3, 0, (4 is the question's), 1
+                        [[2, 1, 0, 3], [3, 0, 1, 2]]])  # row 1: everything, but head 1's slot 1 (position 0) is invalid
+    valid = torch.tensor([[[1, 1, 1, 1], [1, 1, 1, 0]], [[1, 1, 1, 1], [1, 0, 1, 1]]], dtype=torch.bool)
+    cache = SimpleNamespace(layers=[SimpleNamespace(positions=pos, valid=valid)])
+    got = retained_mass(cache, oracle, first_query=4)
+    row0 = ((4 + 1 + 2) / 10 + (0 + 0) / 8) / 2
+    row1 = (10 / 10 + 4 / 8) / 2
+    torch.testing.assert_close(got, torch.tensor([row0, row1]))
+    with pytest.raises(ValueError, match="layers"):
+        retained_mass(cache, oracle * 2, 4)
+
+
+def test_retained_mass_of_a_full_cache_is_one_and_of_the_oracle_the_most_at_its_budget():
+    """On a model: keep-all holds all the oracle's mass; the oracle at a budget holds at least as much as recency at
+    the same budget (it keeps the top-mass slots of each head by construction)."""
+    from namm_transfer.evolution.fitness import encode_sample, retained_mass, score_rows
+    from namm_transfer.language.benchmark import future_attention_from_ids
+    model, tok = tiny_random_lm("llama"), tiny_tokenizer()
+    sample = encode_sample(samples()[2], tok, protocol="context-only")
+    first = sample.evict_until
+    oracle = future_attention_from_ids(model, sample.stream, first, 16)
+    got = {}
+    for name, policy in [("full", FullCache()), ("recency", make_policy("recency", budget=0.5, delay=32)),
+                         ("oracle", FutureAttention(0.5, delay=32, scores=[oracle]))]:
+        score_rows(model, sample, policy, 1, 16, share_prefix=False,
+                   on_finish=lambda cache, name=name: got.__setitem__(name, retained_mass(cache, oracle, first)))
+    assert float(got["full"][0]) == pytest.approx(1.0, abs=1e-6)
+    assert 0 < float(got["recency"][0]) <= float(got["oracle"][0]) < 1

@@ -7,6 +7,7 @@ All members see the same samples; each member's cache is its own batch row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -54,11 +55,12 @@ class MemberScores:
 
 @torch.no_grad()
 def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, chunk: int = 128,
-               share_prefix: bool = True) -> MemberScores:
+               share_prefix: bool = True, on_finish: Callable[[MemoryCache], None] | None = None) -> MemberScores:
     """Run `sample` with `rows` batch rows under `policy` (row b = population member b of the policy).
 
     With `share_prefix`, the tokens before the first eviction step are identical for every member, so they run
     once at batch 1 (HoldPolicy buffers the attention) and the cache is forked to `rows` rows at the boundary.
+    `on_finish(cache)`, if given, sees the cache after the last token (e.g. to read what each row kept).
     """
     n = sample.length
     a = sample.answer.numel()
@@ -82,9 +84,30 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
         if lo < e:
             answer_logits.append(logits[:, lo - e:].float().expand(rows, -1, -1))  # the last e - lo
     cache.assert_captured()
+    if on_finish is not None:
+        on_finish(cache)
     logp = torch.cat(answer_logits, dim=1).log_softmax(-1)  # (rows, A, V)
     gold = sample.answer.to(device)
     p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
     acc = (logp.argmax(-1) == gold[None]).float()
     frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
     return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), torch.tensor(cache.kept_fractions()))
+
+
+def retained_mass(cache: MemoryCache, oracle: list[torch.Tensor], first_query: int) -> torch.Tensor:
+    """(rows,) share of the oracle's attention mass on the tokens before `first_query` that each row's cache still
+    holds, mean over layers and KV heads. `oracle[l]` (H_kv, L): the mass each position received from the queries
+    at positions >= first_query in the unmodified model (language.benchmark.future_attention_from_ids)."""
+    if len(oracle) != len(cache.layers):
+        raise ValueError(f"oracle scores for {len(oracle)} layers, the cache has {len(cache.layers)}")
+    shares = []
+    for layer, mass in zip(cache.layers, oracle):
+        pos, valid = layer.positions, layer.valid  # (B, H, N)
+        mass = mass.to(pos.device, torch.float64)
+        if mass.shape[0] != pos.shape[1]:
+            raise ValueError(f"oracle scores for {mass.shape[0]} KV heads, the cache has {pos.shape[1]}")
+        inside = valid & (pos >= 0) & (pos < first_query)
+        kept = mass[None].expand(pos.shape[0], -1, -1).gather(-1, pos.clamp(0, mass.shape[1] - 1).long())
+        total = mass[:, :first_query].sum(-1).clamp_min(1e-30)  # (H,)
+        shares.append(((kept * inside).sum(-1) / total).mean(-1))  # (B,)
+    return torch.stack(shares).mean(0).float().cpu()

@@ -137,11 +137,17 @@ def future_attention_scores(model, tok, sample: TaskSample, first_query: int, st
     probability is scored) with the full cache and return, per layer, the (H_kv, L) attention mass each position
     receives from the queries at positions >= `first_query` (the tokens read after the last eviction step: the
     question and the answer under context-only). Uses the gold answer: an upper reference, not a policy."""
-    enable_memory_attention(model)
-    device = next(model.parameters()).device
     prompt = tok(sample.prompt(tok, style), return_tensors="pt").input_ids[0]
     answer = tok(sample.continuation, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    ids = torch.cat([prompt, answer[:-1]])[None].to(device)
+    return future_attention_from_ids(model, torch.cat([prompt, answer[:-1]])[None], first_query, chunk)
+
+
+@torch.no_grad()
+def future_attention_from_ids(model, ids: torch.Tensor, first_query: int, chunk: int = 128) -> list[torch.Tensor]:
+    """future_attention_scores for a token stream `ids` (1, n) already built (prompt + gold answer but its last
+    token, as evolution.fitness.EncodedSample.stream)."""
+    enable_memory_attention(model)
+    ids = ids.to(next(model.parameters()).device)
     if not 0 <= first_query < ids.shape[1]:
         raise ValueError(f"first_query {first_query} is outside the {ids.shape[1]} tokens read")
     recorder = _AttentionRecorder(ids.shape[1], first_query)
