@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from namm_transfer.checkpoints import DEFAULT_NAMM  # noqa: E402
-from namm_transfer.evolution.trainer import (MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
+from namm_transfer.evolution.trainer import (FITNESS_SIGNALS, MODEL_DTYPES, TRAIN_PROTOCOLS, Stage, TrainConfig, Trainer,  # noqa: E402
                                              bfloat16_is_native, compute_platform, load_start, setup_distributed,
                                              world)
 from namm_transfer.namm import NAMMConfig  # noqa: E402
@@ -106,7 +106,7 @@ SEARCH_FLAGS = {  # flag -> TrainConfig field; each defaults to the saved run's 
     "delay": "delay", "style": "style", "cache_weight": "cache_weight", "cache_target": "cache_target",
     "seed": "seed", "threads": "threads", "dtype": "dtype", "protocol": "protocol", "val_every": "val_every",
     "val_per_task": "val_per_task",
-    "val_baselines": "val_baselines", "evolve": "evolve", "init_from": "init_from",
+    "val_baselines": "val_baselines", "evolve": "evolve", "init_from": "init_from", "fitness": "fitness",
 }
 
 
@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-from", help="start a new search from another search's folder (its CMA-ES mean and "
                     "normalisation, copied in) or a NAMM checkpoint folder (default: zeros = keep-all, statistics "
                     "from a generation-0 pass). Fixed when the search is created")
+    ap.add_argument("--fitness", choices=FITNESS_SIGNALS,
+                    help=f"what members are ranked by (default {d.fitness}: answer probability over the full cache's; "
+                         "oracle-mass: the share of what the question and gold answer attend to in the unmodified model "
+                         "that a member's cache still holds when the question is read, a dense signal). Fixed when "
+                         "the search is created; validation always scores the answer probability")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-generations", type=int, default=None, help="stop at this generation (resumable)")
     ap.add_argument("--more-generations", type=int, default=None,

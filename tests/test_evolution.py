@@ -246,6 +246,39 @@ def test_a_head_search_from_another_search_keeps_the_rest_fixed(full_run, tmp_pa
         assert "Traceback" not in res.stderr
 
 
+def test_an_oracle_mass_search_ranks_members_by_the_mass_their_caches_keep(full_run, tmp_path):
+    """--fitness oracle-mass: every member's retained oracle mass is logged; the fitness CMA-ES ranked by is that
+    mass per task with the hinge (not the answer probability, which is still logged and validated); the last
+    generation replays from prev.state; the signal cannot change on resume."""
+    from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, load_state, new_es, restore_es
+    src, _ = full_run
+    out = tmp_path / "mass"
+    train(out, "--init-from", src, "--fitness", "oracle-mass", "--max-generations", "2", *VAL)
+    cur_t, cur = load_state(out)
+    cfg = TrainConfig.from_dict(cur["config"])
+    assert cfg.fitness == "oracle-mass" and len(cur["history"]) == 2
+    for row in cur["history"]:
+        mass = torch.tensor(row["member_mass"], dtype=torch.float64)
+        assert mass.shape == (cfg.popsize, len(row["samples"])) and ((mass > 0) & (mass <= 1)).all()
+        frac = torch.tensor(row["member_cache"], dtype=torch.float64)[:, None]
+        tasks = [k.split("/")[0] for k in row["samples"]]
+        by_mass, _ = fitness_from_scores(mass, frac, tasks, [1.0] * len(tasks), cfg.cache_weight, cfg.cache_target)
+        by_p, ratio = fitness_from_scores(torch.tensor(row["member_scores"], dtype=torch.float64), frac, tasks,
+                                          [cur["refs"][k] for k in row["samples"]], cfg.cache_weight, cfg.cache_target)
+        assert torch.allclose(torch.tensor(row["member_fitness"], dtype=torch.float64), by_mass, atol=1e-4)
+        assert not torch.allclose(by_mass, by_p, atol=1e-3)
+        # the answer p, as before (the tiny model's scores are ~2e-5: their 6 logged digits are ~2 significant ones)
+        assert row["score_ratio_mean"] == pytest.approx(float(ratio.mean()), rel=0.05)
+    prev_t, prev = load_state(out, "prev.")
+    es = restore_es(new_es(cfg), prev_t, prev)
+    es.ask()
+    es.tell(torch.tensor(cur["history"][-1]["member_fitness"], dtype=torch.float64))
+    assert torch.equal(es.mean, cur_t["es_mean"])
+    assert [r["generation"] for r in cur["validation"]] == [1, 2] and "namm_ratio" in cur["validation"][0]
+    res = run_train(["--out", out, "--fitness", "answer-p", "--change-settings"])
+    assert res.returncode == 2 and "fixed when a search is created" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_torn_state_is_detected(full_run, tmp_path):
     out = copy_run(full_run[0], tmp_path / "run")
     # tensors from the previous generation beside the newer JSON: a pair from two different saves
@@ -272,7 +305,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys):
                      (["--stages", "passkey"], "TASK[+TASK...]:GENERATIONS"), (["--tokens", "0"], "tokens 0"),
                      (["--more-generations", "-1"], "--more-generations must be >= 0"),
                      (["--evolve", "w_score,scores"], "each once, from w_qkv"),
-                     (["--init-from", str(tmp_path / "missing")], "neither a search folder")]:
+                     (["--init-from", str(tmp_path / "missing")], "neither a search folder"),
+                     (["--fitness", "oracle-mass", "--protocol", "anywhere"], "needs an eviction limit")]:
         with pytest.raises(SystemExit) as exit_:
             train_namm.main([str(a) for a in [*TINY, *bad, "--out", tmp_path / "x"]])
         err = capsys.readouterr().err

@@ -35,11 +35,13 @@ def replay(run: Path):
     row = cur["history"][-1]
     assert row["generation"] == es.generation == cur["es"]["generation"] - 1
     population = embed(es.ask(), *search_space(cfg, cur_t))  # full parameters (searches of some groups: --evolve)
-    score = torch.tensor(row["member_scores"], dtype=torch.float64)
     frac = torch.tensor(row["member_cache"], dtype=torch.float64)[:, None]
     tasks = [k.split("/")[0] for k in row["samples"]]
-    fit, _ = fitness_from_scores(score, frac, tasks, [cur["refs"][k] for k in row["samples"]], cfg.cache_weight,
-                                 cfg.cache_target)
+    if cfg.fitness == "oracle-mass":  # ranked by the retained oracle mass, per task (no full-cache reference)
+        score, refs = torch.tensor(row["member_mass"], dtype=torch.float64), [1.0] * len(tasks)
+    else:
+        score, refs = torch.tensor(row["member_scores"], dtype=torch.float64), [cur["refs"][k] for k in row["samples"]]
+    fit, _ = fitness_from_scores(score, frac, tasks, refs, cfg.cache_weight, cfg.cache_target)
     assert float(fit.max()) == pytest.approx(row["fitness_max"], abs=1e-4)
     if "member_fitness" in row:  # the exact fitness the run ranked by (recorded from 2026-12-04); the scores
         recorded = torch.tensor(row["member_fitness"], dtype=torch.float64)  # are rounded to 6 digits and the

@@ -27,12 +27,13 @@ from safetensors.torch import load_file, save_file
 from ..attention import enable_memory_attention
 from ..checkpoints import save_namm
 from ..features import RunningStats
+from ..language.benchmark import future_attention_from_ids
 from ..language.tasks import PROTOCOLS, make_split
 from ..namm import NAMMConfig
 from ..policies import FullCache, NAMMPolicy, make_policy
 from ..records import write_text
 from .cmaes import SepCMAES
-from .fitness import EncodedSample, encode_sample, score_rows
+from .fitness import EncodedSample, encode_sample, retained_mass, score_rows
 from .subspace import embed, parameter_indices
 
 
@@ -44,6 +45,10 @@ class Stage:
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRAIN_PROTOCOLS = (*PROTOCOLS, "anywhere")  # eval_language.py's protocols, and eviction steps anywhere
+# What members are ranked by: "answer-p" (the answer probability over the full cache's, per task: the reference's
+# kind of fitness) or "oracle-mass" (the share of the oracle's attention mass that a member's cache still holds when
+# the question is read: fitness.retained_mass; dense, so a member's rank repeats across prompts)
+FITNESS_SIGNALS = ("answer-p", "oracle-mass")
 
 
 def validation_mode(row: dict) -> tuple:
@@ -94,6 +99,7 @@ class TrainConfig:
     # keep-all pass; else another search's folder (its CMA-ES mean, float64) or a NAMM checkpoint folder, copied
     # into this search's state when it is created (the source may go on changing).
     init_from: str = ""
+    fitness: str = "answer-p"  # FITNESS_SIGNALS; the hinge on the cache applies to either
 
     # settings that do not change what the search computes (may differ on resume)
     RUNTIME_FIELDS = ("out", "threads", "member_batch", "val_every", "val_per_task", "val_baselines")
@@ -116,6 +122,11 @@ class TrainConfig:
             problems.append(f"delay {self.delay}: must be a multiple of the NAMM's STFT hop (16)")
         if self.protocol not in TRAIN_PROTOCOLS:
             problems.append(f"protocol {self.protocol!r}: one of {', '.join(TRAIN_PROTOCOLS)}")
+        if self.fitness not in FITNESS_SIGNALS:
+            problems.append(f"fitness {self.fitness!r}: one of {', '.join(FITNESS_SIGNALS)}")
+        elif self.fitness == "oracle-mass" and self.protocol == "anywhere":
+            problems.append("fitness 'oracle-mass' needs an eviction limit (protocol context-only or query-aware): "
+                            "it scores what the cache holds when the question is read")
         if self.dtype not in MODEL_DTYPES:
             problems.append(f"dtype {self.dtype!r}: one of {', '.join(MODEL_DTYPES)}")
         if self.member_batch < 0 or self.val_every < 0 or self.val_per_task < 1:
@@ -157,7 +168,8 @@ class TrainConfig:
         return cls(**d)
 
 
-FIXED_AT_CREATION = ("evolve", "init_from")  # what --change-settings cannot change: the search's space and start
+FIXED_AT_CREATION = ("evolve", "init_from", "fitness")  # what --change-settings cannot change: the search's space,
+#                                                       start and what it ranks members by
 
 
 def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -178,7 +190,7 @@ def settings_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
 
 
 def fixed_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
-    """Differences in what no --change-settings may change (FIXED_AT_CREATION: the search's space and start)."""
+    """Differences in what no --change-settings may change (FIXED_AT_CREATION: space, start, fitness signal)."""
     a, b = saved.to_dict(), new.to_dict()
     return [f"{key}: {a.get(key)!r} (saved) != {b.get(key)!r} (now); fixed when a search is created: start a new "
             "--out folder" for key in FIXED_AT_CREATION if a.get(key) != b.get(key)]
@@ -537,32 +549,53 @@ class Trainer:
             self.refs[s.key] = float(ref[k])
 
     def evaluate(self, population: torch.Tensor, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+        """Members' answer probability ("score"), realised cache ("frac") and, for an oracle-mass search, retained
+        oracle mass ("mass"), each (members, samples)."""
         p, n = population.shape[0], len(samples)
         score = torch.zeros(p, n, dtype=torch.float64)
         frac = torch.zeros(p, n, dtype=torch.float64)
+        mass = torch.zeros(p, n, dtype=torch.float64)
+        with_mass = self.cfg.fitness == "oracle-mass"
+        oracles = {}
         for gi, group in enumerate(self.member_groups()):
             if gi % self.world != self.rank:
                 continue
             policy = NAMMPolicy(self.member_params(population[group]).float(), self.namm_cfg, self.stats)
             for j, sample in enumerate(samples):
-                res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix)
+                finish = None
+                if with_mass:
+                    if sample.key not in oracles:
+                        oracles[sample.key] = future_attention_from_ids(self.model, sample.stream, sample.evict_until,
+                                                                        self.cfg.chunk)
+                    def finish(cache, j=j, group=group, oracle=oracles[sample.key], first=sample.evict_until):
+                        mass[group, j] = retained_mass(cache, oracle, first).double()
+                res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix,
+                                 on_finish=finish)
                 score[group, j], frac[group, j] = res.score.double(), res.cache_fraction.double()
-        all_sum(score), all_sum(frac)
+        all_sum(score), all_sum(frac), all_sum(mass)
         self.full_cache_refs(samples)
-        return {"score": score, "frac": frac}
+        return {"score": score, "frac": frac, **({"mass": mass} if with_mass else {})}
+
+    def selection_fitness(self, res: dict[str, torch.Tensor], samples: list[EncodedSample]) -> torch.Tensor:
+        """What CMA-ES ranks members by (cfg.fitness): the answer probability's fitness (see `fitness`), or the
+        retained oracle mass per task, with the same hinge on the cache."""
+        if self.cfg.fitness == "oracle-mass":
+            return fitness_from_scores(res["mass"], res["frac"], [s.task for s in samples], [1.0] * len(samples),
+                                       self.cfg.cache_weight, self.cfg.cache_target)[0]
+        return self.fitness(res["score"], res["frac"], samples)[0]
 
     def fitness(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]):
         """(fitness, score ratio) per member, see fitness_from_scores."""
         return fitness_from_scores(score, frac, [s.task for s in samples], [self.refs[s.key] for s in samples],
                                    self.cfg.cache_weight, self.cfg.cache_target)
 
-    def ranking_agreement(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]) -> float:
-        """Spearman correlation of the members' fitness on two disjoint halves of the generation's prompts
+    def ranking_agreement(self, res: dict[str, torch.Tensor], samples: list[EncodedSample]) -> float:
+        """Spearman correlation of the members' selection fitness on two disjoint halves of the generation's prompts
         (each half holds half of every task's samples): how repeatable the ranking is at half the prompts."""
         halves = task_halves([s.task for s in samples])
         if not halves[0] or not halves[1]:
             return float("nan")
-        fit = [self.fitness(score[:, h], frac[:, h], [samples[j] for j in h])[0] for h in halves]
+        fit = [self.selection_fitness({k: v[:, h] for k, v in res.items()}, [samples[j] for j in h]) for h in halves]
         return spearman(fit[0], fit[1])
 
     # ---- validation curve -------------------------------------------------------------------------------
@@ -661,7 +694,8 @@ class Trainer:
             t0 = time.time()
             population = self.es.ask()
             res = self.evaluate(population, samples)
-            fit, ratio = self.fitness(res["score"], res["frac"], samples)
+            fit = self.selection_fitness(res, samples)
+            ratio = self.fitness(res["score"], res["frac"], samples)[1]  # answer probability over full, per task
             cache = res["frac"].mean(1)
             if not torch.isfinite(fit).all():
                 raise FloatingPointError(f"generation {g}: non-finite fitness {fit.tolist()}; the state on disk "
@@ -675,7 +709,7 @@ class Trainer:
                    "fitness_mean": float(fit.mean()), "fitness_min": float(fit.min()),
                    "cache_fraction_mean": float(res["frac"].mean()),
                    "cache_fraction_best": float(res["frac"][best].mean()),
-                   "rank_agreement_halves": self.ranking_agreement(res["score"], res["frac"], samples),
+                   "rank_agreement_halves": self.ranking_agreement(res, samples),
                    "sigma": self.es.sigma, "mean_norm": float(self.es.mean.norm()),
                    "samples": [s.key for s in samples],
                    "member_scores": [[round(float(x), 6) for x in r] for r in res["score"]],
@@ -683,6 +717,7 @@ class Trainer:
                    # full precision (JSON keeps a float64 exactly): the ranking CMA-ES used, which the rounded
                    # scores above cannot always recover (two members 1e-5 apart swap; tests/test_training_state.py)
                    "member_fitness": [float(x) for x in fit],
+                   **({"member_mass": [[round(float(x), 6) for x in r] for r in res["mass"]]} if "mass" in res else {}),
                    "seconds": time.time() - t0, "platform": self.platform}
             self.history.append(row)
             self.keep_previous()
