@@ -45,7 +45,8 @@ def summarise_run(folder: Path) -> dict:
             "hours": sum(r.get("seconds", 0) for r in hist + val) / 3600,
             "agreement": sum(agree) / len(agree) if agree else None, "n_agree": len(agree),
             "last_val": val[-1] if val else None, "n_val": len(val), "trend": validation_trend(val),
-            "changes": len(info.get("settings_changes", []))}
+            "changes": len(info.get("settings_changes", [])),
+            "signal": "" if cfg.get("fitness", "answer-p") == "answer-p" else f"; ranked by {cfg['fitness']}"}
 
 
 def selection_check(folder: Path) -> str:
@@ -84,12 +85,15 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
     full-cache references: split-half rank agreement of the fitness, of the score ratio, and of the score ratio at
     matched cache (residual after a line on each member's cache; the log keeps each member's cache averaged over
     the generation's prompts, so both halves use that average); the fitness with the cache target and weight each
-    generation ran with (settings_at). Mean +- standard error over generations."""
+    generation ran with (settings_at). Mean +- standard error over generations. A search ranked by the retained
+    oracle mass (--fitness oracle-mass) also gets the same three for that mass (its fitness is the mass's)."""
     info = json.loads((folder / "state.json").read_text())
     refs, segments = info.get("refs", {}), settings_segments(info)
     rows = rescorable_generations(info)
     rows = [r for r in rows if len(r["samples"]) == len(rows[-1]["samples"])][-last:] if rows else []  # one size
+    by_mass = info["config"].get("fitness", "answer-p") == "oracle-mass"
     stats = {"fitness": [], "ratio": [], "matched_cache": []}
+    mass_stats = {"fitness": [], "ratio": [], "matched_cache": []}
     for r in rows:
         tasks = [k.split("/")[0] for k in r["samples"]]
         if any(tasks.count(t) < 2 for t in tasks):
@@ -98,9 +102,12 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
         frac = torch.tensor(r["member_cache"], dtype=torch.float64)[:, None].expand_as(score)
         target, weight = settings_at(segments, r["generation"])
         a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], weight, target, splits=20)
-        for k in stats:
-            if math.isfinite(a[k]):
-                stats[k].append(a[k])
+        m = split_half_agreement(torch.tensor(r["member_mass"], dtype=torch.float64), frac, tasks, [1.0] * len(tasks),
+                                 weight, target, splits=20) if by_mass and r.get("member_mass") else {}
+        for acc, res in ((stats, a), (mass_stats, m)):
+            for k in acc:
+                if k in res and math.isfinite(res[k]):
+                    acc[k].append(res[k])
     if not stats["ratio"]:
         return f"- training/{folder.name}: no logged generation with member scores and references"
 
@@ -109,9 +116,16 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
         sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")
         return f"{m:.2f} +- {sd / math.sqrt(len(v)):.2f}"
     first, final = rows[0]["generation"], rows[-1]["generation"]
-    return (f"- training/{folder.name}, {len(stats['ratio'])} generations ({first}-{final}), halves of "
-            f"{len(rows[-1]['samples']) // 2} prompts: fitness {mean_se(stats['fitness'])}, score ratio "
-            f"{mean_se(stats['ratio'])}, score ratio at matched cache {mean_se(stats['matched_cache'])}")
+    line = (f"- training/{folder.name}, {len(stats['ratio'])} generations ({first}-{final}), halves of "
+            f"{len(rows[-1]['samples']) // 2} prompts: ")
+    if by_mass:
+        line += (f"answer p: fitness {mean_se(stats['fitness'])}, score ratio {mean_se(stats['ratio'])}, at matched "
+                 f"cache {mean_se(stats['matched_cache'])}; retained oracle mass (what it ranks by): "
+                 + (f"fitness {mean_se(mass_stats['fitness'])}, mass {mean_se(mass_stats['ratio'])}, at matched cache "
+                    f"{mean_se(mass_stats['matched_cache'])}" if mass_stats["ratio"] else "not logged"))
+        return line
+    return (line + f"fitness {mean_se(stats['fitness'])}, score ratio {mean_se(stats['ratio'])}, score ratio at "
+            f"matched cache {mean_se(stats['matched_cache'])}")
 
 
 def cache_setting_change(line: str) -> tuple[str, float, float] | None:
@@ -277,7 +291,7 @@ def report(root: Path = ROOT) -> str:
             val = ("not yet", "-", "-")
         lines.append(f"| training/{r['name']} | {r['generations']} | {r['popsize']} x {r['prompts']} "
                      f"(~{r['tokens']} tokens, delay {r['delay']}, {r['dtype']}{protocol}) | "
-                     f"{r['target']} (weight {r['weight']}) | "
+                     f"{r['target']} (weight {r['weight']}{r['signal']}) | "
                      f"{r['sigma']:.4f} | {r['hours']:.1f} | {agree} | {val[0]} | {val[1]} | {val[2]} | {r['trend']} |")
     if not runs:
         lines.append("| (none) | | | | | | | | | | |")

@@ -204,3 +204,28 @@ def test_fork_comparison_pairs_a_forked_search_with_its_source_in_the_same_mode(
     assert "no validation point in the same mode" in only
     (fork / "state.json").write_text(json.dumps({"init": {"kind": "NAMM checkpoint", "from": "x"}}))
     assert mod.fork_comparison(fork, tmp_path) == []
+
+
+def test_matched_cache_check_of_a_mass_ranked_search_reports_both_signals(tmp_path):
+    """A search ranked by the retained oracle mass: the check reports the answer probability's agreement and the
+    mass's; members whose mass ranks the same on every prompt agree perfectly on it."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("training_report", ROOT / "scripts" / "training_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    samples = [f"{t}/{i}/1024/raw" for t in ("a", "b") for i in range(4)]
+    quality = torch.linspace(0.5, 0.9, 8)  # a member's mass: its quality on every prompt, plus a little noise
+    rows = []
+    for gen in range(3):
+        mass = quality[:, None] + 0.001 * torch.rand(8, len(samples), generator=g)
+        rows.append({"generation": gen, "samples": samples, "member_cache": [0.7] * 8,
+                     "member_scores": torch.rand(8, len(samples), generator=g).tolist(), "member_mass": mass.tolist()})
+    folder = tmp_path / "namm-mass"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({
+        "config": {"cache_target": 0.75, "cache_weight": 3.0, "fitness": "oracle-mass"}, "es": {"generation": 3},
+        "refs": {k: 1.0 for k in samples}, "history": rows, "settings_changes": []}))
+    line = mod.matched_cache_check(folder)
+    assert "answer p: fitness" in line and "retained oracle mass (what it ranks by): fitness 1.00 +- 0.00" in line
