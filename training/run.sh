@@ -14,7 +14,11 @@
 # float32 from generations 121 / 106 on a machine without native bfloat16, as DTYPE below picks).
 # namm-c75-head (from 2026-12-03): a third search that starts at namm-c75's CMA-ES mean (generation 149) and evolves
 # only the scorer's output head (w_score, b_score, b_out: 76 of 4,172 parameters; the rest stay at that mean), under
-# namm-c75's settings of that time; README, "A head-only search".
+# namm-c75's settings of that time; README, "A head-only search". Paused from 2026-12-04 (not in the default RUNS;
+# RUNS=training/namm-c75-head resumes it).
+# namm-c75-mass (from 2026-12-04): starts at namm-c75's CMA-ES mean (generation 181) and ranks members by the
+# retained oracle mass (--fitness oracle-mass: dense, its ranking repeats across prompts) under namm-c75's settings;
+# validation (every 5 generations) still scores the answer probability; README, "Ranking by the oracle's mass".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
@@ -36,8 +40,10 @@ declare -A CREATE=(
   [training/namm-c75]="$COMMON --cache-target 0.75 --seed 1"
   [training/namm-c75-head]="$COMMON --tokens 1024 --protocol context-only --cache-target 0.75 --cache-weight 3.0 \
     --seed 2 --init-from training/namm-c75 --evolve w_score,b_score,b_out --val-every 5"
+  [training/namm-c75-mass]="$COMMON --tokens 1024 --protocol context-only --cache-target 0.75 --cache-weight 3.0 \
+    --seed 3 --init-from training/namm-c75 --fitness oracle-mass --val-every 5"
 )
-RUNS=${RUNS:-"training/namm-c50 training/namm-c75 training/namm-c75-head"}
+RUNS=${RUNS:-"training/namm-c50 training/namm-c75 training/namm-c75-mass"}
 # Run from a snapshot of the committed code, so edits in the work tree never reach a running search.
 # (SNAP: another folder for a second loop, e.g. one loop per folder when both cores are free:
 #     RUNS=training/namm-c50 SNAP=runs/train-code-c50 nohup training/run.sh > runs/training-c50.log 2>&1 &
