@@ -57,7 +57,7 @@ def test_readme_validation_protocol_table_matches_the_runs():
     import json
     readme = (ROOT / "README.md").read_text()
     runs = sorted((ROOT / "results/language/val-protocol").iterdir())
-    assert len(runs) == 3
+    assert len(runs) == 4
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
         (row,) = [r for r in summary if r["task"] == "all" and r["policy"] == "namm"]
