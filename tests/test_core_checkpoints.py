@@ -161,21 +161,23 @@ def test_broken_namm_folder_is_a_clear_error(tmp_path, breakage):
 
 
 def test_shipped_operating_points_load_and_each_is_the_file_its_test_table_measured():
-    """Every shipped NAMM loads as data; namm-smollm2-c50 and namm-smollm2-c50-g100 are, byte for byte, the
-    checkpoints the committed held-out tables of results/language/eval-n50-c50-g60 (and the e2e benchmark) and
-    eval-n50-c50-g100 recorded by hash."""
+    """Every shipped NAMM loads as data; namm-smollm2-c50, namm-smollm2-c50-g100 and namm-smollm2-c75 are, byte for
+    byte, the checkpoints the committed held-out tables of results/language/eval-n50-c50-g60 (and the e2e benchmark),
+    eval-n50-c50-g100 and eval-n50-c75-g180 recorded by hash."""
     import json
     from pathlib import Path
 
-    from namm_transfer.checkpoints import DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100
+    from namm_transfer.checkpoints import DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100, NAMM_C75
     from namm_transfer.runs import content_hash
     root = Path(__file__).resolve().parents[1]
-    for path in (DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100):
+    for path in (DEFAULT_NAMM, NAMM_C50, NAMM_C50_G100, NAMM_C75):
         policy = load_namm(path)
         assert policy.params.shape == (1, 4172) and bool(policy.params.isfinite().all())
-    for path, generation, run in ((NAMM_C50, 60, "eval-n50-c50-g60"), (NAMM_C50_G100, 100, "eval-n50-c50-g100")):
+    for path, variant, generation, target, run in (
+            (NAMM_C50, "namm-c50", 60, 0.5, "eval-n50-c50-g60"), (NAMM_C50_G100, "namm-c50", 100, 0.5, "eval-n50-c50-g100"),
+            (NAMM_C75, "namm-c75", 180, 0.75, "eval-n50-c75-g180")):
         meta = json.loads((path / "config.json").read_text())["meta"]
-        assert (meta["variant"], meta["generation"], meta["cache_target"]) == ("namm-c50", generation, 0.5)
+        assert (meta["variant"], meta["generation"], meta["cache_target"]) == (variant, generation, target)
         assert load_namm(path).delay == 256
         recorded = json.loads((root / "results/language" / run / "run.json").read_text())["namm_hash"]
         assert content_hash(path) == recorded, path
