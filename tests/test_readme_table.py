@@ -27,7 +27,9 @@ def test_readme_table_matches_the_command(monkeypatch):
 
 
 @pytest.mark.parametrize("anchor, run", [("**Generation 60 of namm-c50 on the test split", "eval-n50-c50-g60"),
-                                         ("**Generation 100 of namm-c50 on the test split", "eval-n50-c50-g100")])
+                                         ("**Generation 100 of namm-c50 on the test split", "eval-n50-c50-g100"),
+                                         ("**namm-c75's generation 143 on the test split", "eval-n50-c75-g143"),
+                                         ("**namm-c75's generation 180 on the test split", "eval-n50-c75-g180")])
 def test_readme_namm_c50_test_tables_are_read_from_their_committed_results(anchor, run):
     """Every number of the README's test-split table of a shipped namm-c50 mean (realised cache, answer p / full,
     EM, paired differences) is the one results/language/<run>/summary.md holds for that task and baseline."""
