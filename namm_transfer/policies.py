@@ -219,6 +219,13 @@ class RandomEviction(BudgetPolicy):
         return keep_top(score, view.valid, self.k(view)), {}
 
 
+def values_at_positions(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A per-position table (..., H, L) read at each slot's position (..., H, N), the table broadcast over the
+    positions' leading dimensions; positions are clamped into the table (callers mask slots that lie outside it)."""
+    table = table.expand(*positions.shape[:-1], table.shape[-1])
+    return table.gather(-1, positions.clamp(0, table.shape[-1] - 1).long())
+
+
 class FutureAttention(BudgetPolicy):
     """Oracle reference, not a deployable policy: keeps, per KV head, the slots that the queries read after the
     last eviction step (the question and the gold answer) attend to most in the unmodified model. `scores[r][l]`:
@@ -242,8 +249,7 @@ class FutureAttention(BudgetPolicy):
         table = torch.stack([F.pad(t.float(), (0, width - t.shape[-1])) for t in tables]).to(view.keys.device)
         if table.shape[1] != h:
             raise ValueError(f"oracle scores have {table.shape[1]} KV heads at layer {view.layer_idx}, the cache {h}")
-        pos = view.positions.clamp(0, width - 1)
-        return keep_top(table.gather(-1, pos), view.valid, self.k(view)), {}
+        return keep_top(values_at_positions(table, view.positions), view.valid, self.k(view)), {}
 
 
 class NAMMPolicy(MemoryPolicy):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..namm import NAMMConfig, bam_scores
-from ..policies import LayerView, NAMMPolicy
+from ..policies import LayerView, NAMMPolicy, values_at_positions
 
 
 @dataclass
@@ -48,11 +48,6 @@ class FeatureRecorder(NAMMPolicy):
         return view.valid.clone(), state
 
 
-def scores_at(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The oracle's (H, L) per-position table read at each slot's position (H, N)."""
-    return table.float().gather(-1, positions.clamp(0, table.shape[-1] - 1))
-
-
 def step_logits(params: torch.Tensor, st: StepFeatures, cfg: NAMMConfig) -> torch.Tensor:
     """The scorer's logits (H_kv, N) for one recorded step under one parameter vector (P,)."""
     return bam_scores(st.x, st.valid, params[None].expand(st.x.shape[0], -1).float(), cfg)
@@ -63,7 +58,7 @@ def top_share_labels(table: torch.Tensor, positions: torch.Tensor, valid: torch.
     positions (table (H, L) per absolute position), 0 elsewhere (and on invalid slots)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    s = scores_at(table, positions).masked_fill(~valid, float("-inf"))
+    s = values_at_positions(table.float(), positions).masked_fill(~valid, float("-inf"))
     k = math.ceil(keep * int(valid[0].sum()))
     labels = torch.zeros_like(s)
     labels.scatter_(-1, s.topk(k, dim=-1).indices, 1.0)
@@ -75,7 +70,7 @@ def mass_weights(table: torch.Tensor, positions: torch.Tensor, valid: torch.Tens
     slot alike; m > 0 weighs the slots the question and answer read most more, where a wrong decision costs most."""
     if not 0 <= mass_weight <= 1:
         raise ValueError(f"mass_weight must be in [0, 1], got {mass_weight}")
-    s = scores_at(table, positions) * valid
+    s = values_at_positions(table.float(), positions) * valid
     mean = s.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
     return ((1 - mass_weight) + mass_weight * s / mean.clamp(min=1e-12)) * valid
 

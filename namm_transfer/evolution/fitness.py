@@ -13,7 +13,7 @@ import torch
 
 from ..adapters.causal_lm import chunk_bounds, last_logits_only
 from ..cache import MemoryCache
-from ..policies import HoldPolicy, MemoryPolicy
+from ..policies import HoldPolicy, MemoryPolicy, values_at_positions
 
 
 @dataclass
@@ -107,7 +107,7 @@ def retained_mass(cache: MemoryCache, oracle: list[torch.Tensor], first_query: i
         if mass.shape[0] != pos.shape[1]:
             raise ValueError(f"oracle scores for {mass.shape[0]} KV heads, the cache has {pos.shape[1]}")
         inside = valid & (pos >= 0) & (pos < first_query)
-        kept = mass[None].expand(pos.shape[0], -1, -1).gather(-1, pos.clamp(0, mass.shape[1] - 1).long())
+        kept = values_at_positions(mass, pos)
         total = mass[:, :first_query].sum(-1).clamp_min(1e-30)  # (H,)
         shares.append(((kept * inside).sum(-1) / total).mean(-1))  # (B,)
     return torch.stack(shares).mean(0).float().cpu()

@@ -572,7 +572,9 @@ class Trainer:
                 res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix,
                                  on_finish=finish)
                 score[group, j], frac[group, j] = res.score.double(), res.cache_fraction.double()
-        all_sum(score), all_sum(frac), all_sum(mass)
+        all_sum(score), all_sum(frac)
+        if with_mass:
+            all_sum(mass)
         self.full_cache_refs(samples)
         return {"score": score, "frac": frac, **({"mass": mass} if with_mass else {})}
 
