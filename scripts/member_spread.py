@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from safetensors.torch import load as load_safetensors_bytes
-    from namm_transfer.evolution.fitness import retained_mass, score_rows
+    from namm_transfer.evolution.fitness import score_rows
     from namm_transfer.language.benchmark import future_attention_from_ids
     from namm_transfer.evolution.trainer import MODEL_DTYPES, Trainer
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -217,15 +217,12 @@ def main(argv=None) -> None:
             continue
         t0 = time.time()
         trainer.full_cache_refs([sample])
-        kept = []
-        if args.oracle_mass:
-            oracle = future_attention_from_ids(model, sample.stream, sample.evict_until, cfg.chunk)
-            finish = lambda cache: kept.append(retained_mass(cache, oracle, sample.evict_until))  # noqa: E731
-        res = score_rows(model, sample, policy, pop.shape[0], cfg.chunk, cfg.share_prefix,
-                         on_finish=finish if args.oracle_mass else None)
+        oracle = (future_attention_from_ids(model, sample.stream, sample.evict_until, cfg.chunk)
+                  if args.oracle_mass else None)
+        res = score_rows(model, sample, policy, pop.shape[0], cfg.chunk, cfg.share_prefix, oracle=oracle)
         row = {"prompt": sample.key, "task": sample.task, "ref": trainer.refs[sample.key],
                "score": [round(float(x), 6) for x in res.score], "cache": [round(float(x), 5) for x in res.cache_fraction],
-               **({"mass": [round(float(x), 6) for x in kept[0]]} if kept else {}),
+               **({"mass": [round(float(x), 6) for x in res.retained_mass]} if oracle is not None else {}),
                "seconds": round(time.time() - t0, 1)}
         with open(scores_path, "a") as f:
             f.write(json.dumps(row) + "\n")

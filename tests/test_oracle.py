@@ -136,7 +136,7 @@ def test_retained_mass_is_the_share_of_oracle_mass_each_row_still_holds():
 def test_retained_mass_of_a_full_cache_is_one_and_of_the_oracle_the_most_at_its_budget():
     """On a model: keep-all holds all the oracle's mass; the oracle at a budget holds at least as much as recency at
     the same budget (it keeps the top-mass slots of each head by construction)."""
-    from namm_transfer.evolution.fitness import encode_sample, retained_mass, score_rows
+    from namm_transfer.evolution.fitness import encode_sample, score_rows
     from namm_transfer.language.benchmark import future_attention_from_ids
     model, tok = tiny_random_lm("llama"), tiny_tokenizer()
     sample = encode_sample(samples()[2], tok, protocol="context-only")
@@ -145,7 +145,6 @@ def test_retained_mass_of_a_full_cache_is_one_and_of_the_oracle_the_most_at_its_
     got = {}
     for name, policy in [("full", FullCache()), ("recency", make_policy("recency", budget=0.5, delay=32)),
                          ("oracle", FutureAttention(0.5, delay=32, scores=[oracle]))]:
-        score_rows(model, sample, policy, 1, 16, share_prefix=False,
-                   on_finish=lambda cache, name=name: got.__setitem__(name, retained_mass(cache, oracle, first)))
+        got[name] = score_rows(model, sample, policy, 1, 16, share_prefix=False, oracle=oracle).retained_mass
     assert float(got["full"][0]) == pytest.approx(1.0, abs=1e-6)
     assert 0 < float(got["recency"][0]) <= float(got["oracle"][0]) < 1

@@ -7,7 +7,6 @@ All members see the same samples; each member's cache is its own batch row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -51,17 +50,22 @@ class MemberScores:
     cache_fraction: torch.Tensor  # (rows,) stored / seen tokens at the end, mean over layers and KV heads
     kept_fraction: torch.Tensor  # (rows,) stored / seen right after each layer's last eviction step, mean over
     #                              layers (MemoryCache.kept_fractions); 1 when nothing was evicted
+    retained_mass: torch.Tensor | None = None  # (rows,) with an oracle table: see retained_mass
 
 
 @torch.no_grad()
 def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, chunk: int = 128,
-               share_prefix: bool = True, on_finish: Callable[[MemoryCache], None] | None = None) -> MemberScores:
+               share_prefix: bool = True, oracle: list[torch.Tensor] | None = None) -> MemberScores:
     """Run `sample` with `rows` batch rows under `policy` (row b = population member b of the policy).
 
     With `share_prefix`, the tokens before the first eviction step are identical for every member, so they run
     once at batch 1 (HoldPolicy buffers the attention) and the cache is forked to `rows` rows at the boundary.
-    `on_finish(cache)`, if given, sees the cache after the last token (e.g. to read what each row kept).
+    With `oracle` (per layer (H_kv, L): language.benchmark.future_attention_from_ids of this sample's stream from its
+    eviction limit), each row's retained_mass at the end is returned too.
     """
+    if oracle is not None and sample.evict_until is None:
+        raise ValueError(f"{sample.key}: retained oracle mass needs an eviction limit (a context-only or query-aware "
+                         "sample): it scores what the cache holds when the question is read")
     n = sample.length
     a = sample.answer.numel()
     device = next(model.parameters()).device
@@ -84,14 +88,13 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
         if lo < e:
             answer_logits.append(logits[:, lo - e:].float().expand(rows, -1, -1))  # the last e - lo
     cache.assert_captured()
-    if on_finish is not None:
-        on_finish(cache)
+    mass = None if oracle is None else retained_mass(cache, oracle, sample.evict_until)
     logp = torch.cat(answer_logits, dim=1).log_softmax(-1)  # (rows, A, V)
     gold = sample.answer.to(device)
     p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
     acc = (logp.argmax(-1) == gold[None]).float()
     frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
-    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), torch.tensor(cache.kept_fractions()))
+    return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), torch.tensor(cache.kept_fractions()), mass)
 
 
 def retained_mass(cache: MemoryCache, oracle: list[torch.Tensor], first_query: int) -> torch.Tensor:

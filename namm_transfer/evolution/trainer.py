@@ -33,7 +33,7 @@ from ..namm import NAMMConfig
 from ..policies import FullCache, NAMMPolicy, make_policy
 from ..records import write_text
 from .cmaes import SepCMAES
-from .fitness import EncodedSample, encode_sample, retained_mass, score_rows
+from .fitness import EncodedSample, encode_sample, score_rows
 from .subspace import embed, parameter_indices
 
 
@@ -562,16 +562,14 @@ class Trainer:
                 continue
             policy = NAMMPolicy(self.member_params(population[group]).float(), self.namm_cfg, self.stats)
             for j, sample in enumerate(samples):
-                finish = None
-                if with_mass:
-                    if sample.key not in oracles:
-                        oracles[sample.key] = future_attention_from_ids(self.model, sample.stream, sample.evict_until,
-                                                                        self.cfg.chunk)
-                    def finish(cache, j=j, group=group, oracle=oracles[sample.key], first=sample.evict_until):
-                        mass[group, j] = retained_mass(cache, oracle, first).double()
+                if with_mass and sample.key not in oracles:
+                    oracles[sample.key] = future_attention_from_ids(self.model, sample.stream, sample.evict_until,
+                                                                    self.cfg.chunk)
                 res = score_rows(self.model, sample, policy, len(group), self.cfg.chunk, self.cfg.share_prefix,
-                                 on_finish=finish)
+                                 oracle=oracles.get(sample.key))
                 score[group, j], frac[group, j] = res.score.double(), res.cache_fraction.double()
+                if with_mass:
+                    mass[group, j] = res.retained_mass.double()
         all_sum(score), all_sum(frac)
         if with_mass:
             all_sum(mass)
