@@ -26,7 +26,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from namm_transfer.evolution.agreement import cache_slope, hinge_settle_point, split_half_agreement  # noqa: E402
 from namm_transfer.evolution.cmaes import SepCMAES, random_selection_mean_drift, random_selection_path_norm  # noqa: E402
-from namm_transfer.evolution.trainer import TrainConfig, fitness_from_scores, search_space, validation_mode  # noqa: E402
+from namm_transfer.evolution.trainer import (TrainConfig, fitness_from_scores, ranked_signal, search_space,  # noqa: E402
+                                             validation_mode)
 from namm_transfer.reporting.bootstrap import paired_difference_ci  # noqa: E402
 BEGIN, END = "<!-- training report: begin -->", "<!-- training report: end -->"
 
@@ -101,9 +102,12 @@ def matched_cache_check(folder: Path, last: int = 20) -> str:
         score = torch.tensor(r["member_scores"], dtype=torch.float64)
         frac = torch.tensor(r["member_cache"], dtype=torch.float64)[:, None].expand_as(score)
         target, weight = settings_at(segments, r["generation"])
-        a = split_half_agreement(score, frac, tasks, [refs[k] for k in r["samples"]], weight, target, splits=20)
-        m = split_half_agreement(torch.tensor(r["member_mass"], dtype=torch.float64), frac, tasks, [1.0] * len(tasks),
-                                 weight, target, splits=20) if by_mass and r.get("member_mass") else {}
+        values, sample_refs = ranked_signal("answer-p", score, None, [refs[k] for k in r["samples"]])
+        a = split_half_agreement(values, frac, tasks, sample_refs, weight, target, splits=20)
+        m = {}
+        if by_mass and r.get("member_mass"):
+            mass, ones = ranked_signal("oracle-mass", None, torch.tensor(r["member_mass"], dtype=torch.float64), [])
+            m = split_half_agreement(mass, frac, tasks, ones, weight, target, splits=20)
         for acc, res in ((stats, a), (mass_stats, m)):
             for k in acc:
                 if k in res and math.isfinite(res[k]):

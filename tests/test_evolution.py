@@ -490,3 +490,21 @@ def test_answer_scores_need_the_output_head_only_on_answer_positions():
     for name in ("score", "token_accuracy", "cache_fraction", "kept_fraction"):
         assert torch.allclose(getattr(got, name), getattr(want, name), rtol=0, atol=1e-6), name
     assert float(got.cache_fraction.min()) < 1  # members did evict
+
+
+def test_ranked_signal_picks_what_a_search_ranks_by():
+    """One function names the signal for the trainer, the replay test and training_report.py: the answer
+    probability over each sample's full-cache reference, or the retained oracle mass over 1; a missing signal or
+    reference, or an unknown kind, is refused."""
+    from namm_transfer.evolution.trainer import ranked_signal
+    score, mass = torch.rand(4, 3), torch.rand(4, 3)
+    values, refs = ranked_signal("answer-p", score, mass, [0.5, 0.25, 1.0])
+    assert values is score and refs == [0.5, 0.25, 1.0]
+    values, refs = ranked_signal("oracle-mass", score, mass, [None, None, None])
+    assert values is mass and refs == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="retained oracle mass"):
+        ranked_signal("oracle-mass", score, None, [1.0] * 3)
+    with pytest.raises(ValueError, match="full-cache reference"):
+        ranked_signal("answer-p", score, None, [1.0, None, 1.0])
+    with pytest.raises(ValueError, match="unknown fitness signal"):
+        ranked_signal("answer-q", score, mass, [1.0] * 3)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from namm_transfer.evolution.subspace import embed
-from namm_transfer.evolution.trainer import (TrainConfig, fitness_from_scores, load_state, new_es, restore_es,
-                                             search_space)
+from namm_transfer.evolution.trainer import (TrainConfig, fitness_from_scores, load_state, new_es, ranked_signal,
+                                             restore_es, search_space)
 from namm_transfer.namm import NAMMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +37,9 @@ def replay(run: Path):
     population = embed(es.ask(), *search_space(cfg, cur_t))  # full parameters (searches of some groups: --evolve)
     frac = torch.tensor(row["member_cache"], dtype=torch.float64)[:, None]
     tasks = [k.split("/")[0] for k in row["samples"]]
-    if cfg.fitness == "oracle-mass":  # ranked by the retained oracle mass, per task (no full-cache reference)
-        score, refs = torch.tensor(row["member_mass"], dtype=torch.float64), [1.0] * len(tasks)
-    else:
-        score, refs = torch.tensor(row["member_scores"], dtype=torch.float64), [cur["refs"][k] for k in row["samples"]]
+    logged = lambda key: torch.tensor(row[key], dtype=torch.float64) if key in row else None  # noqa: E731
+    score, refs = ranked_signal(cfg.fitness, logged("member_scores"), logged("member_mass"),
+                                [cur["refs"].get(k) for k in row["samples"]])
     fit, _ = fitness_from_scores(score, frac, tasks, refs, cfg.cache_weight, cfg.cache_target)
     assert float(fit.max()) == pytest.approx(row["fitness_max"], abs=1e-4)
     if "member_fitness" in row:  # the exact fitness the run ranked by (recorded from 2026-12-04); the scores

@@ -51,6 +51,25 @@ TRAIN_PROTOCOLS = (*PROTOCOLS, "anywhere")  # eval_language.py's protocols, and 
 FITNESS_SIGNALS = ("answer-p", "oracle-mass")
 
 
+def ranked_signal(fitness: str, score: torch.Tensor | None, mass: torch.Tensor | None, refs: list[float | None]
+                  ) -> tuple[torch.Tensor, list[float]]:
+    """What members are ranked by under `fitness`, as (values (members, samples), per-sample references) for
+    `fitness_from_scores`: the answer probability over each sample's full-cache reference ("answer-p"), or the
+    retained oracle mass, already a share, over 1 ("oracle-mass"). The one place the trainer, the replay test and
+    training_report.py read a search's signal from."""
+    if fitness not in FITNESS_SIGNALS:
+        raise ValueError(f"unknown fitness signal {fitness!r}; known: {', '.join(FITNESS_SIGNALS)}")
+    values = mass if fitness == "oracle-mass" else score
+    if values is None:
+        raise ValueError(f"a {fitness!r} search ranks by its members' "
+                         f"{'retained oracle mass' if fitness == 'oracle-mass' else 'answer probability'}: not given")
+    if fitness == "oracle-mass":
+        return values, [1.0] * values.shape[-1]
+    if any(r is None for r in refs):
+        raise ValueError("an answer-p search needs every sample's full-cache reference")
+    return values, list(refs)
+
+
 def validation_mode(row: dict) -> tuple:
     """What a validation point's number depends on besides the NAMM: model dtype, protocol and prompt length
     (points are comparable, and paired by prompt, only within one mode). Rows from before a field existed carry
@@ -579,10 +598,10 @@ class Trainer:
     def selection_fitness(self, res: dict[str, torch.Tensor], samples: list[EncodedSample]) -> torch.Tensor:
         """What CMA-ES ranks members by (cfg.fitness): the answer probability's fitness (see `fitness`), or the
         retained oracle mass per task, with the same hinge on the cache."""
-        if self.cfg.fitness == "oracle-mass":
-            return fitness_from_scores(res["mass"], res["frac"], [s.task for s in samples], [1.0] * len(samples),
-                                       self.cfg.cache_weight, self.cfg.cache_target)[0]
-        return self.fitness(res["score"], res["frac"], samples)[0]
+        values, refs = ranked_signal(self.cfg.fitness, res["score"], res.get("mass"),
+                                     [self.refs.get(s.key) for s in samples])
+        return fitness_from_scores(values, res["frac"], [s.task for s in samples], refs, self.cfg.cache_weight,
+                                   self.cfg.cache_target)[0]
 
     def fitness(self, score: torch.Tensor, frac: torch.Tensor, samples: list[EncodedSample]):
         """(fitness, score ratio) per member, see fitness_from_scores."""
