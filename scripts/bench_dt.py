@@ -13,6 +13,8 @@ A reference row, *plain KV loop*, times the same episode through the fast path's
 preallocated key/value buffer per layer with SDPA and none of MemoryCache's machinery (no policy, no eviction
 steps, no statistics): what a full-cache KV rollout of this DT costs at least on this machine, and so the highest
 full-cache speed-up any cache implementation here could reach (it must take the full cache's actions: compared).
+A second one runs the same loop attending only to the newest W tokens (W: the largest final cache of the evicting
+policies benchmarked): the ceiling for a rollout that holds W tokens, whatever chooses them.
 Baselines run at --budget (default: NAMM's realised fraction when namm is benchmarked, else 0.5); every
 policy evicts every --delay tokens (48 = 16 timesteps), except `window` (the K-step window, every timestep).
 With --repeats R each number is the median of R runs.
@@ -133,7 +135,19 @@ def bench(args) -> dict:
                      "realised_cache_pct": 100 * kv[0].realised_fraction,
                      "eviction_fraction": kv[0].eviction_fraction, "kv_policy_ms": kv_ms,
                      "recompute_policy_ms": ref_ms, "speedup": ref_ms / kv_ms, "kv_steps_per_s": kv_sps,
-                     "recompute_steps_per_s": ref_sps, "speedup_with_env": kv_sps / ref_sps, "return": kv[0].ret})
+                     "recompute_steps_per_s": ref_sps, "speedup_with_env": kv_sps / ref_sps, "return": kv[0].ret,
+                     "final_cache_tokens": kv[0].final_cache_tokens})
+    small = [r["final_cache_tokens"] for r in rows if r["policy"] not in ("full", "window")]
+    plain_window = None
+    if small:  # the same loop holding as many tokens as the largest evicting policy ended with
+        window = max(1, round(max(small)))
+        win_ms, win_ref = [], []
+        for _ in range(args.repeats):
+            before = recompute()
+            win_ms.append(timed_kv_episode(dt, env, PlainKVLoop(dt.model, steps, window), target, args.seed, steps)[3])
+            win_ref.append((before.policy_ms + recompute().policy_ms) / 2)
+        plain_window = {"window": window, "kv_policy_ms": median(win_ms), "recompute_policy_ms": median(win_ref),
+                        "speedup": median(win_ref) / median(win_ms)}
     env.close()
     full_ret = next((r["return"] for r in rows if r["policy"] == "full"), None)
     plain = {"kv_policy_ms": median(plain_ms), "recompute_policy_ms": median(plain_ref),
@@ -155,6 +169,11 @@ def bench(args) -> dict:
           f"ms/step against recompute {plain['recompute_policy_ms']:.3f} = {plain['speedup']:.2f}x, the ceiling of a "
           f"full-cache KV rollout here" + ("" if plain["same_return_as_full"] is None else
                                             f"; same return as full: {plain['same_return_as_full']}"))
+    if plain_window is not None:
+        print(f"plain KV loop holding {plain_window['window']} tokens (a recency cache evicting every forward, the "
+              f"largest final cache of the evicting policies above; no MemoryCache, no policy): "
+              f"{plain_window['kv_policy_ms']:.3f} ms/step against recompute {plain_window['recompute_policy_ms']:.3f} "
+              f"= {plain_window['speedup']:.2f}x, the ceiling of a KV rollout holding that many tokens here")
     if args.batch > 1:
         print(f"\n{args.batch} episodes (reset seeds {args.seed}..{args.seed + args.batch - 1}), env included:")
         print("| policy | one by one, episodes/s | batched, episodes/s | ratio | returns equal |")
@@ -164,7 +183,7 @@ def bench(args) -> dict:
                   f"{r['batch_ratio']:.2f}x | {r['batch_returns_equal']} |")
     result = {"env": spec.gym_id, "steps": steps, "device": device, "checkpoint": args.checkpoint,
               "namm": args.namm if namm is not None else None, "rows": rows,
-              "plain_kv_loop": plain}
+              "plain_kv_loop": plain, "plain_kv_loop_window": plain_window}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -174,10 +193,12 @@ def bench(args) -> dict:
 class PlainKVLoop(KVStepper):
     """KVStepper's fast path with the MemoryCache replaced by one preallocated (B, heads, slots, head_dim) key and
     value buffer per layer and a direct SDPA call: the full cache's arithmetic with no bookkeeping (the plain KV
-    loop of the module docstring)."""
+    loop of the module docstring). With `window` W, each forward attends over the newest W slots stored before it
+    and its own: a recency cache of W tokens evicting after every forward (`Recency(W, sinks=0, delay=1)`'s
+    arithmetic), the least a KV rollout holding W tokens can cost here."""
 
-    def __init__(self, model, max_steps: int):
-        self.slots = TOKENS_PER_STEP * max_steps
+    def __init__(self, model, max_steps: int, window: int | None = None):
+        self.slots, self.window = TOKENS_PER_STEP * max_steps, window
         super().__init__(model, FullCache())
 
     def reset(self) -> None:
@@ -192,14 +213,15 @@ class PlainKVLoop(KVStepper):
             self.buffers = [tuple(x.new_empty(b, w["module"].num_heads, self.slots, w["module"].head_dim)
                                   for _ in range(2)) for w in enc["blocks"]]
         end = self.n + n
-        corner = bottom_right_causal(end, n, x.device) if self.n and n > 1 else None
+        start = 0 if self.window is None else max(0, self.n - self.window)
+        corner = bottom_right_causal(end - start, n, x.device) if self.n and n > 1 else None
         for w, (keys, values) in zip(enc["blocks"], self.buffers):
             attn = w["module"]
             y = F.layer_norm(h, (d,), *w["ln_1"])
             qkv = row_linear(y, *w["c_attn"]).view(b, n, 3, attn.num_heads, attn.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             keys[:, :, self.n:end], values[:, :, self.n:end] = k, v
-            o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=corner,
+            o = F.scaled_dot_product_attention(q, keys[:, :, start:end], values[:, :, start:end], attn_mask=corner,
                                                is_causal=self.n == 0 and n > 1, scale=attn.scaling)
             h = h + row_linear(o.transpose(1, 2).reshape(b, n, d), *w["c_proj"])
             y = F.layer_norm(h, (d,), *w["ln_2"])

@@ -84,6 +84,27 @@ def test_bench_dt_tiny(tiny_checkpoint, tmp_path, capsys):
     assert all(r["speedup"] > 0 for r in res["rows"]) and "speed-up" in capsys.readouterr().out
     # the plain KV loop (the speed ceiling of a full-cache rollout) takes the full cache's actions
     assert res["plain_kv_loop"]["same_return_as_full"] is True and res["plain_kv_loop"]["speedup"] > 0
+    # ... and the loop holding as many tokens as the evicting policies' largest final cache (the small-cache ceiling)
+    held = max(r["final_cache_tokens"] for r in res["rows"] if r["policy"] != "full")
+    assert res["plain_kv_loop_window"]["window"] == max(1, round(held)) and res["plain_kv_loop_window"]["speedup"] > 0
+
+
+def test_plain_kv_loop_with_a_window_computes_the_recency_cache_it_stands_for():
+    """bench_dt's bounded reference loop attends to the newest W stored tokens and its own: on a 3-layer DT it takes
+    the actions of KVStepper with Recency(W, sinks=0, delay=1), the K-step sliding window (W = 3K - 4), once the
+    window binds, and of the full cache while it does not."""
+    from namm_transfer.adapters.decision_transformer import KVStepper, sliding_window
+    bench = _script("bench_dt")
+    torch.manual_seed(0)
+    cfg = DecisionTransformerConfig(state_dim=5, act_dim=2, hidden_size=32, n_layer=3, n_head=2, max_ep_len=64)
+    model = DecisionTransformerModel(cfg).eval()
+    window = sliding_window(5)
+    plain, stepper = bench.PlainKVLoop(model, 40, window=window.budget), KVStepper(model, window)
+    for t in range(40):
+        state, rtg = torch.randn(5), float(torch.randn(()))
+        a, b = plain.step(state, rtg, t), stepper.step(state, rtg, t)
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (t, (a - b).abs().max())
+    assert stepper.cache.tokens_seen == 3 * 40 - 1 and max(stepper.cache.cache_lengths()) == window.budget
 
 
 def test_run_dt_refuses_bad_arguments_before_any_work(tiny_checkpoint, tmp_path, capsys):
