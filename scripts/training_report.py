@@ -234,7 +234,8 @@ def baseline_gaps(v: dict) -> str:
 
 def fork_comparison(folder: Path, root: Path = ROOT) -> list[str]:
     """For a search started from another search's mean (--init-from a training folder): its last validation point
-    against the source's first point at or after the fork and the source's latest point, each scored in the same
+    against the source's first point at or after the fork and the source's latest point (its last point before the
+    fork when it has none after), each scored in the same
     mode on the same prompts (paired by prompt; mean difference of NAMM's answer probability with its bootstrap
     95% interval, and both caches). [] for a search that started from zeros or from a checkpoint file."""
     info = json.loads((folder / "state.json").read_text())
@@ -254,9 +255,12 @@ def fork_comparison(folder: Path, root: Path = ROOT) -> list[str]:
     picks = [("first point after the fork", after[0])] if after else []
     if after and after[-1] is not after[0]:
         picks.append(("latest point", after[-1]))
+    before = [v for v in same if v["generation"] < init["generation"]]
+    if not picks and before:  # the source stopped at the fork: its nearest point before it
+        picks.append(("last point before the fork", before[-1]))
     if not picks:
         return [f"- training/{folder.name} gen {own['generation']}: {init['from']} has no validation point in the "
-                f"same mode ({mode_label(validation_mode(own))}) at or after generation {init['generation']} yet"]
+                f"same mode ({mode_label(validation_mode(own))})"]
     lines = []
     for label, v in picks:
         mean, lo, hi = paired_difference_ci(own["namm_scores"], v["namm_scores"])

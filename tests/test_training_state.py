@@ -201,6 +201,12 @@ def test_fork_comparison_pairs_a_forked_search_with_its_source_in_the_same_mode(
                                                  "validation": [point(10, up, dtype="float16")]}))
     (only,) = mod.fork_comparison(fork, tmp_path)
     assert "no validation point in the same mode" in only
+    # forked after the source's last point: paired with its nearest point before the fork (gen 160, not 140)
+    (fork / "state.json").write_text(json.dumps({"init": {"kind": "search state", "from": "training/namm-src",
+                                                          "generation": 161}, "validation": [point(10, up)]}))
+    (before,) = mod.fork_comparison(fork, tmp_path)
+    assert "- training/namm-src gen 160 (last point before the fork" in before
+    assert float(before.split("answer p ")[1].split()[0]) == pytest.approx(0.0867, abs=5e-4)
     (fork / "state.json").write_text(json.dumps({"init": {"kind": "NAMM checkpoint", "from": "x"}}))
     assert mod.fork_comparison(fork, tmp_path) == []
 
