@@ -247,24 +247,51 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer = pending[0].layers[layer_idx]
     try:
         spec = attention_spec(module, query, scaling, dropout, kwargs)
-        check_cached_tensors(module, layer, key, value)
-        out = _cached_attention(module, layer, query, attention_mask, spec)
+        key, value = attended_tensors(module, layer, key, value)
+        out = _cached_attention(module, layer, query, key, value, attention_mask, spec)
     except BaseException:
         _CAPTURE.pending = None  # the cache stays unusable (awaiting capture); later plain forwards are unaffected
         raise
     return out
 
 
-def check_cached_tensors(module, layer, key: torch.Tensor, value: torch.Tensor) -> None:
-    """The memory attention attends over the layer's slots, so the model must hand its attention function exactly
-    the keys and values `cache.update` returned. Families that cache something else (DeepSeek's compressed
-    latents) or change the tensors in between (JetMoE's repeated heads, DiffLlama's split values) are refused."""
+def attended_tensors(module, layer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values the memory attention attends over: the layer's slots, so the model must hand its
+    attention function exactly what `cache.update` returned, or (multi-head latent attention: DeepSeek-V2/V3,
+    MiniCPM3, GLM-4 MoE Lite, ...) the module's own per-slot expansion of the cached latents (`expand_kv`), one
+    expanded key and value per slot and query head, checked bit for bit against a recomputation on the layer's
+    first call. Families that change the tensors otherwise (JetMoE's repeated heads, DiffLlama's split values)
+    are refused."""
+    if key is layer.keys and value is layer.values:
+        return key, value
+    if callable(getattr(module, "expand_kv", None)) and latent_expansion_matches(module, layer, key, value):
+        if getattr(layer.cache.policy, "name", None) == "l2":
+            raise UnsupportedAttention(
+                f"{type(module).__name__} caches compressed latents (multi-head latent attention), not keys: the "
+                "L2-norm policy would rank the latents' norms, not the keys' (use recency, H2O, SnapKV or NAMM)")
+        layer.riders = [key, value]  # compacted with the slots by an eviction step inside this forward
+        return key, value
     for name, got, stored in (("keys", key, layer.keys), ("values", value, layer.values)):
         if got is not stored:
             raise UnsupportedAttention(
                 f"{type(module).__name__} attends over {name} other than the ones it stored in the cache (its "
                 f"attention changes them after cache.update: got shape {tuple(got.shape)}, stored "
                 f"{tuple(stored.shape)}); a MemoryCache cannot reproduce this family's attention")
+    return key, value
+
+
+def latent_expansion_matches(module, layer, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `key`, `value` are `module.expand_kv(stored latents)`: one row per slot (same batch and slot count as
+    the cache), recomputed and compared exactly once per layer (later calls: the shapes)."""
+    if key.shape[0] != layer.keys.shape[0] or key.shape[2] != layer.keys.shape[2] or value.shape[2] != key.shape[2]:
+        return False
+    if not layer.latents_checked:
+        with torch.no_grad():
+            k, v = module.expand_kv(layer.keys, layer.values)
+        if not (torch.equal(k, key) and torch.equal(v, value)):
+            return False
+        layer.latents_checked = True
+    return True
 
 
 # queries whose probabilities are materialised at once (B, H, PROBS_BLOCK, N): bounds the transient memory of a long
@@ -332,25 +359,27 @@ def bottom_right_causal(n_vis: int, q: int, device) -> torch.Tensor:
     return torch.arange(n_vis, device=device)[None, :] <= n_vis - q + torch.arange(q, device=device)[:, None]
 
 
-def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: int, e: int, need_probs: bool):
-    """Output (B, H, e - a, D) of the forward's queries [a, e) over the layer's slots (and their probabilities
-    over the slots when need_probs): the causal fast path when it applies, else the explicit visibility."""
+def _piece(layer, query, keys, values, mask, spec: AttentionSpec, start: int, q_len: int, a: int, e: int,
+           need_probs: bool):
+    """Output (B, H, e - a, D) of the forward's queries [a, e) over the layer's slots (keys, values: one row per
+    slot; and their probabilities over the slots when need_probs): the causal fast path when it applies, else the
+    explicit visibility."""
     fast = causal_fast_path(layer, mask, spec, start, q_len, a, e) if not spec.output_attentions else None
     if fast is not None and not need_probs and not spec.exact_only:
         n_vis, is_causal, vis = fast
         FAST_PATH_CALLS["causal" if is_causal else ("single" if vis is None else "bottom_right")] += 1
-        k, v = layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis]
+        k, v = keys[:, :, :n_vis], values[:, :, :n_vis]
         return F.scaled_dot_product_attention(query[:, :, a:e], k, v, attn_mask=vis, scale=spec.scaling,
                                               is_causal=is_causal, enable_gqa=query.shape[1] != k.shape[1]), None
     if fast is not None:  # probabilities over the slots seen so far: mask only the piece's own q x q corner
         n_vis = fast[0]
         FAST_PATH_CALLS["probs"] += 1
-        return attend(query[:, :, a:e], layer.keys[:, :, :n_vis], layer.values[:, :, :n_vis], None, spec, need_probs,
+        return attend(query[:, :, a:e], keys[:, :, :n_vis], values[:, :, :n_vis], None, spec, need_probs,
                       blind_rows=False, causal_tail=True)
     tail = lockstep_tail(layer, mask, spec, start, q_len, a, e) if need_probs or spec.exact_only else None
     if tail is not None:  # per-slot validity and the forward's causal corner instead of a (B, H, q, N) mask
         FAST_PATH_CALLS["tail"] += 1
-        return attend(query[:, :, a:e], layer.keys, layer.values, None, spec, need_probs, blind_rows=False,
+        return attend(query[:, :, a:e], keys, values, None, spec, need_probs, blind_rows=False,
                       causal_tail=True, older_valid=layer.valid[:, :, :layer.length - tail])
     q_cols = torch.arange(start + a, start + e, device=query.device)
     vis = None
@@ -358,12 +387,13 @@ def _piece(layer, query, mask, spec: AttentionSpec, start: int, q_len: int, a: i
             spec.sliding_window is not None and start + e > spec.sliding_window):
         vis = visible_keys(None if mask is None else mask[:, :, a:e], layer.columns, layer.valid, q_cols,
                            spec.sliding_window)
-    return attend(query[:, :, a:e], layer.keys, layer.values, vis, spec, need_probs,
+    return attend(query[:, :, a:e], keys, values, vis, spec, need_probs,
                   blind_rows=mask is not None or not layer.lockstep)
 
 
-def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec):
-    """Attention of the new queries over the slots of a MemoryCache layer, cut at the rows' eviction steps."""
+def _cached_attention(module, layer, query, keys, values, attention_mask, spec: AttentionSpec):
+    """Attention of the new queries over the slots of a MemoryCache layer (keys, values: one row per slot), cut at
+    the rows' eviction steps."""
     if module.training and spec.dropout:
         raise UnsupportedAttention("attention dropout (the model is in training mode): call model.eval() before "
                                    "running it with a MemoryCache")
@@ -385,7 +415,7 @@ def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec)
         for s0, s1, probs_needed in parts:
             if s1 == s0:
                 continue
-            out, probs = _piece(layer, query, mask, spec, start, q_len, s0, s1, probs_needed)
+            out, probs = _piece(layer, query, keys, values, mask, spec, start, q_len, s0, s1, probs_needed)
             outs.append(out)
             if probs is not None:
                 layer.record(probs, s0, s1)
@@ -394,6 +424,8 @@ def _cached_attention(module, layer, query, attention_mask, spec: AttentionSpec)
             elif layer.wants_attention:
                 layer.record_unread(s1 - s0)
         layer.advance(a, e)
+        # an eviction step may have compacted the slots (and a latent family's expansion with them)
+        keys, values = layer.riders if layer.riders else (layer.keys, layer.values)
         a = e
     layer.finish()
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

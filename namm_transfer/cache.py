@@ -117,6 +117,10 @@ class MemoryLayer(DynamicLayer):
         self.all_valid = True  # no padding and no filler slot anywhere (lets single queries skip the mask)
         self.lockstep = True  # no padding ever: all rows share one clock
         self.awaiting_capture = False
+        self.latents_checked = False  # latent-attention families: their expansion of the slots was checked once
+        # per-slot tensors besides the storage that an eviction step inside the forward in progress compacts with
+        # the slots (a latent-attention family's expanded keys and values, (B, H, N, D)); cleared by finish()
+        self.riders: list[torch.Tensor] = []
         self._future = 0  # slots of the forward in progress that no query has reached yet
         self._real: torch.Tensor | None = None  # (B, q) real tokens of the forward in progress
         self._due: dict[int, list[int]] = {}  # piece end -> rows stepping there
@@ -318,6 +322,7 @@ class MemoryLayer(DynamicLayer):
 
     def finish(self) -> None:
         self.awaiting_capture = False
+        self.riders = []
         _CAPTURE.pending = None
 
     # ---- eviction ---------------------------------------------------------------------------------
@@ -410,6 +415,8 @@ class MemoryLayer(DynamicLayer):
         for name, t in kept.items():  # compacted to the front of the same storage
             self.storage[name][:, :, :k] = t
         self._view(k)
+        self.riders = [gather_tokens(t, idx.repeat_interleave(t.shape[1] // idx.shape[1], dim=1))
+                       for t in self.riders]
         self.state = {k: gather_tokens(fit_slots(v, n, 2), idx) for k, v in self.state.items()}
         if self.stream is not None:
             self.stream.gather(idx, n)

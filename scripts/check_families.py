@@ -5,8 +5,9 @@
 
 For each `*ForCausalLM` that transformers' auto classes list, a forked process (time and memory capped, so one
 family that hangs or needs gigabytes cannot stop the sweep) builds the family's default config shrunk to 2 layers
-of width 64 (families whose config rejects that keep their default layer count; > --max-params parameters are
-skipped), then:
+of width 64 (FAMILY_TINY: a few families' own settings to fit that width; per-layer lists keep one layer of each
+of the first two layer kinds; families whose config rejects that keep their default layer count; > --max-params
+parameters are skipped), then:
   1. runs it plainly (no cache, no position ids: the model numbers positions itself, as under its own `generate`);
      a family whose tiny config does not run plainly is `not runnable here`;
   2. `enable_memory_attention` and a keep-everything NAMM over 200 tokens in 40-token chunks then single tokens
@@ -39,6 +40,25 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             head_dim=16, initializer_range=0.2, n_embd=64, d_model=64, n_layer=2, num_layers=2, n_layers=2,
             n_head=4, num_heads=4, n_heads=4)
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Families whose defaults do not fit TINY, with what makes them build at that width: MLA families rotate only
+# qk_rope_head_dim of each head (transformers builds their rotary table from head_dim), partial-rotary families
+# rotate rotary_dim <= head_dim, encoder-decoder decoders count heads per stack, small routed-expert counts.
+MLA = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32,
+           n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+           first_k_dense_replace=1, num_key_value_heads=4)
+FAMILY_TINY = {
+    "deepseek_v2": MLA, "deepseek_v3": MLA, "glm4_moe_lite": MLA, "minicpm3": MLA, "sarvam_mla": MLA, "youtu": MLA,
+    "axk1": MLA, "axk2": MLA, "deepseek_v32": MLA, "glm_moe_dsa": MLA, "dots3_note_text": {**MLA, "head_dim": 16},
+    "gptj": dict(rotary_dim=8), "codegen": dict(rotary_dim=8),
+    "whisper": dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
+                    encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=64,
+                    max_target_positions=4096),
+    "plbart": dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
+                   encoder_ffn_dim=128, decoder_ffn_dim=128),
+    "blenderbot": dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
+                       encoder_ffn_dim=128, decoder_ffn_dim=128),
+    "reformer": dict(is_decoder=True),
+}
 
 
 def causal_lm_families() -> dict[str, str]:
@@ -53,26 +73,39 @@ def tiny_model(family: str, max_params: float, keep_layers: bool = False):
 
     cfg_cls, model_cls = CONFIG_MAPPING[family], getattr(transformers, causal_lm_families()[family])
     cfg = cfg_cls()
-    for key, value in TINY.items():
-        if keep_layers and key in LAYER_KEYS:
+    n_layers = next((getattr(cfg, k) for k in LAYER_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    per_layer = {k: v for k, v in vars(cfg).items() if isinstance(v, list) and len(v) == n_layers}
+    for key, value in {**TINY, **FAMILY_TINY.get(family, {})}.items():
+        if keep_layers and key in LAYER_KEYS or key in per_layer:
             continue
         try:
-            if hasattr(cfg, key):
+            if hasattr(cfg, key) or key in FAMILY_TINY.get(family, {}):
                 setattr(cfg, key, value)
         except Exception:  # noqa: BLE001 - a read-only property or a per-layer attribute of this config
             pass
-    if not keep_layers and isinstance(getattr(cfg, "layer_types", None), list):
-        try:
-            cfg.layer_types = cfg.layer_types[:2]
-        except AttributeError:
-            pass
-    cfg = cfg_cls(**cfg.to_dict())  # re-validated as a fresh config
+    fields = cfg.to_dict()
+    if not keep_layers and n_layers:
+        keep = tiny_layers(per_layer["layer_types"]) if "layer_types" in per_layer else [0, 1]
+        for key, values in per_layer.items():  # layer_types, mlp_layer_types, per-layer head counts, ...
+            fields[key] = [values[i] for i in keep]
+        plc = fields.get("per_layer_config")
+        if isinstance(plc, dict):  # {layer index: overrides}: the kept layers' entries, renumbered
+            fields["per_layer_config"] = {new: plc[k] for new, old in enumerate(keep) for k in (old, str(old))
+                                          if k in plc}
+    cfg = cfg_cls(**fields)  # re-validated as a fresh config
     with torch.device("meta"):
         n = sum(p.numel() for p in model_cls(cfg).parameters())
     if n > max_params:
         raise MemoryError(f"{n / 1e6:.0f}M parameters at the tiny settings (over --max-params)")
     torch.manual_seed(0)
     return model_cls(cfg).eval().float()
+
+
+def tiny_layers(layer_types: list) -> list[int]:
+    """Which 2 of a family's layers a 2-layer model keeps: the first layer of each of the first two kinds in
+    layer_types (a hybrid keeps one layer of each kind, so its refusal or check sees both), else layers 0, 1."""
+    firsts = [layer_types.index(t) for t in dict.fromkeys(layer_types)]
+    return sorted(firsts[:2]) if len(firsts) > 1 else [0, 1]
 
 
 def _plain_logits(model, ids):

@@ -41,6 +41,10 @@ FAMILIES = {
     "gpt_bigcode-mqa": (T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, dict(  # multi-query: one KV head for four
         multi_query=True, num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
         bos_token_id=None, eos_token_id=None)),
+    "deepseek_v3-mla": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # caches latents, expands them after
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,
+        n_group=1, topk_group=1)),
 }
 
 

@@ -133,10 +133,6 @@ def test_a_family_whose_attention_cannot_be_routed_is_refused_when_enabling():
 
 @pytest.mark.parametrize("name, config, model_cls, extra, what", [
     ("diffllama", T.DiffLlamaConfig, T.DiffLlamaForCausalLM, {}, "values"),  # two calls over halves of V
-    ("deepseek_v3", T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # caches latents, expands them after
-        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,
-        n_group=1, topk_group=1), "keys"),
     ("jetmoe", T.JetMoeConfig, T.JetMoeForCausalLM, dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2),
      "keys"),  # repeats the cached heads after cache.update
 ])
@@ -150,6 +146,37 @@ def test_families_that_change_the_cached_tensors_are_refused(name, config, model
     enable_memory_attention(model)
     with pytest.raises(UnsupportedAttention, match=f"attends over {what} other than the ones it stored"):
         model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
+def test_latent_attention_expands_the_kept_latents_and_refuses_anything_else():
+    """Multi-head latent attention (DeepSeek-V3 here) caches one compressed latent per token and expands it into
+    every head's key and value after cache.update: eviction drops latents, and what is attended is the expansion
+    of the kept ones, compacted with the slots when a step runs inside a forward (one 300-token forward with NAMM
+    steps in it, against eager attention with the evicted keys hidden; the chunked runs are in the tests above).
+    Refused: an expansion that is not the module's `expand_kv` of the stored latents, and the L2-norm policy (it
+    would rank the latents' norms, not the keys')."""
+    from helpers_core import eviction_recorder
+    from namm_transfer import L2Norm
+    from namm_transfer.attention import ATTN_NAME, memory_attention
+    from transformers import AttentionInterface
+    model = family_model("deepseek_v3-mla")
+    ids = prompt(2, n=300)
+    enable_memory_attention(model)
+    events, on_evict = eviction_recorder()
+    cache = MemoryCache(random_namm(3), on_evict=on_evict)
+    with torch.no_grad():
+        got = model(input_ids=ids, cache=cache, use_cache=True).logits
+    assert cache.layers[0].keys.shape[1] == 1 and cache.realised_fraction() < 0.7 and events
+    ref = eager_logits(model, ids, events)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    with pytest.raises(UnsupportedAttention, match="L2-norm policy would rank the latents"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(L2Norm(0.5, delay=DELAY)), use_cache=True)
+    AttentionInterface.register(ATTN_NAME, lambda m, q, k, v, *a, **kw: memory_attention(m, q, k * 1.001, v, *a, **kw))
+    try:
+        with pytest.raises(UnsupportedAttention, match="attends over keys other than the ones it stored"):
+            model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+    finally:
+        AttentionInterface.register(ATTN_NAME, memory_attention)
 
 
 def test_a_second_attention_call_per_layer_is_refused(monkeypatch):
@@ -236,6 +263,13 @@ def test_the_family_sweep_classifies_families(monkeypatch):
     from helpers_inputs import script
     sweep = script("check_families")
     assert sweep.check_one("gemma2", 1e-4, 40e6)["outcome"] == "equal"
+    # per-family tiny settings (latent-attention head sizes) and per-layer lists cut to one layer of each kind
+    # (Gemma 4's per-layer overrides renumbered; Qwen3-Next keeps a linear-attention layer, so it is refused)
+    assert sweep.check_one("deepseek_v3", 1e-4, 40e6)["outcome"] == "equal"
+    assert sweep.check_one("gemma4_text", 1e-4, 150e6)["outcome"] == "equal"
+    assert "linear_attention" in sweep.check_one("qwen3_next", 1e-4, 150e6)["detail"]
+    assert sweep.tiny_layers(["sliding", "sliding", "full", "linear"]) == [0, 2]
+    assert sweep.tiny_layers(["full"] * 4) == [0, 1]
     assert sweep.check_one("mamba", 1e-4, 40e6)["outcome"] == "refused"
     assert "not supported" in sweep.check_one("bloom", 1e-4, 40e6)["detail"]
     spec = memory_attention_module.attention_spec
