@@ -58,6 +58,12 @@ FAMILY_TINY = {
     "blenderbot": dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
                        encoder_ffn_dim=128, decoder_ffn_dim=128),
     "reformer": dict(is_decoder=True),
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                  first_k_dense_replace=1, n_group=1, topk_group=1),
+    "lfm2_moe": dict(layer_types=["full_attention", "conv"], num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, num_dense_layers=1),
 }
 
 
@@ -248,6 +254,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", help="comma-separated model types (default: all causal-LM families)")
     ap.add_argument("--out", default="results/families")
+    ap.add_argument("--redo", action="store_true", help="check the --families given again, replacing their records")
     ap.add_argument("--atol", type=float, default=1e-4)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per family")
     ap.add_argument("--max-memory-gb", type=float, default=8.0, help="address-space cap per family process")
@@ -267,7 +274,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "families.jsonl"
     done = {json.loads(ln)["family"]: json.loads(ln) for ln in path.read_text().splitlines()} if path.exists() else {}
-    todo = [f for f in wanted if f not in done]
+    todo = [f for f in wanted if f not in done or args.redo]
+    if args.redo:
+        if not args.families:
+            sys.exit("--redo needs --families (to check every family again, start a new --out folder)")
+        done = {f: r for f, r in done.items() if f not in todo}
+        path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+        wanted = [f for f in known if f in done or f in todo]  # the summary covers every recorded family
     print(f"{len(todo)} families to check ({len(done)} recorded in {path})", flush=True)
     with path.open("a") as fh:
         for i, family in enumerate(todo, 1):

@@ -278,6 +278,27 @@ def test_the_family_sweep_classifies_families(monkeypatch):
     assert sweep.check_one("gemma2", 1e-4, 40e6)["outcome"] == "MISMATCH"
 
 
+def test_the_family_sweep_rechecks_given_families_with_redo(tmp_path):
+    """--redo replaces the records of the families named (a fix checked without the whole sweep), keeps the others
+    and summarises all of them; --redo without --families is refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_families.py"
+    (tmp_path / "families.jsonl").write_text(json.dumps({"family": "gemma2", "outcome": "error", "detail": "old"}) + "\n"
+                                             + json.dumps({"family": "llama", "outcome": "equal"}) + "\n")
+    run = lambda *a: subprocess.run([sys.executable, str(script), "--out", str(tmp_path), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    res = run("--families", "gemma2", "--redo")
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = {r["family"]: r for r in map(json.loads, (tmp_path / "families.jsonl").read_text().splitlines())}
+    assert recs["gemma2"]["outcome"] == "equal" and recs["llama"] == {"family": "llama", "outcome": "equal"}
+    assert "2 equal" in (tmp_path / "summary.md").read_text()
+    res = run("--redo")
+    assert res.returncode != 0 and "--redo needs --families" in res.stderr
+
+
 def test_a_module_attending_over_another_cache_layer_is_refused():
     """HRM runs its stack of attention modules several times, each cycle in other cache layers (module 0 stores
     in cache layer 2 on its second cycle): refused by name (it was a CaptureError telling the user to call
