@@ -25,7 +25,7 @@ soft-capping, sinks or attention weights).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -247,37 +247,83 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
     layer = pending[0].layers[layer_idx]
     try:
         spec = attention_spec(module, query, scaling, dropout, kwargs)
-        key, value = attended_tensors(module, layer, key, value)
-        out = _cached_attention(module, layer, query, key, value, attention_mask, spec)
+        key, value, order = attended_tensors(module, layer, key, value)
+        if order is None:
+            out = _cached_attention(module, layer, query, key, value, attention_mask, spec)
+        else:  # query heads regrouped onto the stored KV heads, then put back in the model's order
+            query, attention_mask, spec = regroup_query_heads(order, query, attention_mask, spec)
+            out, weights = _cached_attention(module, layer, query, key, value, attention_mask, spec)
+            back = torch.argsort(order)
+            out = (out[:, :, back], None if weights is None else weights[:, back])
     except BaseException:
         _CAPTURE.pending = None  # the cache stays unusable (awaiting capture); later plain forwards are unaffected
         raise
     return out
 
 
-def attended_tensors(module, layer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values the memory attention attends over: the layer's slots, so the model must hand its
-    attention function exactly what `cache.update` returned, or (multi-head latent attention: DeepSeek-V2/V3,
-    MiniCPM3, GLM-4 MoE Lite, ...) the module's own per-slot expansion of the cached latents (`expand_kv`), one
-    expanded key and value per slot and query head, checked bit for bit against a recomputation on the layer's
-    first call. Families that change the tensors otherwise (JetMoE's repeated heads, DiffLlama's split values)
-    are refused."""
+def attended_tensors(module, layer, key: torch.Tensor, value: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The keys and values the memory attention attends over, and the query-head order to attend in (None: the
+    model's). The layer's slots, so the model must hand its attention function exactly what `cache.update`
+    returned, or:
+    - the stored KV heads repeated g times (a model that expands grouped heads before its attention function:
+      `repeat_interleave` order, or JetMoE's tiled `repeat`, for which the query heads are regrouped), checked
+      bit for bit on the layer's first call; attended as grouped heads over the slots themselves;
+    - (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3, GLM-4 MoE Lite, ...) the module's own per-slot
+      expansion of the cached latents (`expand_kv`), one expanded key and value per slot and query head, checked
+      bit for bit against a recomputation on the layer's first call.
+    Families that change the tensors otherwise (DiffLlama's split values) are refused."""
     if key is layer.keys and value is layer.values:
-        return key, value
+        return key, value, None
+    repeated, order = repeated_heads(layer, key, value)
+    if repeated:
+        return layer.keys, layer.values, order
     if callable(getattr(module, "expand_kv", None)) and latent_expansion_matches(module, layer, key, value):
         if getattr(layer.cache.policy, "name", None) == "l2":
             raise UnsupportedAttention(
                 f"{type(module).__name__} caches compressed latents (multi-head latent attention), not keys: the "
                 "L2-norm policy would rank the latents' norms, not the keys' (use recency, H2O, SnapKV or NAMM)")
         layer.riders = [key, value]  # compacted with the slots by an eviction step inside this forward
-        return key, value
+        return key, value, None
     for name, got, stored in (("keys", key, layer.keys), ("values", value, layer.values)):
         if got is not stored:
             raise UnsupportedAttention(
                 f"{type(module).__name__} attends over {name} other than the ones it stored in the cache (its "
                 f"attention changes them after cache.update: got shape {tuple(got.shape)}, stored "
                 f"{tuple(stored.shape)}); a MemoryCache cannot reproduce this family's attention")
-    return key, value
+    return key, value, None
+
+
+def repeated_heads(layer, key: torch.Tensor, value: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """Whether key, value are the layer's stored heads repeated g > 1 times along the head axis, and the query-head
+    order that puts each stored head's g query heads next to each other: None for `repeat_interleave` (already
+    grouped), a permutation for a tiled `repeat` (query head h attends over stored head h % H_kv). The pattern is
+    compared exactly on the layer's first call and kept (later calls: the shapes)."""
+    stored_k, stored_v = layer.keys, layer.values
+    h_kv = stored_k.shape[1]
+    if (key.dim() != 4 or key.shape[1] <= h_kv or key.shape[1] % h_kv or value.shape[1] != key.shape[1]
+            or key.shape[::2] != stored_k.shape[::2] or key.shape[3] != stored_k.shape[3]
+            or value.shape[2:] != stored_v.shape[2:]):
+        return False, None
+    g = key.shape[1] // h_kv
+    if layer.head_pattern is None or layer.head_pattern[0] != g:
+        if torch.equal(key, stored_k.repeat_interleave(g, 1)) and torch.equal(value, stored_v.repeat_interleave(g, 1)):
+            layer.head_pattern = (g, None)
+        elif torch.equal(key, stored_k.repeat(1, g, 1, 1)) and torch.equal(value, stored_v.repeat(1, g, 1, 1)):
+            order = torch.arange(g * h_kv, device=key.device).view(g, h_kv).t().reshape(-1)
+            layer.head_pattern = (g, order)
+        else:
+            return False, None
+    return True, layer.head_pattern[1]
+
+
+def regroup_query_heads(order: torch.Tensor, query: torch.Tensor, mask, spec: AttentionSpec):
+    """The query heads (and a per-head mask, per-head sinks) in `order`."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1] == query.shape[1] > 1:
+        mask = mask[:, order]
+    if spec.sinks is not None:
+        spec = replace(spec, sinks=spec.sinks[order])
+    return query[:, order], mask, spec
 
 
 def latent_expansion_matches(module, layer, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -41,6 +41,8 @@ FAMILIES = {
     "gpt_bigcode-mqa": (T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, dict(  # multi-query: one KV head for four
         multi_query=True, num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
         bos_token_id=None, eos_token_id=None)),
+    "jetmoe-tiled": (T.JetMoeConfig, T.JetMoeForCausalLM, dict(  # tiles its cached heads (repeat) after update
+        kv_channels=16, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=None)),
     "deepseek_v3-mla": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # caches latents, expands them after
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,
@@ -65,7 +67,10 @@ def _eager_with_evictions(module, query, key, value, attention_mask, **kwargs):
     eager = sys.modules[type(module).__module__].eager_attention_forward
     hidden = _HIDDEN.get(module.layer_idx)
     if hidden is not None:
-        hidden = hidden.repeat_interleave(query.shape[1] // hidden.shape[1], dim=1)
+        h_kv, g = hidden.shape[1], query.shape[1] // hidden.shape[1]
+        tiled = g > 1 and key.shape[1] == query.shape[1] and torch.equal(key[:, :h_kv], key[:, h_kv:2 * h_kv]) \
+            and not torch.equal(key[:, 0], key[:, 1])  # JetMoE: query head h attends over stored head h % H_kv
+        hidden = hidden.repeat(1, g, 1, 1) if tiled else hidden.repeat_interleave(g, dim=1)
         attention_mask = attention_mask.masked_fill(hidden, torch.finfo(attention_mask.dtype).min)
     return eager(module, query, key, value, attention_mask, **kwargs)
 

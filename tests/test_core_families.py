@@ -133,8 +133,6 @@ def test_a_family_whose_attention_cannot_be_routed_is_refused_when_enabling():
 
 @pytest.mark.parametrize("name, config, model_cls, extra, what", [
     ("diffllama", T.DiffLlamaConfig, T.DiffLlamaForCausalLM, {}, "values"),  # two calls over halves of V
-    ("jetmoe", T.JetMoeConfig, T.JetMoeForCausalLM, dict(kv_channels=16, num_local_experts=4, num_experts_per_tok=2),
-     "keys"),  # repeats the cached heads after cache.update
 ])
 def test_families_that_change_the_cached_tensors_are_refused(name, config, model_cls, extra, what):
     """Attention routed through the interface, but over tensors derived from what the cache stored: refused at
@@ -177,6 +175,39 @@ def test_latent_attention_expands_the_kept_latents_and_refuses_anything_else():
             model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
     finally:
         AttentionInterface.register(ATTN_NAME, memory_attention)
+
+
+def test_keys_repeated_before_the_attention_function_attend_as_grouped_heads(monkeypatch):
+    """A model that expands its grouped KV heads before calling the attention function (repeat_interleave, as
+    custom model code often does; JetMoE's tiled repeat runs in the family tests above) attends over the slots as
+    grouped heads: keep-all and evicting runs equal the eager references, and the attention weights come back in
+    the model's head order; any other head pattern is refused."""
+    real = memory_attention_module.memory_attention
+
+    def repeating(f):
+        return lambda m, q, k, v, *a, **kw: real(m, q, f(k), f(v), *a, **kw)
+    model = family_model("mistral")  # 4 query heads over 2 KV heads
+    ids = prompt(3)
+    monkeypatch.setattr(memory_attention_module, "memory_attention", repeating(lambda t: t.repeat_interleave(2, 1)))
+    for policy in (NAMMPolicy(delay=DELAY), H2O(0.5, delay=DELAY)):
+        got, cache, events = run_with_policy(model, ids, policy, chunk=CHUNK, decode_from=DECODE_FROM)
+        ref = eager_logits(model, ids, events)
+        assert torch.allclose(got, ref, atol=1e-4), (policy.name, (got - ref).abs().max())
+    assert cache.realised_fraction() < 0.7
+    monkeypatch.setattr(memory_attention_module, "memory_attention",
+                        repeating(lambda t: t.repeat_interleave(2, 1).flip(1)))
+    with pytest.raises(UnsupportedAttention, match="attends over keys other than the ones it stored"):
+        run_with_policy(model, ids, FullCache(), chunk=CHUNK)
+    monkeypatch.setattr(memory_attention_module, "memory_attention", real)
+    jet = family_model("jetmoe-tiled")  # tiled: query heads regrouped, weights put back in the model's order
+    jet.set_attn_implementation("eager")
+    with torch.no_grad():
+        plain = jet(input_ids=ids[:, :60], output_attentions=True).attentions
+    enable_memory_attention(jet)
+    with torch.no_grad():
+        mine = jet(input_ids=ids[:, :60], cache=MemoryCache(FullCache()), use_cache=True,
+                   output_attentions=True).attentions
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, mine)) and len(mine) == len(plain) > 0
 
 
 def test_a_second_attention_call_per_layer_is_refused(monkeypatch):
