@@ -17,9 +17,12 @@ queries outside SnapKV's observation window), the queries go to fused SDPA with 
 (one query) or one shared bottom-right causal mask, as the unmodified model does. Policies that read attention,
 after evictions in rows without padding, hide the invalid slots per slot and the forward's own keys by their causal
 corner (the same logits as the explicit visibility, without a (B, H, q, N) mask); everything else keeps the
-explicit visibility below. Anything else (dropout in training, non-causal attention, an argument this module
-does not know, a mask it cannot read, keys or values that are not the tensors `cache.update` returned, a second
-attention call per layer and forward) raises `UnsupportedAttention` naming it before any output is produced.
+explicit visibility below. The keys and values attended are the tensors `cache.update` returned, or two checked
+derivations of them (`attended_tensors`): the stored heads repeated before the call (interleaved or tiled, attended
+as grouped heads), and a latent-attention module's `expand_kv` of the stored latents (compacted with the slots).
+Anything else (dropout in training, non-causal attention, an argument this module does not know, a mask it cannot
+read, keys or values derived otherwise, a second attention call per layer and forward) raises
+`UnsupportedAttention` naming it before any output is produced.
 Without a MemoryCache the function is transformers' SDPA attention (or the same exact math when the model needs
 soft-capping, sinks or attention weights).
 """
