@@ -77,19 +77,36 @@ def tiny_model(family: str, max_params: float, keep_layers: bool = False):
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cfg_cls, model_cls = CONFIG_MAPPING[family], getattr(transformers, causal_lm_families()[family])
-    cfg = cfg_cls()
+    model_cls = getattr(transformers, causal_lm_families()[family])
+    # the config the causal-LM class is built from (a multimodal family's text config for its text-only class)
+    cfg_cls = getattr(model_cls, "config_class", None) or CONFIG_MAPPING[family]
+    cfg = cfg_cls(**tiny_fields(cfg_cls(), FAMILY_TINY.get(family, {}), keep_layers))  # re-validated, fresh
+    with torch.device("meta"):
+        n = sum(p.numel() for p in model_cls(cfg).parameters())
+    if n > max_params:
+        raise MemoryError(f"{n / 1e6:.0f}M parameters at the tiny settings (over --max-params)")
+    torch.manual_seed(0)
+    return model_cls(cfg).eval().float()
+
+
+def tiny_fields(cfg, own: dict, keep_layers: bool) -> dict:
+    """The fields of `cfg` shrunk to TINY (and `own` on top), 2 layers unless keep_layers; a composite config's
+    sub-configs (text, vision, audio of a multimodal model) are shrunk the same way."""
     n_layers = next((getattr(cfg, k) for k in LAYER_KEYS if isinstance(getattr(cfg, k, None), int)), None)
     per_layer = {k: v for k, v in vars(cfg).items() if isinstance(v, list) and len(v) == n_layers}
-    for key, value in {**TINY, **FAMILY_TINY.get(family, {})}.items():
+    for key, value in {**TINY, **own}.items():
         if keep_layers and key in LAYER_KEYS or key in per_layer:
             continue
         try:
-            if hasattr(cfg, key) or key in FAMILY_TINY.get(family, {}):
+            if hasattr(cfg, key) or key in own:
                 setattr(cfg, key, value)
         except Exception:  # noqa: BLE001 - a read-only property or a per-layer attribute of this config
             pass
     fields = cfg.to_dict()
+    for name in getattr(cfg, "sub_configs", {}) or {}:
+        sub = getattr(cfg, name, None)
+        if sub is not None and hasattr(sub, "to_dict") and isinstance(fields.get(name), dict):
+            fields[name] = tiny_fields(sub, {}, keep_layers)
     if not keep_layers and n_layers:
         keep = tiny_layers(per_layer["layer_types"]) if "layer_types" in per_layer else [0, 1]
         for key, values in per_layer.items():  # layer_types, mlp_layer_types, per-layer head counts, ...
@@ -98,13 +115,7 @@ def tiny_model(family: str, max_params: float, keep_layers: bool = False):
         if isinstance(plc, dict):  # {layer index: overrides}: the kept layers' entries, renumbered
             fields["per_layer_config"] = {new: plc[k] for new, old in enumerate(keep) for k in (old, str(old))
                                           if k in plc}
-    cfg = cfg_cls(**fields)  # re-validated as a fresh config
-    with torch.device("meta"):
-        n = sum(p.numel() for p in model_cls(cfg).parameters())
-    if n > max_params:
-        raise MemoryError(f"{n / 1e6:.0f}M parameters at the tiny settings (over --max-params)")
-    torch.manual_seed(0)
-    return model_cls(cfg).eval().float()
+    return fields
 
 
 def tiny_layers(layer_types: list) -> list[int]:

@@ -298,6 +298,7 @@ def test_the_family_sweep_classifies_families(monkeypatch):
     # (Gemma 4's per-layer overrides renumbered; Qwen3-Next keeps a linear-attention layer, so it is refused)
     assert sweep.check_one("deepseek_v3", 1e-4, 40e6)["outcome"] == "equal"
     assert sweep.check_one("gemma4_text", 1e-4, 150e6)["outcome"] == "equal"
+    assert sweep.check_one("gemma3", 1e-4, 40e6)["outcome"] == "equal"  # text + vision sub-configs shrunk
     assert "linear_attention" in sweep.check_one("qwen3_next", 1e-4, 150e6)["detail"]
     assert sweep.tiny_layers(["sliding", "sliding", "full", "linear"]) == [0, 2]
     assert sweep.tiny_layers(["full"] * 4) == [0, 1]
