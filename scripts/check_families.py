@@ -6,7 +6,8 @@
 For each `*ForCausalLM` that transformers' auto classes list, a forked process (time and memory capped, so one
 family that hangs or needs gigabytes cannot stop the sweep) builds the family's default config shrunk to 2 layers
 of width 64 (FAMILY_TINY: a few families' own settings to fit that width; per-layer lists keep one layer of each
-of the first two layer kinds; families whose config rejects that keep their default layer count; > --max-params
+of the first two layer kinds; a multimodal config's sub-configs shrunk alike; the causal-LM class's own config
+class when it has one; families whose config rejects that keep their default layer count; > --max-params
 parameters are skipped), then:
   1. runs it plainly (no cache, no position ids: the model numbers positions itself, as under its own `generate`);
      a family whose tiny config does not run plainly is `not runnable here`;
