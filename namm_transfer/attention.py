@@ -309,15 +309,14 @@ def repeated_heads(layer, key: torch.Tensor, value: torch.Tensor) -> tuple[bool,
             or value.shape[2:] != stored_v.shape[2:]):
         return False, None
     g = key.shape[1] // h_kv
-    if layer.head_pattern is None or layer.head_pattern[0] != g:
+    if layer.head_pattern is None or layer.head_pattern[0] != g:  # (g, repeated?, order), checked once per layer
         if torch.equal(key, stored_k.repeat_interleave(g, 1)) and torch.equal(value, stored_v.repeat_interleave(g, 1)):
-            layer.head_pattern = (g, None)
+            layer.head_pattern = (g, True, None)
         elif torch.equal(key, stored_k.repeat(1, g, 1, 1)) and torch.equal(value, stored_v.repeat(1, g, 1, 1)):
-            order = torch.arange(g * h_kv, device=key.device).view(g, h_kv).t().reshape(-1)
-            layer.head_pattern = (g, order)
-        else:
-            return False, None
-    return True, layer.head_pattern[1]
+            layer.head_pattern = (g, True, torch.arange(g * h_kv, device=key.device).view(g, h_kv).t().reshape(-1))
+        else:  # e.g. a latent-attention expansion whose head size happens to equal the latent's
+            layer.head_pattern = (g, False, None)
+    return layer.head_pattern[1], layer.head_pattern[2]
 
 
 def regroup_query_heads(order: torch.Tensor, query: torch.Tensor, mask, spec: AttentionSpec):

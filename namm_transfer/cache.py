@@ -118,7 +118,7 @@ class MemoryLayer(DynamicLayer):
         self.lockstep = True  # no padding ever: all rows share one clock
         self.awaiting_capture = False
         self.latents_checked = False  # latent-attention families: their expansion of the slots was checked once
-        self.head_pattern: tuple | None = None  # (g, query-head order) of a model that repeats the stored heads
+        self.head_pattern: tuple | None = None  # (g, repeats?, query-head order) of keys with g x the stored heads
         # per-slot tensors besides the storage that an eviction step inside the forward in progress compacts with
         # the slots (a latent-attention family's expanded keys and values, (B, H, N, D)); cleared by finish()
         self.riders: list[torch.Tensor] = []
