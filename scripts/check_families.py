@@ -254,7 +254,7 @@ def summarise(records: list[dict], out: Path) -> None:
              "cache kept | detail |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "" if v is None else f"{v:.1e}"  # noqa: E731
     for r in sorted(records, key=lambda r: (order.index(r["outcome"]), r["family"])):
-        detail = r.get("detail", "").replace("|", "/").replace("\n", " ")[:160]
+        detail = r.get("detail", "").replace("|", "/").replace("\n", " ")[:300]
         lines.append(f"| {r['family']} | {r['outcome']} | {r.get('precision', '')} | {fmt(r.get('keep_all_vs_plain'))} | "
                      f"{fmt(r.get('keep_all_vs_eager'))} | {fmt(r.get('evict_vs_eager_masked'))} | "
                      f"{r.get('realised_fraction', '')} | {detail} |")
