@@ -513,6 +513,18 @@ STATEFUL_LAYER_TYPES = frozenset({"linear_attention", "conv", "mamba", "hybrid",
                                   "indexed_attention"})
 
 
+# hybrid families whose linear-attention / state-space layers keep their convolution and recurrent states in the
+# cache through transformers' state API, and whose chunked forwards equal one-shot ones: a MemoryCache holds those
+# states whole and evicts only the attention layers' keys and values; each checked against the model's own eager
+# attention with the evicted keys hidden (tests/test_core_families.py, scripts/check_families.py). Others stay
+# refused (e.g. RecurrentGemma keeps its state in its modules; pure Mamba runs differ when fed in chunks).
+# By config.model_type.
+HYBRID_FAMILIES: frozenset[str] = frozenset({
+    "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",  # gated delta-net + attention
+    "falcon_h1", "zaya",  # attention and Mamba-2 in the same layer
+    "olmo_hybrid", "lfm2", "lfm2_moe", "lfm3"})  # linear attention / short convolutions beside attention layers
+
+
 def refuse_stateful_layers(model) -> None:
     """UnsupportedAttention when the model's config lists layers of a type in STATEFUL_LAYER_TYPES, or layers
     that attend over another layer's keys and values (KV sharing: Gemma 3n, Gemma 4)."""
@@ -522,6 +534,8 @@ def refuse_stateful_layers(model) -> None:
             f"{type(model).__name__}: its last {shared} layers attend over the keys and values of earlier layers "
             "(config.num_kv_shared_layers, KV sharing); a MemoryCache evicts per layer, so namm_transfer cannot "
             "run this family exactly (run it without a MemoryCache)")
+    if getattr(model.config, "model_type", None) in HYBRID_FAMILIES:  # states held whole by the MemoryCache
+        return
     for attr in ("layer_types", "layers_block_type", "block_types"):
         try:
             types = getattr(model.config, attr, None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from .features import gqa_mean
 from .policies import LayerView, MemoryPolicy
@@ -449,6 +449,9 @@ class MemoryCache(Cache):
         self.evict_until = list(evict_until) if isinstance(evict_until, (list, tuple)) else evict_until
         self.log: list[EvictionRecord] = []
         self.on_evict = on_evict  # callback(layer, keep_mask) before pruning: retention maps, tests
+        # convolution / recurrent states of a hybrid model's linear-attention or state-space layers, kept whole (only
+        # keys and values are evicted), in transformers' own layer type so they update as under a DynamicCache
+        self.states: dict[int, LinearAttentionLayer] = {}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -466,20 +469,47 @@ class MemoryCache(Cache):
             f"keys), which a MemoryCache does not hold and namm_transfer cannot evict exactly (run it without a "
             f"MemoryCache)")
 
-    def get_conv_state(self, layer_idx: int, *args, **kwargs):
-        self._refuse_state("a convolution state", layer_idx)
+    # ---- states of a hybrid model's linear-attention layers (enable_memory_attention lets only the families
+    # checked exact through here: attention.HYBRID_FAMILIES) ------------------------------------------------
+    def _state_layer(self, layer_idx: int, state_idx: int) -> LinearAttentionLayer:
+        layer = self.states.get(layer_idx)
+        if layer is None:
+            layer = self.states[layer_idx] = LinearAttentionLayer(number_of_states=state_idx + 1)
+        for i in range(layer.number_of_states, state_idx + 1):  # a further state of this layer
+            for table in (layer.conv_states, layer.recurrent_states, layer.conv_kernel_size):
+                table[i] = None
+            for table in (layer.is_conv_states_initialized, layer.is_recurrent_states_initialized,
+                          layer.has_previous_state):
+                table[i] = False
+            layer.number_of_states = i + 1
+        return layer
 
-    def update_conv_state(self, conv_states, layer_idx: int, *args, **kwargs):
-        self._refuse_state("a convolution state", layer_idx)
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self.states.get(layer_idx)
+        return layer.conv_states[state_idx] if layer is not None and layer.has_previous_state.get(state_idx) else None
 
-    def get_recurrent_state(self, layer_idx: int, *args, **kwargs):
-        self._refuse_state("a recurrent state", layer_idx)
+    def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._state_layer(layer_idx, state_idx).update_conv_state(conv_states, state_idx, **kwargs)
 
-    def update_recurrent_state(self, recurrent_states, layer_idx: int, *args, **kwargs):
-        self._refuse_state("a recurrent state", layer_idx)
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self.states.get(layer_idx)
+        return layer.recurrent_states[state_idx] if layer is not None and layer.has_previous_state.get(state_idx) \
+            else None
 
-    def has_previous_state(self, layer_idx: int | None = None, *args, **kwargs):
-        self._refuse_state("a linear-attention layer's previous state", layer_idx)
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._state_layer(layer_idx, state_idx).update_recurrent_state(recurrent_states, state_idx, **kwargs)
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        if layer_idx is None:  # as transformers' Cache: the last linear-attention layer
+            layer_idx = max(self.states, default=None)
+        layer = self.states.get(layer_idx) if layer_idx is not None else None
+        if layer is None:
+            return False
+        return all(layer.has_previous_state.values()) if state_idx is None else \
+            bool(layer.has_previous_state.get(state_idx, False))
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False  # a MemoryCache cannot be cropped
 
     def update_indexer(self, indexer_key_states, layer_idx: int, *args, **kwargs):
         self._refuse_state("an indexer key cache", layer_idx)
@@ -489,7 +519,16 @@ class MemoryCache(Cache):
         return self.evict_until[row] if isinstance(self.evict_until, list) else self.evict_until
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].tokens_seen if layer_idx < len(self.layers) else 0
+        """Tokens seen by layer `layer_idx`, or (a hybrid's linear-attention layer, which stores no keys) by the
+        attention layers."""
+        if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
+            return self.layers[layer_idx].tokens_seen
+        return self.tokens_seen
+
+    @property
+    def kv_layers(self) -> list["MemoryLayer"]:
+        """The layers that store keys and values (a hybrid model's linear-attention layers have none)."""
+        return [layer for layer in self.layers if layer.is_initialized]
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.get_seq_length(layer_idx) + query_length, 0
@@ -517,7 +556,10 @@ class MemoryCache(Cache):
             raise ValueError(f"cannot fork into {policy.name!r}: it reads the attention of the tokens since the last "
                              f"step, which this cache's policy {self.policy.name!r} never recorded; run the shared "
                              f"prefix under HoldPolicy({type(policy).__name__}(...)) instead")
-        n_rows = len(self.layers[0].seen) if self.layers else 0
+        if self.states:
+            raise ValueError("cannot fork a MemoryCache holding linear-attention states (a hybrid model): run each "
+                             "batch from its start instead")
+        n_rows = len(self.kv_layers[0].seen) if self.kv_layers else 0
         pick = list(range(n_rows)) if rows is None else list(rows)
         index = torch.tensor(pick, dtype=torch.long).repeat_interleave(repeats)
         until = [self.evict_until[r] for r in index.tolist()] if isinstance(self.evict_until, list) else \
@@ -527,6 +569,9 @@ class MemoryCache(Cache):
         per_row = lambda xs: [xs[r] for r in index.tolist()]  # noqa: E731
         for old in self.layers:
             layer = MemoryLayer(new, old.layer_idx)
+            if not old.is_initialized:  # a layer that stored nothing yet
+                new.layers.append(layer)
+                continue
             layer.load(rep(old.keys), rep(old.values), rep(old.columns), rep(old.valid))
             layer.state = {k: rep(v) for k, v in old.state.items()}
             layer.buffer = [Block(rep(blk.attention), None if blk.pending is None else rep(blk.pending))
@@ -552,12 +597,13 @@ class MemoryCache(Cache):
     # ---- statistics -------------------------------------------------------------------------------
     def cache_lengths(self) -> list[float]:
         """Mean number of valid slots per layer (over batch rows and KV heads)."""
-        return [float(l.valid.float().sum(-1).mean()) if l.valid is not None else 0.0 for l in self.layers]
+        return [float(l.valid.float().sum(-1).mean()) if l.valid is not None else 0.0 for l in self.kv_layers]
 
     def stored_bytes(self) -> int:
         """Bytes held now: the slot storage as allocated (keys, values, columns, validity, headroom included),
-        per-token state and buffered attention rows."""
-        total = 0
+        per-token state, buffered attention rows and a hybrid's linear-attention states."""
+        total = sum(t.numel() * t.element_size() for layer in self.states.values()
+                    for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if t is not None)
         for l in self.layers:
             tensors = [*l.storage.values(), *l.state.values(), *(b.attention for b in l.buffer)]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -567,18 +613,20 @@ class MemoryCache(Cache):
     @property
     def tokens_seen(self) -> int:
         """Sequence columns processed (padding included; equals each row's tokens seen without padding)."""
-        return self.layers[0].tokens_seen if self.layers else 0
+        layers = self.kv_layers
+        return layers[0].tokens_seen if layers else 0
 
     def row_tokens_seen(self) -> list[int]:
         """Each batch row's own tokens processed (its padding excluded)."""
-        return list(self.layers[0].seen) if self.layers else []
+        layers = self.kv_layers
+        return list(layers[0].seen) if layers else []
 
     def row_fractions(self) -> list[float]:
         """Per batch row: mean over layers of stored / seen tokens, now."""
         seen = self.row_tokens_seen()
         if not seen:
             return []
-        stored = torch.stack([l.valid.float().sum(-1).mean(-1) for l in self.layers]).cpu()  # (layers, B)
+        stored = torch.stack([l.valid.float().sum(-1).mean(-1) for l in self.kv_layers]).cpu()  # (layers, B)
         return [float((stored[:, r] / s).mean()) if s else 1.0 for r, s in enumerate(seen)]
 
     def realised_fraction(self) -> float:

@@ -43,6 +43,12 @@ FAMILIES = {
         bos_token_id=None, eos_token_id=None)),
     "jetmoe-tiled": (T.JetMoeConfig, T.JetMoeForCausalLM, dict(  # tiles its cached heads (repeat) after update
         kv_channels=16, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=None)),
+    "olmo_hybrid-linear": (T.OlmoHybridConfig, T.OlmoHybridForCausalLM, dict(  # gated delta-net layer + attention
+        layer_types=["linear_attention", "full_attention"])),
+    "falcon_h1-hybrid": (T.FalconH1Config, T.FalconH1ForCausalLM, dict(  # attention + Mamba-2 in every layer
+        head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=16,
+        mamba_chunk_size=16)),
+    "lfm2-conv": (T.Lfm2Config, T.Lfm2ForCausalLM, dict(layer_types=["conv", "full_attention"])),  # short convs
     "deepseek_v3-mla": (T.DeepseekV3Config, T.DeepseekV3ForCausalLM, dict(  # caches latents, expands them after
         num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,

@@ -36,10 +36,11 @@ def assert_rows_equal_alone(model, prompts, tokens, step_logits, policy):
             assert torch.allclose(a[0], b[r].float(), atol=1e-4), (policy.name, r, (a[0] - b[r]).abs().max())
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "deepseek_v3-mla"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "deepseek_v3-mla", "olmo_hybrid-linear", "falcon_h1-hybrid"])
 def test_padded_batch_equals_each_prompt_alone(name):
     """gemma2: sliding windows + soft-cap, so each row's window must be measured on its own columns;
-    deepseek_v3-mla: the rows' latents evict independently, their expansion follows each row's slots."""
+    deepseek_v3-mla: the rows' latents evict independently, their expansion follows each row's slots;
+    olmo_hybrid-linear, falcon_h1-hybrid: linear-attention / Mamba states held whole beside the evicting rows."""
     model = tiny_model(name) if name == "llama" else family_model(name)
     prompts, ids, mask = padded_batch()
     for policy in policies() if name == "llama" else policies()[2:]:

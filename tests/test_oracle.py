@@ -124,7 +124,7 @@ def test_retained_mass_is_the_share_of_oracle_mass_each_row_still_holds():
     pos = torch.tensor([[[3, 0, 4, 1], [1, 2, 4, 0]],  # row 0: head 0 keeps 3, 0, (4 is the question's), 1
                         [[2, 1, 0, 3], [3, 0, 1, 2]]])  # row 1: everything, but head 1's slot 1 (position 0) is invalid
     valid = torch.tensor([[[1, 1, 1, 1], [1, 1, 1, 0]], [[1, 1, 1, 1], [1, 0, 1, 1]]], dtype=torch.bool)
-    cache = SimpleNamespace(layers=[SimpleNamespace(positions=pos, valid=valid)])
+    cache = SimpleNamespace(kv_layers=[SimpleNamespace(positions=pos, valid=valid)])  # the layers holding keys
     got = retained_mass(cache, oracle, first_query=4)
     row0 = ((4 + 1 + 2) / 10 + (0 + 0) / 8) / 2
     row1 = (10 / 10 + 4 / 8) / 2

@@ -149,7 +149,7 @@ def _kept_video_fraction(cache: MemoryCache, is_video: torch.Tensor) -> float:
     """Mean over layers (and rows, KV heads) of the share of video tokens still stored."""
     n_video = is_video.sum(-1).clamp(min=1).float()  # (B,)
     shares = []
-    for layer in cache.layers:
+    for layer in cache.kv_layers:
         pos = layer.positions.clamp(max=is_video.shape[1] - 1)
         hit = is_video.gather(1, pos.flatten(1)).view_as(pos) & layer.valid & (layer.positions < is_video.shape[1])
         shares.append((hit.sum(-1).float() / n_video[:, None]).mean())

@@ -93,7 +93,7 @@ def score_rows(model, sample: EncodedSample, policy: MemoryPolicy, rows: int, ch
     gold = sample.answer.to(device)
     p = logp.gather(-1, gold.view(1, -1, 1).expand(rows, -1, 1)).squeeze(-1).exp()
     acc = (logp.argmax(-1) == gold[None]).float()
-    frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.layers]).mean(0) / cache.tokens_seen
+    frac = torch.stack([l.valid.float().sum(-1).mean(-1) for l in cache.kv_layers]).mean(0) / cache.tokens_seen
     return MemberScores(p.mean(-1).cpu(), acc.mean(-1).cpu(), frac.cpu(), torch.tensor(cache.kept_fractions()), mass)
 
 
@@ -101,10 +101,10 @@ def retained_mass(cache: MemoryCache, oracle: list[torch.Tensor], first_query: i
     """(rows,) share of the oracle's attention mass on the tokens before `first_query` that each row's cache still
     holds, mean over layers and KV heads. `oracle[l]` (H_kv, L): the mass each position received from the queries
     at positions >= first_query in the unmodified model (language.benchmark.future_attention_from_ids)."""
-    if len(oracle) != len(cache.layers):
-        raise ValueError(f"oracle scores for {len(oracle)} layers, the cache has {len(cache.layers)}")
+    if len(oracle) != len(cache.kv_layers):
+        raise ValueError(f"oracle scores for {len(oracle)} layers, the cache has {len(cache.kv_layers)}")
     shares = []
-    for layer, mass in zip(cache.layers, oracle):
+    for layer, mass in zip(cache.kv_layers, oracle):
         pos, valid = layer.positions, layer.valid  # (B, H, N)
         mass = mass.to(pos.device, torch.float64)
         if mass.shape[0] != pos.shape[1]:

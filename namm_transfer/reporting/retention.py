@@ -34,7 +34,7 @@ def keep_matrix(layers: list[tuple[torch.Tensor, torch.Tensor]], n_tokens: int, 
 
 def cache_keep_matrix(cache, n_tokens: int, row: int = 0) -> np.ndarray:
     """`keep_matrix` of a MemoryCache's current layers."""
-    return keep_matrix([(layer.positions, layer.valid) for layer in cache.layers], n_tokens, row)
+    return keep_matrix([(layer.positions, layer.valid) for layer in cache.kv_layers], n_tokens, row)
 
 
 def dt_type_map(keep: np.ndarray) -> np.ndarray:
