@@ -249,6 +249,11 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
         return plain_attention(module, query, key, value, attention_mask, spec, kwargs)
     layer = pending[0].layers[layer_idx]
     try:
+        if pending[0].states and getattr(getattr(module, "config", None), "model_type", None) not in HYBRID_FAMILIES:
+            raise UnsupportedAttention(
+                f"{type(module).__name__}: the model keeps linear-attention / state-space states in its cache beside "
+                "the attention layers, and its family is not among those checked exact with a MemoryCache "
+                "(namm_transfer.attention.HYBRID_FAMILIES); run it without a MemoryCache")
         spec = attention_spec(module, query, scaling, dropout, kwargs)
         key, value, order = attended_tensors(module, layer, key, value)
         if order is None:

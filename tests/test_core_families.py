@@ -284,6 +284,21 @@ def test_stateful_families_not_checked_exact_are_refused(name, config, model_cls
         cache.update_indexer(torch.zeros(1, 2, 4), 1)
 
 
+def test_a_hybrid_family_not_checked_exact_is_refused_even_past_the_config_check(monkeypatch):
+    """The config check is the first guard; the second: an attention call of a family outside HYBRID_FAMILIES after
+    a layer stored states in the MemoryCache is refused before any output (Jamba, with the config check removed)."""
+    monkeypatch.setattr(memory_attention_module, "refuse_stateful_layers", lambda model: None)
+    cfg = T.JambaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1,
+                        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                        mamba_d_state=8, mamba_expand=2)
+    torch.manual_seed(0)
+    model = T.JambaForCausalLM(cfg).eval()
+    enable_memory_attention(model)
+    with pytest.raises(UnsupportedAttention, match="not among those checked exact"):
+        model(input_ids=prompt(n=8), cache=MemoryCache(FullCache()), use_cache=True)
+
+
 def test_a_hybrid_cache_holds_the_states_whole_and_evicts_only_attention_layers():
     """OLMo-hybrid (a gated delta-net layer, then attention): the linear layer's states live in the MemoryCache
     and are never evicted; the eviction steps, the realised cache and the tokens seen are the attention layer's;
