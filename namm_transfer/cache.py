@@ -434,6 +434,21 @@ class MemoryLayer(DynamicLayer):
             self.step_rows(due)
 
 
+def fork_states(old: LinearAttentionLayer, index: torch.Tensor) -> LinearAttentionLayer:
+    """A copy of a linear-attention layer's states holding batch rows `index` (each state tensor's first axis)."""
+    new = LinearAttentionLayer(number_of_states=old.number_of_states)
+    new.device, new.dtype, new.record_past = old.device, old.dtype, old.record_past
+    for i in range(old.number_of_states):
+        for tensors in ("conv_states", "recurrent_states"):
+            t = getattr(old, tensors)[i]
+            getattr(new, tensors)[i] = None if t is None else t.index_select(0, index.to(t.device))
+        new.conv_kernel_size[i] = old.conv_kernel_size[i]
+        new.is_conv_states_initialized[i] = old.is_conv_states_initialized[i]
+        new.is_recurrent_states_initialized[i] = old.is_recurrent_states_initialized[i]
+        new.has_previous_state[i] = old.has_previous_state[i]
+    return new
+
+
 class MemoryCache(Cache):
     """A Cache driven by a MemoryPolicy. Create one per sequence (or batch of sequences)."""
 
@@ -556,9 +571,6 @@ class MemoryCache(Cache):
             raise ValueError(f"cannot fork into {policy.name!r}: it reads the attention of the tokens since the last "
                              f"step, which this cache's policy {self.policy.name!r} never recorded; run the shared "
                              f"prefix under HoldPolicy({type(policy).__name__}(...)) instead")
-        if self.states:
-            raise ValueError("cannot fork a MemoryCache holding linear-attention states (a hybrid model): run each "
-                             "batch from its start instead")
         n_rows = len(self.kv_layers[0].seen) if self.kv_layers else 0
         pick = list(range(n_rows)) if rows is None else list(rows)
         index = torch.tensor(pick, dtype=torch.long).repeat_interleave(repeats)
@@ -587,6 +599,8 @@ class MemoryCache(Cache):
             new.layers.append(layer)
             if policy.evicts:
                 layer.evict()
+        for idx, old in self.states.items():  # a hybrid's linear-attention states: the picked rows, copied
+            new.states[idx] = fork_states(old, index)
         for rec in self.log:  # earlier steps, renumbered to the new rows
             mine = [(i, rec.after_rows[rec.rows.index(r)]) for i, r in enumerate(index.tolist()) if r in rec.rows]
             if mine:

@@ -301,8 +301,7 @@ def test_a_hybrid_family_not_checked_exact_is_refused_even_past_the_config_check
 
 def test_a_hybrid_cache_holds_the_states_whole_and_evicts_only_attention_layers():
     """OLMo-hybrid (a gated delta-net layer, then attention): the linear layer's states live in the MemoryCache
-    and are never evicted; the eviction steps, the realised cache and the tokens seen are the attention layer's;
-    forking such a cache is refused (its states are not per-row copies yet)."""
+    and are never evicted; the eviction steps, the realised cache and the tokens seen are the attention layer's."""
     from helpers_core import eviction_recorder
     model = family_model("olmo_hybrid-linear")
     enable_memory_attention(model)
@@ -316,8 +315,30 @@ def test_a_hybrid_cache_holds_the_states_whole_and_evicts_only_attention_layers(
     assert {layer for layer, _, _ in events} == {1} and cache.get_seq_length() == cache.tokens_seen == 200
     assert cache.has_previous_state(0) and cache.get_recurrent_state(0) is not None
     assert 0.4 < cache.realised_fraction() < 0.7 and cache.stored_bytes() > 0
-    with pytest.raises(ValueError, match="cannot fork a MemoryCache holding linear-attention states"):
-        cache.fork(FullCache())
+
+
+def test_a_forked_hybrid_cache_continues_each_row_as_a_direct_run():
+    """A shared prefix (batch 1, HoldPolicy) forked into 3 NAMM members, states copied per row, equals running the
+    3 members from the start (OLMo-hybrid: linear-attention states; the fork's copies are independent of the
+    source's)."""
+    from namm_transfer.policies import HoldPolicy
+    model = family_model("olmo_hybrid-linear")
+    ids = prompt(5)[:, :256]
+    pop = torch.stack([torch.randn(4172, generator=torch.Generator().manual_seed(s)) * 0.5 for s in range(3)])
+    direct, _, _ = run_with_policy(model, ids.expand(3, -1), NAMMPolicy(pop, delay=DELAY), chunk=32)
+    policy = NAMMPolicy(pop, delay=DELAY)
+    shared = MemoryCache(HoldPolicy(policy))
+    with torch.no_grad():
+        outs = [model(input_ids=ids[:, s:s + 32], cache=shared, use_cache=True,
+                      position_ids=torch.arange(s, s + 32)[None]).logits.expand(3, -1, -1) for s in (0, 32)]
+        cache = shared.fork(policy, 3)
+        assert cache.states[0].recurrent_states[0].shape[0] == 3
+        assert cache.states[0].recurrent_states[0].data_ptr() != shared.states[0].recurrent_states[0].data_ptr()
+        for s in range(64, 256, 32):
+            outs.append(model(input_ids=ids[:, s:s + 32].expand(3, -1), cache=cache, use_cache=True,
+                              position_ids=torch.arange(s, s + 32)[None].expand(3, -1)).logits)
+    assert torch.allclose(torch.cat(outs, 1), direct, atol=1e-4), (torch.cat(outs, 1) - direct).abs().max()
+    assert cache.realised_fraction() < 1.0
 
 
 def test_an_lfm2_of_attention_layers_only_runs_exactly():
