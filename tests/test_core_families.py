@@ -317,6 +317,20 @@ def test_a_hybrid_cache_holds_the_states_whole_and_evicts_only_attention_layers(
     assert 0.4 < cache.realised_fraction() < 0.7 and cache.stored_bytes() > 0
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3-mla", "jetmoe-tiled", "olmo_hybrid-linear", "falcon_h1-hybrid",
+                                  "lfm2-conv"])
+def test_transformers_generate_with_a_memory_cache_equals_its_own_cache(name):
+    """The model's own `generate` on a 2-row batch: with a keep-everything MemoryCache the same tokens as with
+    transformers' default cache (latent attention, tiled heads, hybrid states)."""
+    model = family_model(name)
+    ids = torch.randint(3, VOCAB, (2, 50), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    enable_memory_attention(model)
+    cache = MemoryCache(FullCache())
+    got = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, cache=cache)
+    assert torch.equal(got, ref) and cache.tokens_seen == 59  # the cache in use: the prompt and 9 fed-back tokens
+
+
 def test_a_forked_hybrid_cache_continues_each_row_as_a_direct_run():
     """A shared prefix (batch 1, HoldPolicy) forked into 3 NAMM members, states copied per row, equals running the
     3 members from the start (OLMo-hybrid: linear-attention states; the fork's copies are independent of the
