@@ -476,14 +476,6 @@ class MemoryCache(Cache):
                 raise self.capture_error(layer.layer_idx)
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def _refuse_state(self, what: str, layer_idx: int | None = None, *args, **kwargs):
-        where = "" if layer_idx is None or not isinstance(layer_idx, int) else f" for layer {layer_idx}"
-        raise UnsupportedCacheMethod(
-            f"the model asks its cache for {what}{where}: this model family keeps more than attention keys and values "
-            f"in its cache (a convolution or recurrent state of linear-attention / state-space layers, or an indexer's "
-            f"keys), which a MemoryCache does not hold and namm_transfer cannot evict exactly (run it without a "
-            f"MemoryCache)")
-
     # ---- states of a hybrid model's linear-attention layers (enable_memory_attention lets only the families
     # checked exact through here: attention.HYBRID_FAMILIES) ------------------------------------------------
     def _state_layer(self, layer_idx: int, state_idx: int) -> LinearAttentionLayer:
@@ -527,7 +519,11 @@ class MemoryCache(Cache):
         return False  # a MemoryCache cannot be cropped
 
     def update_indexer(self, indexer_key_states, layer_idx: int, *args, **kwargs):
-        self._refuse_state("an indexer key cache", layer_idx)
+        raise UnsupportedCacheMethod(
+            f"the model asks its cache for an indexer key cache for layer {layer_idx}: this model family keeps more "
+            "than attention keys and values in its cache (a sparse-attention indexer's keys, which select the keys "
+            "each query reads), which a MemoryCache does not hold and namm_transfer cannot evict exactly (run it "
+            "without a MemoryCache)")
 
     def until(self, row: int) -> int | None:
         """Row `row`'s last own token count at which an eviction step may run (None: no limit)."""
