@@ -249,7 +249,7 @@ def memory_attention(module, query, key, value, attention_mask, scaling=None, dr
         return plain_attention(module, query, key, value, attention_mask, spec, kwargs)
     layer = pending[0].layers[layer_idx]
     try:
-        if pending[0].states and getattr(getattr(module, "config", None), "model_type", None) not in HYBRID_FAMILIES:
+        if pending[0].states and not checked_hybrid(getattr(module, "config", None)):
             raise UnsupportedAttention(
                 f"{type(module).__name__}: the model keeps linear-attention / state-space states in its cache beside "
                 "the attention layers, and its family is not among those checked exact with a MemoryCache "
@@ -530,6 +530,11 @@ HYBRID_FAMILIES: frozenset[str] = frozenset({
     "olmo_hybrid", "lfm2", "lfm2_moe", "lfm3"})  # linear attention / short convolutions beside attention layers
 
 
+def checked_hybrid(config) -> bool:
+    """Whether a model (or attention module) config belongs to a family in HYBRID_FAMILIES."""
+    return getattr(config, "model_type", None) in HYBRID_FAMILIES
+
+
 def refuse_stateful_layers(model) -> None:
     """UnsupportedAttention when the model's config lists layers of a type in STATEFUL_LAYER_TYPES, or layers
     that attend over another layer's keys and values (KV sharing: Gemma 3n, Gemma 4)."""
@@ -539,7 +544,7 @@ def refuse_stateful_layers(model) -> None:
             f"{type(model).__name__}: its last {shared} layers attend over the keys and values of earlier layers "
             "(config.num_kv_shared_layers, KV sharing); a MemoryCache evicts per layer, so namm_transfer cannot "
             "run this family exactly (run it without a MemoryCache)")
-    if getattr(model.config, "model_type", None) in HYBRID_FAMILIES:  # states held whole by the MemoryCache
+    if checked_hybrid(model.config):  # states held whole by the MemoryCache
         return
     for attr in ("layer_types", "layers_block_type", "block_types"):
         try:
