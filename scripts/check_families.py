@@ -59,6 +59,7 @@ FAMILY_TINY = {
     "blenderbot": dict(encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
                        encoder_ffn_dim=128, decoder_ffn_dim=128),
     "reformer": dict(is_decoder=True),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, num_experts=1),  # a Mamba layer, then attention
     "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,

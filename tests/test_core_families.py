@@ -268,7 +268,7 @@ def test_a_family_that_asks_its_cache_for_its_own_state_is_refused_by_name():
 def test_stateful_families_not_checked_exact_are_refused(name, config, model_cls, extra, layer_type):
     """RecurrentGemma's recurrent blocks keep their state in the modules (a chunked prefill restarts it: keep-all
     was 0.07 logits off the model, silently) and Jamba's Mamba layers give other logits when a prompt is fed in
-    chunks (8.6 off in the family sweep): refused when enabling, by the layer type the config lists. Hybrids whose
+    chunks, even under transformers' own cache (scripts/chunked_vs_oneshot.py): refused when enabling, by the layer type the config lists. Hybrids whose
     states go through the cache and whose chunked runs equal one-shot ones (attention.HYBRID_FAMILIES) run, the
     MemoryCache holding their states whole (FAMILIES: olmo_hybrid-linear, falcon_h1-hybrid, lfm2-conv)."""
     cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -282,6 +282,16 @@ def test_stateful_families_not_checked_exact_are_refused(name, config, model_cls
     assert not cache.has_previous_state(1)
     with pytest.raises(UnsupportedAttention, match="keeps more than attention keys and values"):
         cache.update_indexer(torch.zeros(1, 2, 4), 1)
+
+
+def test_chunked_vs_oneshot_separates_exact_hybrids_from_mamba():
+    """scripts/chunked_vs_oneshot.py under transformers' own cache: OLMo-hybrid's chunked prefill equals one forward
+    to rounding, pure Mamba's does not (float64 does not close the gap) - why one runs and the other is refused."""
+    from helpers_inputs import script
+    mod = script("chunked_vs_oneshot")
+    ids = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(0))
+    assert mod.chunked_vs_oneshot(mod.tiny_model("olmo_hybrid", 150e6), ids, 40) < 1e-4
+    assert mod.chunked_vs_oneshot(mod.tiny_model("mamba", 150e6).double(), ids, 40) > 1e-2
 
 
 def test_a_hybrid_family_not_checked_exact_is_refused_even_past_the_config_check(monkeypatch):
