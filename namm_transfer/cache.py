@@ -98,7 +98,9 @@ class MemoryLayer(DynamicLayer):
 
     def __init__(self, cache: "MemoryCache", layer_idx: int):
         super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
+        # a weak link back: a strong one would make every cache a reference cycle, freed (GPU memory included) only
+        # whenever Python's cycle collector runs -- caches of earlier samples piled up on the GPU until then
+        self._cache, self.layer_idx = weakref.ref(cache), layer_idx
         self.columns: torch.Tensor | None = None  # (B, H, N) sequence column of each slot
         self.valid: torch.Tensor | None = None
         # keys, values, columns and valid are views of the first N slots of preallocated storage (B, H, capacity,
@@ -125,6 +127,14 @@ class MemoryLayer(DynamicLayer):
         self._future = 0  # slots of the forward in progress that no query has reached yet
         self._real: torch.Tensor | None = None  # (B, q) real tokens of the forward in progress
         self._due: dict[int, list[int]] = {}  # piece end -> rows stepping there
+
+    @property
+    def cache(self) -> "MemoryCache":
+        cache = self._cache()
+        if cache is None:
+            raise ReferenceError("this MemoryLayer's MemoryCache has been freed; keep a reference to the cache for as "
+                                 "long as you use its layers")
+        return cache
 
     def __getattr__(self, name: str):
         """Only called for attributes a MemoryLayer does not have: a model family asking its cache layer for its

@@ -158,7 +158,8 @@ def test_gqa_mean_is_taken_in_the_attention_dtype():
     """With bf16 attention (NAMM's reference setting) the mean over the query heads of a KV head is itself
     rounded to bf16, as the reference computes it, not averaged in fp32."""
     from namm_transfer.cache import MemoryLayer
-    layer = MemoryLayer(MemoryCache(NAMMPolicy()), 0)
+    cache = MemoryCache(NAMMPolicy())  # a layer refers to its cache weakly: the test keeps it
+    layer = MemoryLayer(cache, 0)
     layer.keys = torch.zeros(1, 2, 40, 4)
     layer._real = None
     probs = torch.softmax(torch.randn(1, 6, 16, 40, generator=torch.Generator().manual_seed(0)) * 3, -1)

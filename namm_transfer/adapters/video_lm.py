@@ -182,8 +182,8 @@ def generate_video(model, inputs, policy: MemoryPolicy, max_new_tokens: int = 32
 
     meter = MemoryMeter(device)
 
-    def _on_evict(layer, keep):
-        meter.sample(cache)  # the layer still holds its new block: the cache's peak is reached here
+    def _on_evict(layer, keep):  # reads the cache through the layer: a closure over `cache` would be a cycle
+        meter.sample(layer.cache)  # the layer still holds its new block: the cache's peak is reached here
         if on_evict is not None:
             on_evict(layer, keep)
 
