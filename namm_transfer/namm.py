@@ -79,12 +79,16 @@ def bam_scores(x: torch.Tensor, valid: torch.Tensor, params: torch.Tensor, cfg: 
     if bool((valid[:, 1:] >= valid[:, :-1]).all()):
         # Padding slots only on the left (as the cache keeps them): a backward mask is a causal mask on the
         # reversed sequence, and valid queries never reach the padding there -> fused kernel, no N x N mask.
-        att = F.scaled_dot_product_attention(q.flip(1), k.flip(1), v.flip(1), is_causal=True).flip(1)
+        # One head axis (R, 1, N, h): CUDA's fused kernels take 4-D inputs only; 3-D ones fell back to the math
+        # kernel, which holds R x N x N scores and probabilities (6.3 GB above the inputs at 32 rows x 4,700 slots
+        # on an H200, scripts/bench_bam_memory.py). On CPU both shapes give the same bits.
+        att = F.scaled_dot_product_attention(q.flip(1)[:, None], k.flip(1)[:, None], v.flip(1)[:, None],
+                                             is_causal=True)[:, 0].flip(1)
     else:
         n = x.shape[1]
         backward = torch.ones(n, n, dtype=torch.bool, device=x.device).triu()
-        mask = backward[None] & valid[:, None, :]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask = backward[None, None] & valid[:, None, None, :]  # 4-D as above (same bits on CPU)
+        att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)[:, 0]
     o = torch.baddbmm(w["b_out"][:, None, :], att, w["w_out"])  # (R, N, 2d)
     d = cfg.d_in
     hid = x * (1 + o[..., d:]) + o[..., :d]

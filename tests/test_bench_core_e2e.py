@@ -62,3 +62,17 @@ def test_pool_e2e_pools_within_round_ratios_of_several_runs(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(UsageError, match="not a readable"):
         bench_core.pool_e2e([a, str(tmp_path / "bad.json")])
+
+
+def test_bench_bam_memory_compares_both_calls_on_cpu(tmp_path):
+    """scripts/bench_bam_memory.py: the shipped 4-D call and the former 3-D one score alike (same bits on CPU)."""
+    import json
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_bam_memory.py"), "--device", "cpu", "--rows",
+                          "4", "--slots", "300", "--repeats", "1", "--out", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["max_abs_score_difference"] == 0.0 and set(out["calls"]) == {"4-D (shipped)", "3-D (before)"}
+    assert "| 3-D (before) | - |" in res.stdout

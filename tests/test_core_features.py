@@ -195,6 +195,28 @@ def test_bam_left_padding_fast_path_equals_masked_path():
     assert torch.allclose(fast[0, 5:], slow[0, 5:], atol=1e-5)
 
 
+def test_bam_fused_path_gives_the_kernel_a_head_axis(monkeypatch):
+    """CUDA's fused attention kernels (flash, memory-efficient) take 4-D inputs only: 3-D ones fall back to the math
+    kernel, which holds rows x N x N scores (6.3 GB on a 7B model's 4,700-slot cache, measured on an H200; CPU
+    picks a fused kernel for either). Both paths hand SDPA (R, 1, N, h), with the same scores."""
+    import namm_transfer.namm as namm_mod
+    shapes, sdpa = [], namm_mod.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        shapes.append(q.dim())
+        return sdpa(q, k, v, **kw)
+
+    torch.manual_seed(7)
+    params = torch.randn(2, CFG.num_params) * 0.3
+    x, valid = torch.randn(2, 16, CFG.d_in), torch.ones(2, 16, dtype=torch.bool)
+    scattered = valid.clone()
+    scattered[1, 7] = False  # not left-padded: the explicit-mask path
+    before = [bam_scores(x, v, params, CFG) for v in (valid, scattered)]
+    monkeypatch.setattr(namm_mod.F, "scaled_dot_product_attention", spy)
+    assert all(torch.equal(bam_scores(x, v, params, CFG), b) for v, b in zip((valid, scattered), before))
+    assert shapes == [4, 4]
+
+
 def _split(total, seed, step=64):
     """Random pieces of 1..39 queries, cut at every multiple of `step` (where the cache cuts a forward)."""
     g = torch.Generator().manual_seed(seed)
