@@ -18,6 +18,7 @@ new tokens correctly; `row_tokens_seen()` gives each row's own count.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from dataclasses import dataclass, replace
@@ -566,6 +567,18 @@ class MemoryCache(Cache):
         for layer in self.layers:
             if layer.awaiting_capture:
                 raise self.capture_error(layer.layer_idx)
+
+    def __deepcopy__(self, memo: dict) -> "MemoryCache":
+        """A copy that goes on by itself (`copy.deepcopy(prompt_cache)`, transformers' way to reuse a prompt):
+        everything copied, the copied layers' weak links to their cache pointed at the copy."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        for layer in new.layers:
+            if isinstance(layer, MemoryLayer):
+                layer._cache = weakref.ref(new)
+        return new
 
     def fork(self, policy: MemoryPolicy, repeats: int = 1, rows: list[int] | None = None) -> "MemoryCache":
         """A copy holding batch rows `rows` (default all), each repeated `repeats` times, with `policy` in charge,

@@ -83,3 +83,23 @@ def test_video_generation_frees_its_cache(made_caches):
     res = generate_video(model, enc, _namm(), max_new_tokens=3, chunk_size=40)
     assert res.peak_kv_bytes > 0  # the meter sampled the cache through its layers
     assert len(made_caches) == 1 and made_caches[0]() is None
+
+
+@pytest.mark.parametrize("name", ["h2o", "namm"])
+def test_a_deep_copy_goes_on_by_itself(name):
+    """copy.deepcopy(cache) after a prompt (transformers' prompt reuse): the copy's layers belong to the copy, it
+    lives on when the original is dropped, and both continue exactly as the uncopied cache does."""
+    import copy
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    whole, _, _ = run_with_policy(model, ids, POLICIES[name]())
+    _, cache, _ = run_with_policy(model, ids[:, :128], POLICIES[name]())
+    twin = copy.deepcopy(cache)
+    assert all(layer.cache is twin for layer in twin.layers) and all(l.cache is cache for l in cache.layers)
+    pos = torch.arange(128, 200)[None]
+    with torch.no_grad():
+        first = model(input_ids=ids[:, 128:], cache=cache, use_cache=True, position_ids=pos).logits
+        del cache  # the copy must not need its original
+        second = model(input_ids=ids[:, 128:], cache=twin, use_cache=True, position_ids=pos).logits
+    assert torch.equal(first, second)
+    assert torch.allclose(second, whole[:, 128:], atol=1e-5)  # = the uncopied run (fed in other chunks)
