@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shape", default="7b", choices=SHAPES)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--samples", type=int_in(1, 200), default=4, help="synthetic test videos (default 4)")
+    ap.add_argument("--samples", type=int_in(1, 200), default=4, help="synthetic test videos (default 4; with --data-root: "
+                    "that folder's)")
     ap.add_argument("--frames", type=int_in(1), default=32)
     ap.add_argument("--data-root", default=None, help="a synthetic split already written (generate_split, see "
                     "above); default: run_video.py writes one, which needs PyAV")

@@ -22,10 +22,13 @@ def test_seven_b_shape_has_the_real_geometry():
 
 
 def test_gpu_check_runs_end_to_end_at_tiny_size_on_cpu(tmp_path):
+    from video.synthetic import generate_split
+    generate_split(tmp_path / "videos", "test", num_samples=2)  # --data-root: videos made beforehand
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_video_7b.py"), "--shape", "tiny", "--device",
-                          "cpu", "--dtype", "float32", "--samples", "2", "--frames", "8", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+                          "cpu", "--dtype", "float32", "--frames", "8", "--data-root", str(tmp_path / "videos"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert result["policies"]["full"]["n"] == 2 and result["policies"]["namm"]["n_errors"] == 0
+    assert result["policies"]["namm"]["warm_samples"] == 1 and result["namm_over_full"]["warm_seconds_per_sample"] > 0
     assert result["namm_over_full"]["seconds_per_sample"] > 0 and "| namm |" in res.stdout
