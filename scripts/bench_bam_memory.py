@@ -55,7 +55,7 @@ def measure(fn, device: torch.device, repeats: int) -> tuple[torch.Tensor, float
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rows", type=int_in(1), default=32, help="batch rows x KV heads scored at once (default 32)")
     ap.add_argument("--slots", type=int_in(1), default=4700, help="cache slots N (default 4700)")
     ap.add_argument("--repeats", type=int_in(1), default=5)
