@@ -86,6 +86,9 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible; run on a GPU machine, or pass --device cpu "
                  "(with --shape tiny on a small machine)")
+    if args.data_root and not (Path(args.data_root) / "lvb_test.json").is_file():
+        ap.error(f"--data-root {args.data_root}: no synthetic test split there (lvb_test.json); write one with "
+                 f"generate_split (see --help) or leave --data-root out")
     out = Path(args.out or default_out("gpu-video-7b"))
     (out / "model").mkdir(parents=True, exist_ok=True)
     info = build_model(args.shape, args.device, getattr(torch, args.dtype), out / "model")

@@ -32,3 +32,11 @@ def test_gpu_check_runs_end_to_end_at_tiny_size_on_cpu(tmp_path):
     assert result["policies"]["full"]["n"] == 2 and result["policies"]["namm"]["n_errors"] == 0
     assert result["policies"]["namm"]["warm_samples"] == 1 and result["namm_over_full"]["warm_seconds_per_sample"] > 0
     assert result["namm_over_full"]["seconds_per_sample"] > 0 and "| namm |" in res.stdout
+
+
+def test_a_data_root_without_videos_is_refused_before_the_model_is_built(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_video_7b.py"), "--shape", "tiny", "--device",
+                          "cpu", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no synthetic test split there" in res.stderr
+    assert not (tmp_path / "out").exists()
