@@ -19,6 +19,8 @@
 # namm-c75-mass (from 2026-12-04): starts at namm-c75's CMA-ES mean (generation 181) and ranks members by the
 # retained oracle mass (--fitness oracle-mass: dense, its ranking repeats across prompts) under namm-c75's settings;
 # validation (every 5 generations) still scores the answer probability; README, "Ranking by the oracle's mass".
+# Paused from 2026-12-04 at generation 60 (no validation gain over its start; README, "namm-c75-mass after 60
+# generations"); RUNS=training/namm-c75-mass resumes it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STEP=${STEP:-2}           # generations per run per turn
@@ -43,7 +45,7 @@ declare -A CREATE=(
   [training/namm-c75-mass]="$COMMON --tokens 1024 --protocol context-only --cache-target 0.75 --cache-weight 3.0 \
     --seed 3 --init-from training/namm-c75 --fitness oracle-mass --val-every 5"
 )
-RUNS=${RUNS:-"training/namm-c50 training/namm-c75 training/namm-c75-mass"}
+RUNS=${RUNS:-"training/namm-c50 training/namm-c75"}
 # Run from a snapshot of the committed code, so edits in the work tree never reach a running search.
 # (SNAP: another folder for a second loop, e.g. one loop per folder when both cores are free:
 #     RUNS=training/namm-c50 SNAP=runs/train-code-c50 nohup training/run.sh > runs/training-c50.log 2>&1 &
