@@ -446,17 +446,13 @@ class MemoryLayer(DynamicLayer):
 
 
 def fork_states(old: LinearAttentionLayer, index: torch.Tensor) -> LinearAttentionLayer:
-    """A copy of a linear-attention layer's states holding batch rows `index` (each state tensor's first axis)."""
-    new = LinearAttentionLayer(number_of_states=old.number_of_states)
-    new.device, new.dtype, new.record_past = old.device, old.dtype, old.record_past
-    for i in range(old.number_of_states):
-        for tensors in ("conv_states", "recurrent_states"):
-            t = getattr(old, tensors)[i]
-            getattr(new, tensors)[i] = None if t is None else t.index_select(0, index.to(t.device))
-        new.conv_kernel_size[i] = old.conv_kernel_size[i]
-        new.is_conv_states_initialized[i] = old.is_conv_states_initialized[i]
-        new.is_recurrent_states_initialized[i] = old.is_recurrent_states_initialized[i]
-        new.has_previous_state[i] = old.has_previous_state[i]
+    """A copy of a linear-attention layer's states holding batch rows `index`: its per-state tables copied, the rows
+    picked by transformers' own `reorder_cache` (index_select on each initialised state's batch axis)."""
+    new = copy.copy(old)
+    for name, table in vars(old).items():
+        if isinstance(table, dict):  # conv / recurrent states and their per-state flags
+            setattr(new, name, dict(table))
+    new.reorder_cache(index)
     return new
 
 
